@@ -1,0 +1,98 @@
+import os
+
+import pytest
+import torch
+from tiny import tiny_model, tiny_tokenizer
+
+from recover_lora.synth import (SynthConfig, generate_shard, load_synthetic, manifest, sample_next,
+                                start_token_pool, synthesize)
+from recover_lora.utils import RecoverLoraError
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
+def test_first_tokens_greedy_then_sampled(kind):
+    model = tiny_model(kind, initializer_range=0.2)
+    tok = tiny_tokenizer()
+    cfg = SynthConfig(seq_len=12, batch_size=5, greedy_min=3, greedy_max=5, seed=3)
+    ids = generate_shard(model, tok, cfg, 0, 10, bos=(kind == "gemma3")).long()
+    p = 2 if kind == "gemma3" else 1
+    if kind == "gemma3":
+        assert (ids[:, 0] == tok.bos_token_id).all()
+    assert not torch.isin(ids[:, p - 1 if kind != "gemma3" else 1], torch.tensor(tok.all_special_ids)).any()
+    with torch.no_grad():
+        logits = model(ids).logits
+    argmax = logits.argmax(-1)  # argmax[:, t] predicts ids[:, t + 1]
+    greedy_hits = (argmax[:, p - 1:-1] == ids[:, p:])
+    # the first 3 generated tokens are always greedy
+    assert greedy_hits[:, :3].all()
+    # later tokens are sampled: across 10 sequences some differ from the argmax
+    assert not greedy_hits[:, 5:].all()
+    # every sampled token is inside the top-k of its position
+    topk = logits.topk(cfg.top_k, -1).indices[:, p - 1:-1]
+    assert (topk == ids[:, p:, None]).any(-1).all()
+
+
+def test_greedy_count_per_sequence_is_respected():
+    logits = torch.tensor([[0.0, 5.0, 4.9], [0.0, 5.0, 4.9]])
+    noise = torch.tensor([[0.5, 0.999999], [0.5, 0.999999]])  # strongly favours the 2nd of top-2
+    out = sample_next(logits, torch.tensor([True, False]), noise, top_k=2, temperature=1.0)
+    assert out.tolist() == [1, 2]
+
+
+def test_sampling_distribution_matches_softmax_topk():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -5.0]]).repeat(20000, 1)
+    out = sample_next(logits, torch.zeros(20000, dtype=torch.bool), torch.rand(20000, 3), top_k=3, temperature=1.0)
+    freq = torch.bincount(out, minlength=4).float() / 20000
+    want = torch.softmax(torch.tensor([2.0, 1.0, 0.0]), 0)
+    assert freq[3] == 0
+    assert torch.allclose(freq[:3], want, atol=0.015)
+
+
+def test_start_pool_excludes_special_tokens():
+    tok = tiny_tokenizer()
+    pool = start_token_pool(tok, 128)
+    assert not set(pool.tolist()) & set(tok.all_special_ids)
+    assert len(pool) == 128 - len(tok.all_special_ids)
+
+
+def test_static_and_dynamic_cache_agree():
+    model = tiny_model("gemma3", initializer_range=0.2)  # sliding-window layers too
+    tok = tiny_tokenizer()
+    a = generate_shard(model, tok, SynthConfig(seq_len=24, batch_size=4, cache="dynamic"), 0, 6, bos=True)
+    b = generate_shard(model, tok, SynthConfig(seq_len=24, batch_size=3, cache="static"), 0, 6, bos=True)
+    assert torch.equal(a, b)  # also: batch size does not change the data
+
+
+def test_resume_after_interruption_equals_one_run(tmp_path):
+    model = tiny_model("llama", initializer_range=0.2)
+    tok = tiny_tokenizer()
+    cfg = SynthConfig(num_sequences=10, seq_len=10, shard_size=4, batch_size=4)
+    full = load_synthetic(synthesize(model, tok, cfg, tmp_path / "a", progress=False))
+    assert full.shape == (10, 10)
+    # simulate a crash: a shard missing and the manifest not marked complete
+    synthesize(model, tok, cfg, tmp_path / "b", progress=False)
+    os.remove(tmp_path / "b" / "shard-00001.safetensors")
+    m = manifest(tmp_path / "b")
+    assert m["complete"]
+    (tmp_path / "b" / "manifest.json").write_text((tmp_path / "b" / "manifest.json").read_text()
+                                                  .replace('"complete": true', '"complete": false'))
+    with pytest.raises(RecoverLoraError, match="incomplete"):
+        load_synthetic(tmp_path / "b")
+    resumed = load_synthetic(synthesize(model, tok, cfg, tmp_path / "b", progress=False))
+    assert torch.equal(full, resumed)
+
+
+def test_other_settings_refused(tmp_path):
+    model = tiny_model("llama")
+    tok = tiny_tokenizer()
+    synthesize(model, tok, SynthConfig(num_sequences=4, seq_len=8), tmp_path, progress=False)
+    with pytest.raises(RecoverLoraError, match="other settings"):
+        synthesize(model, tok, SynthConfig(num_sequences=4, seq_len=8, top_k=10), tmp_path, progress=False)
+
+
+def test_bad_settings():
+    with pytest.raises(RecoverLoraError, match="greedy_min"):
+        SynthConfig(greedy_min=5, greedy_max=3).validate()
+    with pytest.raises(RecoverLoraError, match="not a synthetic data folder"):
+        load_synthetic("/nonexistent-folder")
