@@ -1,0 +1,311 @@
+"""Stage 4, distill: LoRA adapters on the degraded model learn the reference's logits.
+
+The training loop is written out top to bottom (torchtune-recipe style): one teacher forward and
+one student forward per micro-batch, a chunked full-vocabulary loss, AdamW with linear warmup and
+cosine decay, gradient accumulation, bf16 autocast on GPU, and atomic checkpoints from which an
+interrupted run resumes bit-for-bit (the batch order is a pure function of seed and step).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from .degrade import PRESETS, parse_layers, parse_modules, select_modules
+from .losses import LOSSES, chunked_loss_backward
+from .utils import RecoverLoraError, atomic_torch_save, log
+
+@dataclass
+class AdapterConfig:
+    """Where the LoRA adapters go and how they start."""
+
+    modules: str = "all-linear"  # preset (kv, attn, mlp, attn-mlp, all-linear), names "q_proj,v_proj", re:REGEX
+    layers: str | None = None  # e.g. "0-11"; None = all layers
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    init: str = "default"  # peft init_lora_weights: default | gaussian | pissa | olora
+
+    def target_modules(self, model: PreTrainedModel) -> list[str]:
+        """Full names of the nn.Linear modules that get an adapter (same selection rules as degrade)."""
+        layers = parse_layers(self.layers)
+        patterns = parse_modules(self.modules) or ["all-linear"]
+        names = [n for n, m in select_modules(model, patterns, layers) if isinstance(m, torch.nn.Linear)]
+        if not names:
+            raise RecoverLoraError(f"adapter targets {self.modules!r} (layers {self.layers}) match no linear module "
+                                   f"of this {model.config.model_type} model")
+        return names
+
+    def peft_config(self, model: PreTrainedModel) -> LoraConfig:
+        init: bool | str = True if self.init == "default" else self.init
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self.target_modules(model), init_lora_weights=init,
+                          bias="none", task_type="CAUSAL_LM")
+
+
+def attach_adapters(model: PreTrainedModel, cfg: AdapterConfig, seed: int = 0) -> PeftModel:
+    """Wrap the degraded model with fresh LoRA adapters (only they are trainable)."""
+    torch.manual_seed(seed)  # adapter init is then reproducible
+    peft_model = get_peft_model(model, cfg.peft_config(model))
+    return peft_model
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@dataclass
+class DistillConfig:
+    """Training settings. Defaults reach held-out KL <= 0.1 on SmolLM2 at noise rel-L2 0.1."""
+
+    loss: str = "kl"  # kl | reverse_kl | jsd
+    temperature: float = 1.0
+    steps: int = 600
+    batch_size: int = 32  # sequences per micro-batch
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    chunk_tokens: int = 2048  # tokens per chunk of the full-vocabulary loss
+    eval_every: int = 100
+    eval_batch_size: int = 32
+    checkpoint_every: int = 50
+    autocast: str = "auto"  # "auto" = bf16 on GPU, off on CPU; "bf16"; "off"
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise RecoverLoraError(f"unknown loss {self.loss!r}; use one of {LOSSES}")
+        if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
+            raise RecoverLoraError("steps must be >= 0, batch_size and grad_accum >= 1")
+        if self.temperature <= 0 or self.lr <= 0:
+            raise RecoverLoraError("temperature and lr must be > 0")
+
+
+def _autocast(cfg: DistillConfig, device: torch.device):
+    use = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+
+
+def _head(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden -> logits exactly as the model's forward does (incl. Gemma-2 style soft-capping)."""
+    lm_head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        return lambda h: torch.tanh(lm_head(h) / cap) * cap
+    return lm_head
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return base.get_decoder()
+
+
+def _base(model: torch.nn.Module) -> PreTrainedModel:
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def hidden_states(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Final (normed) hidden states: the lm_head is applied chunk by chunk in the loss."""
+    return _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
+
+
+@torch.no_grad()
+def measure(student: torch.nn.Module, teacher: PreTrainedModel, ids: torch.Tensor, batch_size: int = 32,
+            cfg: DistillConfig | None = None) -> dict[str, float]:
+    """Held-out KL(teacher || student) per token and top-1 agreement, at temperature 1."""
+    cfg = cfg or DistillConfig()
+    device = next(teacher.parameters()).device
+    was_training = student.training
+    student.eval()
+    kl_sum, agree_sum, n = 0.0, 0.0, 0
+    for i in range(0, len(ids), batch_size):
+        x = ids[i:i + batch_size].to(device)
+        with _autocast(cfg, device):
+            hs, ht = hidden_states(student, x), hidden_states(teacher, x)
+            kl, agree = chunked_loss_backward(hs, ht, _head(_base(student)), _head(teacher), "kl", 1.0,
+                                              cfg.chunk_tokens, backward=False)
+        k = x.numel()
+        kl_sum += kl * k
+        agree_sum += agree * k
+        n += k
+    student.train(was_training)
+    return {"kl": kl_sum / n, "top1": agree_sum / n}
+
+
+def lr_lambda(cfg: DistillConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / max(1, cfg.warmup_steps)
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def batch_indices(n_items: int, batch_size: int, micro_step: int, seed: int) -> torch.Tensor:
+    """Indices of micro-batch ``micro_step``: epochs of seeded permutations, last partial dropped."""
+    per_epoch = n_items // batch_size
+    if per_epoch == 0:
+        raise RecoverLoraError(f"only {n_items} training sequences for a batch of {batch_size}")
+    epoch, k = divmod(micro_step, per_epoch)
+    g = torch.Generator().manual_seed(zlib.crc32(f"order:{seed}:{epoch}".encode()))
+    return torch.randperm(n_items, generator=g)[k * batch_size:(k + 1) * batch_size]
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    history: list[dict] = field(default_factory=list)  # {"step", "loss", "lr", "top1", "tokens", "time"}
+    evals: list[dict] = field(default_factory=list)  # {"step", "kl", "top1"}
+    elapsed: float = 0.0
+
+
+class _Interrupt:
+    """Turns SIGTERM (cluster preemption) into KeyboardInterrupt so a checkpoint is written."""
+
+    def __enter__(self):
+        self.prev = None
+        try:
+            self.prev = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            signal.signal(signal.SIGTERM, self.prev)
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, opt, sched, state: TrainState, cfg: DistillConfig) -> None:
+    atomic_torch_save({
+        "trainable": _trainable_state(model),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "state": asdict(state),
+        "config": asdict(cfg),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }, path)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, opt, sched, cfg: DistillConfig) -> TrainState:
+    ck = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save_checkpoint
+    old = dict(ck["config"])
+    new = asdict(cfg)
+    # Evaluation cadence may change on resume; anything that changes the math may not.
+    for k in ("eval_every", "eval_batch_size", "checkpoint_every", "chunk_tokens"):
+        old.pop(k, None)
+        new.pop(k, None)
+    if old != new:
+        diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
+        raise RecoverLoraError(f"checkpoint {path} was made with other training settings {diff}; "
+                               "resume with the same settings or use a new output folder")
+    params = dict(model.named_parameters())
+    for n, t in ck["trainable"].items():
+        params[n].data.copy_(t.to(params[n].device))
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    torch.set_rng_state(ck["rng_cpu"])
+    if ck.get("rng_cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck["rng_cuda"])
+    return TrainState(**ck["state"])
+
+
+def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.Tensor, cfg: DistillConfig,
+          heldout_ids: torch.Tensor | None = None, checkpoint: str | Path | None = None,
+          progress: bool = True, stop_after: int | None = None) -> TrainState:
+    """Distill ``teacher`` into the trainable parameters of ``student``.
+
+    With ``checkpoint`` set, resumes from it when present and writes it every
+    ``cfg.checkpoint_every`` steps and on interruption (Ctrl-C, SIGTERM). ``stop_after`` ends the
+    run early after that many steps of this call (used to test resumption).
+    """
+    cfg.validate()
+    device = next(teacher.parameters()).device
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise RecoverLoraError("the student has no trainable parameters")
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    ckpt = Path(checkpoint) if checkpoint else None
+    state = TrainState()
+    if ckpt and ckpt.exists():
+        state = load_checkpoint(ckpt, student, opt, sched, cfg)
+        log.info("resumed from %s at step %d", ckpt, state.step)
+    s_head, t_head = _head(_base(student)), _head(teacher)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * train_ids.shape[1]
+    student.train()
+    teacher.eval()
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="distill", unit="step", disable=not progress)
+    start_step = state.step
+    t0 = time.perf_counter() - state.elapsed
+    with _Interrupt():
+        try:
+            while state.step < cfg.steps:
+                if stop_after is not None and state.step - start_step >= stop_after:
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss_sum, top1_sum = 0.0, 0.0
+                for a in range(cfg.grad_accum):
+                    idx = batch_indices(len(train_ids), cfg.batch_size, state.step * cfg.grad_accum + a, cfg.seed)
+                    x = train_ids[idx].to(device, non_blocking=True)
+                    with _autocast(cfg, device):
+                        with torch.no_grad():
+                            ht = hidden_states(teacher, x)
+                        hs = hidden_states(student, x)
+                        loss, top1 = chunked_loss_backward(hs, ht, s_head, t_head, cfg.loss, cfg.temperature,
+                                                           cfg.chunk_tokens, scale=1.0 / cfg.grad_accum)
+                    loss_sum += loss / cfg.grad_accum
+                    top1_sum += top1 / cfg.grad_accum
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                lr = sched.get_last_lr()[0]
+                opt.step()
+                sched.step()
+                state.step += 1
+                state.elapsed = time.perf_counter() - t0
+                state.history.append({"step": state.step, "loss": loss_sum, "top1": top1_sum, "lr": lr,
+                                      "tokens": state.step * tokens_per_step, "time": round(state.elapsed, 3)})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", top1=f"{top1_sum:.3f}")
+                if heldout_ids is not None and cfg.eval_every and state.step % cfg.eval_every == 0 \
+                        and state.step < cfg.steps:
+                    m = measure(student, teacher, heldout_ids, cfg.eval_batch_size, cfg)
+                    state.evals.append({"step": state.step, **m})
+                    bar.write(f"step {state.step}: held-out KL {m['kl']:.4f}, top-1 {m['top1']:.3f}")
+                if ckpt and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                    save_checkpoint(ckpt, student, opt, sched, state, cfg)
+        except KeyboardInterrupt:
+            if ckpt:
+                save_checkpoint(ckpt, student, opt, sched, state, cfg)
+                bar.close()
+                raise RecoverLoraError(f"interrupted at step {state.step}; checkpoint saved to {ckpt}: "
+                                       "run the same command again to resume") from None
+            raise
+        finally:
+            bar.close()
+    if ckpt:
+        save_checkpoint(ckpt, student, opt, sched, state, cfg)
+    return state

@@ -1,0 +1,158 @@
+"""Distillation losses over the full vocabulary, and a chunked form that never materialises the
+whole batch's logits.
+
+All losses are per-token means. ``kl`` is KL(teacher || student) (forward KL, the paper's),
+``reverse_kl`` is KL(student || teacher), ``jsd`` the Jensen-Shannon divergence. With a
+temperature T both distributions are softened and the loss is scaled by T^2 (Hinton et al.), so
+gradient magnitudes stay comparable across temperatures.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("kl", "reverse_kl", "jsd")
+
+
+def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "kl",
+               temperature: float = 1.0) -> torch.Tensor:
+    """Sum over tokens of the per-token divergence; logits [N, V] in any float dtype."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; use one of {LOSSES}")
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if kind == "kl":
+        per = (t.exp() * (t - s)).sum(-1)
+    elif kind == "reverse_kl":
+        per = (s.exp() * (s - t)).sum(-1)
+    else:
+        # log m = log((p + q) / 2), computed stably.
+        m = torch.logsumexp(torch.stack([s, t]), dim=0) - torch.log(torch.tensor(2.0, device=s.device))
+        per = 0.5 * (t.exp() * (t - m)).sum(-1) + 0.5 * (s.exp() * (s - m)).sum(-1)
+    return per.sum() * temperature ** 2
+
+
+def naive_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "kl",
+               temperature: float = 1.0) -> torch.Tensor:
+    """Reference implementation: full [B, L, V] logits of both models, mean over tokens."""
+    V = student_logits.shape[-1]
+    return divergence(student_logits.reshape(-1, V), teacher_logits.reshape(-1, V), kind,
+                      temperature) / student_logits[..., 0].numel()
+
+
+# Elements of one fp32 [chunk, V] logits tensor in the automatic chunk size: 64M (256 MB), so the
+# few fp32 temporaries of one chunk stay around a gigabyte even for a 262k vocabulary.
+AUTO_CHUNK_ELEMENTS = 64 * 1024 * 1024
+
+
+def auto_chunk_tokens(vocab: int, n_tokens: int | None = None) -> int:
+    """Tokens per loss chunk so that one fp32 [chunk, vocab] tensor holds ~``AUTO_CHUNK_ELEMENTS``."""
+    c = max(64, AUTO_CHUNK_ELEMENTS // max(1, vocab))
+    c = 1 << (c.bit_length() - 1)  # a power of two: friendlier matmul shapes
+    return min(c, n_tokens) if n_tokens else c
+
+
+def _log_softmax32(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature == 1.0:
+        return torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # no separate fp32 copy
+    return torch.log_softmax(logits.to(torch.float32, copy=True).div_(temperature), dim=-1)
+
+
+def _kl_value_and_grad(s_logits: torch.Tensor, t_logits: torch.Tensor, kind: str, temperature: float,
+                       grad_scale: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sum over rows of KL (forward or reverse) and its gradient w.r.t. ``s_logits``, by hand.
+
+    Autograd through ``divergence`` keeps five or six fp32 [rows, V] tensors alive; the closed
+    forms below need three, updated in place. ``grad_scale`` multiplies the gradient (None: no
+    gradient). Forward KL: d/ds = T (q - p); reverse KL: d/ds = T q (log q - log p - KL_row).
+    """
+    T = temperature
+    ls = _log_softmax32(s_logits, T)
+    lt = _log_softmax32(t_logits, T)
+    if kind == "kl":
+        p = lt.exp()
+        lt.sub_(ls)  # lt := log p - log q
+        per = torch.linalg.vecdot(p, lt)
+        del lt
+        grad = None
+        if grad_scale is not None:
+            grad = ls.exp_().sub_(p).mul_(T * grad_scale)
+        return per.sum() * T ** 2, grad
+    # reverse KL(q || p)
+    q = ls.exp()
+    ls.sub_(lt)  # ls := log q - log p
+    del lt
+    per = torch.linalg.vecdot(q, ls)
+    grad = None
+    if grad_scale is not None:
+        grad = ls.sub_(per.unsqueeze(-1)).mul_(q).mul_(T * grad_scale)
+    return per.sum() * T ** 2, grad
+
+
+def _vocab_of(head: Callable[[torch.Tensor], torch.Tensor], probe: torch.Tensor) -> int:
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.shape[0]
+    with torch.no_grad():
+        return head(probe.detach()).shape[-1]
+
+
+def chunked_loss_backward(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+                          student_head: Callable[[torch.Tensor], torch.Tensor],
+                          teacher_head: Callable[[torch.Tensor], torch.Tensor],
+                          kind: str = "kl", temperature: float = 1.0, chunk_tokens: int = 2048,
+                          scale: float = 1.0, backward: bool = True) -> tuple[float, float]:
+    """Loss and backward over token chunks of the final hidden states.
+
+    The logits of at most ``chunk_tokens`` tokens exist at any time (one fp32 copy per model),
+    instead of two fp32 [B*L, V] tensors: for a 262k vocabulary that is the difference between
+    a few hundred MB and tens of GB. ``chunk_tokens <= 0`` picks the chunk from the vocabulary
+    size (:func:`auto_chunk_tokens`). Gradients flow into ``student_hidden`` once, at the end.
+    Returns (mean loss, top-1 agreement) over all tokens; ``scale`` multiplies the gradient
+    (for gradient accumulation).
+
+    KL and reverse KL use closed-form logit gradients (no autograd graph over the vocabulary,
+    fewer fp32 temporaries); JSD goes through autograd.
+    """
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; use one of {LOSSES}")
+    H = student_hidden.shape[-1]
+    hs = student_hidden.reshape(-1, H)
+    ht = teacher_hidden.reshape(-1, H)
+    n = hs.shape[0]
+    if chunk_tokens <= 0:
+        chunk_tokens = auto_chunk_tokens(_vocab_of(student_head, hs[:1]), n)
+    leaf = hs.detach().requires_grad_(backward)
+    # Accumulate on the device: one host sync per step, not one per chunk.
+    total = torch.zeros((), device=hs.device)
+    agree = torch.zeros((), device=hs.device)
+    for i in range(0, n, chunk_tokens):
+        with torch.no_grad():
+            t_logits = teacher_head(ht[i:i + chunk_tokens])
+        with torch.set_grad_enabled(backward):
+            s_logits = student_head(leaf[i:i + chunk_tokens])
+        with torch.no_grad():
+            agree += (s_logits.argmax(-1) == t_logits.argmax(-1)).sum()
+        if kind != "jsd":
+            with torch.no_grad():
+                loss, grad = _kl_value_and_grad(s_logits, t_logits, kind, temperature,
+                                                scale / n if backward else None)
+                loss = loss / n
+            del t_logits
+            if backward:
+                s_logits.backward(grad.to(s_logits.dtype))
+                del grad
+        else:
+            with torch.set_grad_enabled(backward):
+                loss = divergence(s_logits, t_logits, kind, temperature) / n
+                if backward:
+                    (loss * scale).backward()
+            del t_logits
+        del s_logits
+        total += loss.detach()
+    if backward:
+        hs.backward(leaf.grad)
+    return total.item(), agree.item() / n

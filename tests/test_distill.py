@@ -1,0 +1,159 @@
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+from tiny import tiny_model, tiny_tokenizer
+
+from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
+from recover_lora.distill import (AdapterConfig, DistillConfig, attach_adapters, batch_indices, measure,
+                                  trainable_parameters, train)
+from recover_lora.losses import chunked_loss_backward, divergence, naive_loss
+from recover_lora.synth import SynthConfig, generate_shard
+from recover_lora.utils import RecoverLoraError
+
+
+def _pair(kind="llama", rel=0.3, seed=0):
+    ref = tiny_model(kind, seed=seed, initializer_range=0.2)
+    deg = copy.deepcopy(ref)
+    degrade(deg, DegradeConfig(ops=[NoiseOp(rel=rel)], seed=seed))
+    return ref, deg
+
+
+def _data(ref, n=64, seq_len=24, seed=0):
+    return generate_shard(ref, tiny_tokenizer(), SynthConfig(seq_len=seq_len, batch_size=64, seed=seed), 0, n,
+                          bos=False).long()
+
+
+@pytest.mark.parametrize("preset,expected", [
+    ("kv", {"k_proj", "v_proj"}),
+    ("attn", {"q_proj", "k_proj", "v_proj", "o_proj"}),
+    ("attn-mlp", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    ("all-linear", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    ("q_proj,down_proj", {"q_proj", "down_proj"}),
+])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
+def test_adapter_placement(kind, preset, expected):
+    model = tiny_model(kind)
+    names = AdapterConfig(modules=preset).target_modules(model)
+    assert {n.rsplit(".", 1)[-1] for n in names} == expected
+    assert len(names) == 2 * len(expected)  # two layers
+    assert not any("lm_head" in n or "embed" in n for n in names)
+
+
+def test_layer_subset_and_errors():
+    model = tiny_model("llama")
+    names = AdapterConfig(modules="kv", layers="1").target_modules(model)
+    assert names == ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"]
+    with pytest.raises(RecoverLoraError, match="out of range"):
+        AdapterConfig(layers="5").target_modules(model)
+    with pytest.raises(RecoverLoraError, match="match no linear module"):
+        AdapterConfig(modules="w_nonexistent").target_modules(model)
+
+
+def test_only_adapters_train_and_start_as_degraded():
+    ref, deg = _pair()
+    x = _data(ref, 4)
+    with torch.no_grad():
+        before = deg(x).logits
+    student = attach_adapters(deg, AdapterConfig(modules="kv", rank=4))
+    assert trainable_parameters(student) == 2 * 2 * 4 * (32 + 16)  # 2 layers x {k,v} x r*(in+out)
+    with torch.no_grad():
+        assert torch.allclose(student(x).logits, before)  # B = 0 at init
+
+
+@pytest.mark.parametrize("kind", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_loss_equals_naive(kind, temperature):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hs = torch.randn(3, 7, 16, requires_grad=True)
+    ht = torch.randn(3, 7, 16)
+    naive = naive_loss(head(hs), head(ht).detach(), kind, temperature)
+    naive.backward()
+    g_naive = hs.grad.clone()
+    hs.grad = None
+    loss, top1 = chunked_loss_backward(hs, ht, head, head, kind, temperature, chunk_tokens=5)
+    assert loss == pytest.approx(naive.item(), rel=1e-5)
+    assert torch.allclose(hs.grad, g_naive, atol=1e-6)
+    assert top1 == pytest.approx((head(hs).argmax(-1) == head(ht).argmax(-1)).float().mean().item())
+
+
+def test_divergences_by_hand():
+    p = torch.tensor([[0.5, 0.5]]).log()
+    q = torch.tensor([[0.9, 0.1]]).log()
+    kl_pq = 0.5 * torch.log(torch.tensor(0.5 / 0.9)) + 0.5 * torch.log(torch.tensor(0.5 / 0.1))
+    assert divergence(q, p, "kl").item() == pytest.approx(kl_pq.item(), rel=1e-5)  # KL(teacher p || student q)
+    kl_qp = 0.9 * torch.log(torch.tensor(0.9 / 0.5)) + 0.1 * torch.log(torch.tensor(0.1 / 0.5))
+    assert divergence(q, p, "reverse_kl").item() == pytest.approx(kl_qp.item(), rel=1e-5)
+    m = torch.tensor([0.7, 0.3])
+    js = 0.5 * (0.5 * torch.log(0.5 / m)).sum() + 0.5 * (torch.tensor([0.9, 0.1]) * torch.log(torch.tensor([0.9, 0.1]) / m)).sum()
+    assert divergence(q, p, "jsd").item() == pytest.approx(js.item(), rel=1e-5)
+    assert divergence(p, p, "kl").item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
+def test_distillation_lowers_heldout_kl(kind):
+    ref, deg = _pair(kind)
+    train_ids, held = _data(ref, 64), _data(ref, 16, seed=1)
+    student = attach_adapters(deg, AdapterConfig(rank=8))
+    before = measure(student, ref, held)
+    state = train(student, ref, train_ids, DistillConfig(steps=50, batch_size=16, lr=1e-2, warmup_steps=3,
+                                                         eval_every=0), progress=False)
+    after = measure(student, ref, held)
+    assert after["kl"] < 0.7 * before["kl"], (before, after)
+    assert state.history[-1]["loss"] < state.history[0]["loss"]
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    ref, deg = _pair()
+    ids = _data(ref, 48)
+    cfg = DistillConfig(steps=8, batch_size=8, lr=5e-3, warmup_steps=2, checkpoint_every=3, eval_every=0)
+    a = attach_adapters(copy.deepcopy(deg), AdapterConfig(rank=4, dropout=0.1))
+    sa = train(a, ref, ids, cfg, progress=False)
+
+    b = attach_adapters(copy.deepcopy(deg), AdapterConfig(rank=4, dropout=0.1))
+    ck = tmp_path / "ck.pt"
+    train(b, ref, ids, cfg, checkpoint=ck, progress=False, stop_after=5)
+    # a fresh process: new model object, same adapter init, state from the checkpoint
+    torch.manual_seed(1234)  # whatever the RNG was doing meanwhile must not matter
+    c = attach_adapters(copy.deepcopy(deg), AdapterConfig(rank=4, dropout=0.1))
+    sc = train(c, ref, ids, cfg, checkpoint=ck, progress=False)
+    assert sc.step == 8
+    assert [h["loss"] for h in sc.history] == [h["loss"] for h in sa.history]
+    for (n, p), (_, q) in zip(a.named_parameters(), c.named_parameters()):
+        if p.requires_grad:
+            assert torch.equal(p, q), n
+
+
+def test_resume_with_other_settings_refused(tmp_path):
+    ref, deg = _pair()
+    ids = _data(ref, 16)
+    ck = tmp_path / "ck.pt"
+    train(attach_adapters(copy.deepcopy(deg), AdapterConfig(rank=4)), ref, ids,
+          DistillConfig(steps=2, batch_size=8, eval_every=0), checkpoint=ck, progress=False)
+    with pytest.raises(RecoverLoraError, match="other training settings.*lr"):
+        train(attach_adapters(copy.deepcopy(deg), AdapterConfig(rank=4)), ref, ids,
+              DistillConfig(steps=2, batch_size=8, lr=1e-3, eval_every=0), checkpoint=ck, progress=False)
+
+
+def test_saved_adapter_loads_with_peft(tmp_path):
+    ref, deg = _pair()
+    ids = _data(ref, 16)
+    student = attach_adapters(copy.deepcopy(deg), AdapterConfig(modules="attn-mlp", rank=4))
+    train(student, ref, ids, DistillConfig(steps=3, batch_size=8, lr=1e-2, eval_every=0), progress=False)
+    student.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(deg), tmp_path / "adapter")
+    student.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, student(ids).logits, atol=1e-5)
+        assert not torch.allclose(deg(ids).logits, student(ids).logits, atol=1e-4)
+
+
+def test_batch_order_is_a_function_of_step():
+    a = [batch_indices(20, 6, s, seed=0).tolist() for s in range(7)]
+    b = [batch_indices(20, 6, s, seed=0).tolist() for s in range(7)]
+    assert a == b
+    assert sorted(sum(a[:3], [])) == sorted(set(sum(a[:3], [])))  # no repeats inside an epoch
+    with pytest.raises(RecoverLoraError, match="only 3 training sequences"):
+        batch_indices(3, 4, 0, 0)
