@@ -1,0 +1,199 @@
+"""The main job: synthesize, distill into LoRA adapters, measure, save, (optionally) evaluate.
+
+    from recover_lora import RecoverConfig, recover
+    report = recover(RecoverConfig(reference="smollm2", degraded="damaged/", out_dir="runs/r1"))
+
+Every stage writes into ``out_dir``; running the same command again after an interruption reuses
+the synthetic data that is there and resumes training from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .distill import AdapterConfig, DistillConfig, attach_adapters, measure, trainable_parameters, train
+from .load import LoadConfig, load_pair, save_model_dir
+from .synth import SynthConfig, load_synthetic, synthesize
+from .utils import RecoverLoraError, atomic_write_json, log
+
+HELDOUT_SEED_OFFSET = 1_000_003  # held-out data never shares a seed with training data
+
+
+@dataclass
+class RecoverConfig:
+    """Everything a repair needs; ``recover-lora recover --config run.yaml`` reads the same fields."""
+
+    reference: str = "smollm2"
+    degraded: str = ""
+    out_dir: str = "runs/recover"
+    data: str | None = None  # an existing synthetic data folder; generated into out_dir/synth if None
+    heldout_sequences: int = 64
+    merge: bool = False  # also write a merged model folder
+    eval_tasks: list[str] | None = None
+    eval_data: str | None = None
+    eval_limit: int | None = None
+    load: LoadConfig = field(default_factory=lambda: LoadConfig(dtype="auto"))
+    synth: SynthConfig = field(default_factory=lambda: SynthConfig(num_sequences=0))  # 0 = one epoch of steps
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RecoverConfig":
+        d = dict(d)
+        subs = {"load": LoadConfig, "synth": SynthConfig, "adapter": AdapterConfig, "distill": DistillConfig}
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise RecoverLoraError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+        for k, typ in subs.items():
+            if k in d and isinstance(d[k], dict):
+                bad = set(d[k]) - set(typ.__dataclass_fields__)
+                if bad:
+                    raise RecoverLoraError(f"unknown keys {sorted(bad)} in '{k}'; known: {sorted(typ.__dataclass_fields__)}")
+                base = getattr(cls(), k)
+                d[k] = typ(**{**asdict(base), **d[k]})
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RecoverConfig":
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise RecoverLoraError(f"cannot read config {path}: {e}") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def train_synth_config(cfg: RecoverConfig) -> SynthConfig:
+    s = SynthConfig(**asdict(cfg.synth))
+    if s.num_sequences <= 0:
+        # One pass over fresh data: as many sequences as the training run consumes.
+        s.num_sequences = max(cfg.distill.steps * cfg.distill.batch_size * cfg.distill.grad_accum,
+                              cfg.distill.batch_size)
+    return s
+
+
+def heldout_synth_config(cfg: RecoverConfig) -> SynthConfig:
+    s = train_synth_config(cfg)
+    s.num_sequences = cfg.heldout_sequences
+    s.seed = s.seed + HELDOUT_SEED_OFFSET
+    return s
+
+
+def plot_training(history: list[dict], evals: list[dict], before: dict, after: dict, path: str | Path) -> Path:
+    """Loss curve (log scale) with held-out KL points; the file a user looks at first."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history:
+        ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, alpha=0.8, label="train loss")
+    pts = [{"step": 0, **before}] + evals + ([{"step": history[-1]["step"], **after}] if history else [])
+    ax.plot([p["step"] for p in pts], [p["kl"] for p in pts], "o-", color="C3", label="held-out KL")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("KL(reference || student), nats/token")
+    ax.set_title(f"held-out KL {before['kl']:.3f} -> {after['kl']:.3f}, "
+                 f"top-1 {100 * before['top1']:.1f}% -> {100 * after['top1']:.1f}%")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degraded: PreTrainedModel | None = None,
+            tokenizer: PreTrainedTokenizerBase | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the whole repair and return the report (also written to ``out_dir/report.json``).
+
+    Models may be passed in already loaded (the demo does); otherwise they are loaded from
+    ``cfg.reference`` / ``cfg.degraded`` and checked for compatibility first.
+    """
+    cfg.distill.validate()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    if reference is None or degraded is None or tokenizer is None:
+        if not cfg.degraded:
+            raise RecoverLoraError("no degraded model given")
+        pair = load_pair(cfg.reference, cfg.degraded, cfg.load)
+        reference, degraded, tokenizer = pair.reference, pair.degraded, pair.tokenizer
+    device = next(reference.parameters()).device
+    atomic_write_json(out / "config.json", cfg.to_dict())
+
+    # 1. synthetic data from the reference (resumable; reused when already complete)
+    t0 = time.perf_counter()
+    data_dir = Path(cfg.data) if cfg.data else out / "synth"
+    if not cfg.data:
+        synthesize(reference, tokenizer, train_synth_config(cfg), data_dir, progress=progress)
+    train_ids = load_synthetic(data_dir)
+    held_dir = out / "heldout"
+    synthesize(reference, tokenizer, heldout_synth_config(cfg), held_dir, progress=progress)
+    held_ids = load_synthetic(held_dir)
+    synth_s = time.perf_counter() - t0
+
+    # 2. student = degraded + fresh LoRA; zero-initialised B means it starts equal to degraded
+    n_modules = len(cfg.adapter.target_modules(degraded))
+    student = attach_adapters(degraded, cfg.adapter, seed=cfg.distill.seed)
+    n_train = trainable_parameters(student)
+    before = measure(student, reference, held_ids, cfg.distill.eval_batch_size, cfg.distill)
+    log.info("before: held-out KL %.4f, top-1 %.3f; %d trainable parameters", before["kl"], before["top1"], n_train)
+
+    # 3. distillation (resumes from out_dir/checkpoint.pt)
+    t0 = time.perf_counter()
+    state = train(student, reference, train_ids, cfg.distill, held_ids, out / "checkpoint.pt", progress=progress)
+    train_s = time.perf_counter() - t0
+    after = measure(student, reference, held_ids, cfg.distill.eval_batch_size, cfg.distill)
+    log.info("after: held-out KL %.4f, top-1 %.3f", after["kl"], after["top1"])
+
+    # 4. outputs: PEFT adapter (standard format), optional merged model, report and plot
+    student.save_pretrained(str(out / "adapter"))
+    tokens = state.step * cfg.distill.batch_size * cfg.distill.grad_accum * train_ids.shape[1]
+    report: dict[str, Any] = {
+        "reference": cfg.reference, "degraded": cfg.degraded, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "heldout": {"sequences": len(held_ids), "seq_len": held_ids.shape[1], "before": before, "after": after},
+        "trainable_parameters": n_train,
+        "adapter_modules": n_modules,
+        "steps": state.step, "train_tokens": tokens, "synthetic_sequences": len(train_ids),
+        "seconds": {"synthesize": round(synth_s, 2), "train": round(train_s, 2)},
+        "train_tokens_per_second": round(tokens / train_s, 1) if train_s > 0 and state.step else None,
+        "loss_curve": state.history, "heldout_curve": state.evals,
+        "adapter": str(out / "adapter"), "config": cfg.to_dict(),
+    }
+    plot_training(state.history, state.evals, before, after, out / "loss.png")
+    if cfg.eval_tasks:  # before merging: the degraded model is the student with adapters disabled
+        report["eval"] = evaluate_triplet(cfg, reference, student, tokenizer, out, progress)
+    if cfg.merge:
+        save_model_dir(student.merge_and_unload(), out / "merged", tokenizer)
+        report["merged"] = str(out / "merged")
+    report["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
+    atomic_write_json(out / "report.json", report)
+    return report
+
+
+def evaluate_triplet(cfg: RecoverConfig, reference: PreTrainedModel, student, tokenizer: PreTrainedTokenizerBase,
+                     out: Path, progress: bool = True) -> dict[str, Any]:
+    """Benchmarks on reference, degraded (adapters disabled) and recovered; writes the eval report."""
+    from .evaluate import EvalConfig, evaluate
+    from .report import build_report
+
+    ecfg = EvalConfig(tasks=cfg.eval_tasks, data_dir=cfg.eval_data, limit=cfg.eval_limit)
+    results = {"reference": evaluate(reference, tokenizer, ecfg, progress=progress)}
+    with student.disable_adapter():
+        results["degraded"] = evaluate(student, tokenizer, ecfg, progress=progress)
+    results["recovered"] = evaluate(student, tokenizer, ecfg, progress=progress)
+    for name, res in results.items():
+        atomic_write_json(out / "eval" / f"{name}.json", res)
+    return build_report(results["reference"], results["degraded"], results["recovered"], out / "eval")
