@@ -134,7 +134,7 @@ def test_resume_with_other_settings_refused(tmp_path):
           DistillConfig(steps=2, batch_size=8, eval_every=0), checkpoint=ck, progress=False)
     with pytest.raises(RecoverLoraError, match="other training settings.*lr"):
         train(attach_adapters(copy.deepcopy(deg), AdapterConfig(rank=4)), ref, ids,
-              DistillConfig(steps=2, batch_size=8, lr=1e-3, eval_every=0), checkpoint=ck, progress=False)
+              DistillConfig(steps=2, batch_size=8, lr=3e-3, eval_every=0), checkpoint=ck, progress=False)
 
 
 def test_saved_adapter_loads_with_peft(tmp_path):

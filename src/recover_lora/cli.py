@@ -95,6 +95,8 @@ def cmd_recover(a: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
     rep = recover(cfg)
+    if rep.get("rank", 0) != 0:  # under torchrun, rank 0 reports
+        return 0
     b, f = rep["heldout"]["before"], rep["heldout"]["after"]
     print(f"\nheld-out KL {b['kl']:.4f} -> {f['kl']:.4f}; top-1 agreement {100 * b['top1']:.1f}% -> "
           f"{100 * f['top1']:.1f}%  ({rep['trainable_parameters']:,} trainable parameters, "

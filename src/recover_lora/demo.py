@@ -37,7 +37,7 @@ def demo_recover_config(cfg: DemoConfig, on_gpu: bool) -> RecoverConfig:
     """CPU: short sequences, a high learning rate and few steps (2 cores); GPU: the paper-sized run."""
     if on_gpu:
         synth = SynthConfig(num_sequences=0, seq_len=128, seed=cfg.seed)
-        distill = DistillConfig(steps=cfg.steps or 600, batch_size=32, lr=5e-4, warmup_steps=30, seed=cfg.seed)
+        distill = DistillConfig(steps=cfg.steps or 600, batch_size=32, lr=1e-3, warmup_steps=30, seed=cfg.seed)
         heldout = 64
     else:
         steps = cfg.steps or 80

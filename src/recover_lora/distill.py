@@ -8,7 +8,9 @@ interrupted run resumes bit-for-bit (the batch order is a pure function of seed 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import signal
 import time
 import zlib
@@ -23,6 +25,7 @@ from transformers import PreTrainedModel
 
 from .degrade import PRESETS, parse_layers, parse_modules, select_modules
 from .losses import LOSSES, chunked_loss_backward
+from .synth import dist_rank_world
 from .utils import RecoverLoraError, atomic_torch_save, log
 
 @dataclass
@@ -73,13 +76,13 @@ class DistillConfig:
     steps: int = 600
     batch_size: int = 32  # sequences per micro-batch
     grad_accum: int = 1
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 30
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
-    chunk_tokens: int = 2048  # tokens per chunk of the full-vocabulary loss
+    chunk_tokens: int = 0  # tokens per chunk of the full-vocabulary loss; 0 = auto (~256 MB fp32 logits)
     eval_every: int = 100
     eval_batch_size: int = 32
     checkpoint_every: int = 50
@@ -95,8 +98,23 @@ class DistillConfig:
 
 
 def _autocast(cfg: DistillConfig, device: torch.device):
-    use = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_autocast_on(cfg, device))
+
+
+def _lora_casts_off(model: torch.nn.Module, active: bool):
+    """Under autocast, stop peft from casting each LoRA input to fp32 (autocast casts it back to
+    bf16 for the matmul anyway: two wasted passes over the activations per adapted module)."""
+    if not active:
+        return contextlib.nullcontext()
+    try:
+        from peft.helpers import disable_input_dtype_casting
+    except ImportError:  # older peft
+        return contextlib.nullcontext()
+    return disable_input_dtype_casting(model)
+
+
+def _autocast_on(cfg: DistillConfig, device: torch.device) -> bool:
+    return cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
 
 
 def _head(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -133,7 +151,7 @@ def measure(student: torch.nn.Module, teacher: PreTrainedModel, ids: torch.Tenso
     kl_sum, agree_sum, n = 0.0, 0.0, 0
     for i in range(0, len(ids), batch_size):
         x = ids[i:i + batch_size].to(device)
-        with _autocast(cfg, device):
+        with _autocast(cfg, device), _lora_casts_off(student, _autocast_on(cfg, device)):
             hs, ht = hidden_states(student, x), hidden_states(teacher, x)
             kl, agree = chunked_loss_backward(hs, ht, _head(_base(student)), _head(teacher), "kl", 1.0,
                                               cfg.chunk_tokens, backward=False)
@@ -232,6 +250,39 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt, sched, cfg: Distill
     return TrainState(**ck["state"])
 
 
+def init_distributed() -> tuple[int, int]:
+    """Join the process group that torchrun / accelerate launch describe in the environment.
+
+    Does nothing (returns (0, 1)) for a single process. On GPU each rank uses ``cuda:LOCAL_RANK``
+    (set as the current device, so models loaded with device "cuda" land there) and NCCL;
+    on CPU, gloo. Returns (rank, world size).
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+class _HiddenStates(torch.nn.Module):
+    """The student as DDP sees it: token ids -> final hidden states (the loss applies the head)."""
+
+    def __init__(self, student: torch.nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return hidden_states(self.student, ids)
+
+
 def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.Tensor, cfg: DistillConfig,
           heldout_ids: torch.Tensor | None = None, checkpoint: str | Path | None = None,
           progress: bool = True, stop_after: int | None = None) -> TrainState:
@@ -240,9 +291,22 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
     With ``checkpoint`` set, resumes from it when present and writes it every
     ``cfg.checkpoint_every`` steps and on interruption (Ctrl-C, SIGTERM). ``stop_after`` ends the
     run early after that many steps of this call (used to test resumption).
+
+    Data parallel: when torch.distributed is initialised (torchrun / accelerate launch, see
+    :func:`init_distributed`), the student runs under DDP (gloo on CPU, NCCL on GPU). Each rank
+    takes its contiguous slice of every global micro-batch from :func:`batch_indices`, so the
+    global batch, its order, and (without dropout) the adapter equal a one-process run's up to
+    floating-point summation order; ``cfg.batch_size`` is the global batch and must divide by
+    the world size. The logged loss and top-1 are averaged over ranks, and only rank 0 writes
+    checkpoints (all ranks read them on resume). FSDP is not implemented: the frozen base is
+    replicated on every rank, which suits models that fit one GPU.
     """
     cfg.validate()
     device = next(teacher.parameters()).device
+    rank, world = dist_rank_world()
+    if cfg.batch_size % world:
+        raise RecoverLoraError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
+    local_bs = cfg.batch_size // world
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise RecoverLoraError("the student has no trainable parameters")
@@ -255,13 +319,23 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
         state = load_checkpoint(ckpt, student, opt, sched, cfg)
         log.info("resumed from %s at step %d", ckpt, state.step)
     s_head, t_head = _head(_base(student)), _head(teacher)
+    ddp = None
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Built after a resume, so every rank starts from the same (checkpointed) adapter; DDP
+        # also broadcasts rank 0's parameters at construction.
+        ddp = DistributedDataParallel(_HiddenStates(student),
+                                      device_ids=[device.index] if device.type == "cuda" else None,
+                                      broadcast_buffers=False, gradient_as_bucket_view=True)
+    fast_casts = _autocast_on(cfg, device)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * train_ids.shape[1]
     student.train()
     teacher.eval()
-    bar = tqdm(total=cfg.steps, initial=state.step, desc="distill", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="distill", unit="step", disable=not progress or rank != 0)
     start_step = state.step
     t0 = time.perf_counter() - state.elapsed
-    with _Interrupt():
+    with _Interrupt(), _lora_casts_off(student, fast_casts):
         try:
             while state.step < cfg.steps:
                 if stop_after is not None and state.step - start_step >= stop_after:
@@ -270,15 +344,21 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
                 loss_sum, top1_sum = 0.0, 0.0
                 for a in range(cfg.grad_accum):
                     idx = batch_indices(len(train_ids), cfg.batch_size, state.step * cfg.grad_accum + a, cfg.seed)
+                    idx = idx[rank * local_bs:(rank + 1) * local_bs]
                     x = train_ids[idx].to(device, non_blocking=True)
-                    with _autocast(cfg, device):
+                    # DDP all-reduces gradients on the last micro-batch of the step only.
+                    sync = ddp.no_sync() if ddp is not None and a < cfg.grad_accum - 1 else contextlib.nullcontext()
+                    with sync, _autocast(cfg, device):
                         with torch.no_grad():
                             ht = hidden_states(teacher, x)
-                        hs = hidden_states(student, x)
+                        hs = ddp(x) if ddp is not None else hidden_states(student, x)
                         loss, top1 = chunked_loss_backward(hs, ht, s_head, t_head, cfg.loss, cfg.temperature,
                                                            cfg.chunk_tokens, scale=1.0 / cfg.grad_accum)
+                        del hs, ht
                     loss_sum += loss / cfg.grad_accum
                     top1_sum += top1 / cfg.grad_accum
+                if ddp is not None:
+                    loss_sum, top1_sum = _mean_over_ranks([loss_sum, top1_sum], device)
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 lr = sched.get_last_lr()[0]
@@ -296,10 +376,11 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
                     state.evals.append({"step": state.step, **m})
                     bar.write(f"step {state.step}: held-out KL {m['kl']:.4f}, top-1 {m['top1']:.3f}")
                 if ckpt and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                    save_checkpoint(ckpt, student, opt, sched, state, cfg)
+                    _save_rank0(ckpt, student, opt, sched, state, cfg, rank, world)
         except KeyboardInterrupt:
             if ckpt:
-                save_checkpoint(ckpt, student, opt, sched, state, cfg)
+                if rank == 0:  # no barrier here: the other ranks may be gone already
+                    save_checkpoint(ckpt, student, opt, sched, state, cfg)
                 bar.close()
                 raise RecoverLoraError(f"interrupted at step {state.step}; checkpoint saved to {ckpt}: "
                                        "run the same command again to resume") from None
@@ -307,5 +388,22 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
         finally:
             bar.close()
     if ckpt:
-        save_checkpoint(ckpt, student, opt, sched, state, cfg)
+        _save_rank0(ckpt, student, opt, sched, state, cfg, rank, world)
     return state
+
+
+def _mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def _save_rank0(path: Path, model, opt, sched, state: TrainState, cfg: DistillConfig, rank: int, world: int) -> None:
+    if rank == 0:
+        save_checkpoint(path, model, opt, sched, state, cfg)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # a rank that resumes later finds the file complete

@@ -18,9 +18,10 @@ import torch
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .distill import AdapterConfig, DistillConfig, attach_adapters, measure, trainable_parameters, train
+from .distill import (AdapterConfig, DistillConfig, attach_adapters, init_distributed, measure,
+                      trainable_parameters, train)
 from .load import LoadConfig, load_pair, save_model_dir
-from .synth import SynthConfig, load_synthetic, synthesize
+from .synth import SynthConfig, barrier, load_synthetic, synthesize
 from .utils import RecoverLoraError, atomic_write_json, log
 
 HELDOUT_SEED_OFFSET = 1_000_003  # held-out data never shares a seed with training data
@@ -119,8 +120,13 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
 
     Models may be passed in already loaded (the demo does); otherwise they are loaded from
     ``cfg.reference`` / ``cfg.degraded`` and checked for compatibility first.
+
+    Under ``torchrun`` / ``accelerate launch`` every rank runs this function: synthesis is
+    sharded across ranks, training is data-parallel, and rank 0 alone writes the outputs.
     """
     cfg.distill.validate()
+    rank, world = init_distributed()
+    progress = progress and rank == 0
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -130,7 +136,8 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
         pair = load_pair(cfg.reference, cfg.degraded, cfg.load)
         reference, degraded, tokenizer = pair.reference, pair.degraded, pair.tokenizer
     device = next(reference.parameters()).device
-    atomic_write_json(out / "config.json", cfg.to_dict())
+    if rank == 0:
+        atomic_write_json(out / "config.json", cfg.to_dict())
 
     # 1. synthetic data from the reference (resumable; reused when already complete)
     t0 = time.perf_counter()
@@ -157,6 +164,10 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
     after = measure(student, reference, held_ids, cfg.distill.eval_batch_size, cfg.distill)
     log.info("after: held-out KL %.4f, top-1 %.3f", after["kl"], after["top1"])
 
+    if rank != 0:
+        barrier()  # wait until rank 0 has written the outputs, then leave
+        return {"heldout": {"before": before, "after": after}, "rank": rank}
+
     # 4. outputs: PEFT adapter (standard format), optional merged model, report and plot
     student.save_pretrained(str(out / "adapter"))
     tokens = state.step * cfg.distill.batch_size * cfg.distill.grad_accum * train_ids.shape[1]
@@ -164,7 +175,7 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
         "reference": cfg.reference, "degraded": cfg.degraded, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "heldout": {"sequences": len(held_ids), "seq_len": held_ids.shape[1], "before": before, "after": after},
-        "trainable_parameters": n_train,
+        "trainable_parameters": n_train, "processes": world,
         "adapter_modules": n_modules,
         "steps": state.step, "train_tokens": tokens, "synthetic_sequences": len(train_ids),
         "seconds": {"synthesize": round(synth_s, 2), "train": round(train_s, 2)},
@@ -180,6 +191,8 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
         report["merged"] = str(out / "merged")
     report["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
     atomic_write_json(out / "report.json", report)
+    if world > 1:
+        barrier()
     return report
 
 

@@ -11,6 +11,7 @@ and ``i``, so an interrupted run resumes by generating the missing shards, with 
 
 from __future__ import annotations
 
+import inspect
 import math
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -62,6 +63,21 @@ class SynthConfig:
         return d
 
 
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed job; (0, 1) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
 def start_token_pool(tokenizer: PreTrainedTokenizerBase, model_vocab: int) -> torch.Tensor:
     """Ids a sequence may start from: the tokenizer's vocabulary minus special and added tokens."""
     n = min(len(tokenizer), model_vocab)
@@ -97,49 +113,175 @@ def sample_next(logits: torch.Tensor, greedy: torch.Tensor, noise: torch.Tensor,
     return torch.where(greedy, idx[:, 0], sampled)
 
 
-class _Decoder:
-    """One batch of hybrid-sampled sequences with a KV cache; static cache + CUDA graphs on GPU."""
+GRAPH_MODES = ("auto", "compile", "cuda_graph", "none")
 
-    def __init__(self, model: PreTrainedModel, batch: int, length: int, kind: str):
+
+def _static_cache(config, length: int):
+    """A static KV cache for ``length`` tokens.
+
+    When every sequence fits inside the sliding window (Gemma-3: 512 tokens), sliding-window
+    layers behave exactly like full-attention ones, so all layers get a plain static layer: its
+    position counter lives on the device, which is what CUDA graphs and torch.compile need (the
+    sliding static layer keeps a Python counter that a captured graph would freeze and that makes
+    torch.compile recompile every step).
+    """
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None) or []
+    if window and length <= window and types and set(types) <= {"full_attention", "sliding_attention"}:
+        try:
+            from transformers.cache_utils import Cache, StaticLayer
+            return Cache(layers=[StaticLayer(max_cache_len=length) for _ in types])
+        except Exception:  # noqa: BLE001 - other transformers versions: the generic cache below
+            pass
+    return StaticCache(config=config, max_cache_len=length)
+
+
+class _Decoder:
+    """One batch of hybrid-sampled sequences with a KV cache.
+
+    ``kind`` is the cache ("static", "dynamic", or "auto": static on GPU). With a static cache on
+    GPU each decode step (forward + sampling, fused into one function) runs as a CUDA graph:
+    ``graph="compile"`` (torch.compile, mode reduce-overhead; what "auto" picks) or
+    ``"cuda_graph"`` (a graph captured by hand around the eager step: no compile time; refused
+    for caches with sliding-window layers, whose Python-side counters a captured graph would
+    freeze). Should either fail, the batch is decoded again eagerly; ``self.mode`` says which
+    path ran. The loop does no host synchronisation until the finished batch is copied back.
+    """
+
+    def __init__(self, model: PreTrainedModel, batch: int, length: int, kind: str, graph: str = "auto"):
+        if graph not in GRAPH_MODES:
+            raise RecoverLoraError(f"unknown graph mode {graph!r}; use one of {GRAPH_MODES}")
         self.model, self.batch, self.length = model, batch, length
         self.device = next(model.parameters()).device
         if kind == "auto":
             kind = "static" if self.device.type == "cuda" else "dynamic"
         self.kind = kind
-        self.step_fn = self._step
+        self.cache = None
         if kind == "static":
-            self.cache = StaticCache(config=model.config, max_cache_len=length)
-            if self.device.type == "cuda":
-                # CUDA graphs remove the per-layer launch overhead that dominates small-model decode.
-                self.step_fn = torch.compile(self._step, mode="reduce-overhead", fullgraph=False, dynamic=False)
+            self.cache = _static_cache(model.config, length)
+        if kind != "static" or self.device.type != "cuda" or graph == "none":
+            graph = "none"
+        elif graph == "auto":
+            graph = "compile"
+        self.mode = graph  # "compile" | "cuda_graph" | "none"; falls back to "none" on failure
+        self.error: str | None = None  # why a graph mode fell back
+        self._compiled = None
+        self._graph = None
+        self._graph_key = None
+        try:
+            self._keep_kw = "logits_to_keep" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            self._keep_kw = False
 
-    def _step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=pos,
-                         position_ids=pos.unsqueeze(0).expand(ids.shape[0], -1), use_cache=True)
+                         position_ids=pos.unsqueeze(0).expand(ids.shape[0], -1), use_cache=True,
+                         **({"logits_to_keep": 1} if self._keep_kw else {}))
         return out.logits[:, -1, :]
 
+    def _step_sample(self, ids: torch.Tensor, pos: torch.Tensor, greedy: torch.Tensor, noise: torch.Tensor,
+                     top_k: int, temperature: float) -> torch.Tensor:
+        """One decode step: token ids [B, 1] at position ``pos`` [1] -> next token ids [B]."""
+        return sample_next(self._forward(ids, pos), greedy, noise, top_k, temperature)
+
+    # -- CUDA graph captured by hand -------------------------------------------------------
+    def _graph_body(self) -> torch.Tensor:
+        nxt = self._step_sample(self._g_ids, self._g_pos, self._g_greedy, self._g_noise, *self._graph_key)
+        self._g_ids.copy_(nxt.unsqueeze(1))  # the next replay reads its own output
+        return nxt
+
+    def _capture(self, prefix: torch.Tensor, top_k: int, temperature: float) -> None:
+        if any(getattr(layer, "is_sliding", False) for layer in getattr(self.cache, "layers", [])):
+            raise RecoverLoraError("sliding-window cache layers keep Python counters; not capturable")
+        B, P = prefix.shape
+        dev = self.device
+        self._graph_key = (top_k, temperature)
+        self.cache.reset()
+        # A real prefill first: the static cache allocates its tensors lazily, on first use.
+        logits = self._forward(prefix, torch.arange(P, device=dev))
+        self._g_ids = logits.argmax(-1, keepdim=True)
+        self._g_pos = torch.full((1,), P, dtype=torch.long, device=dev)
+        self._g_greedy = torch.zeros(B, dtype=torch.bool, device=dev)
+        self._g_noise = torch.full((B, top_k), 0.5, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up (cuBLAS workspaces, lazy inits) outside the capture
+                self._graph_body()
+                self._g_pos.add_(1)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self._g_pos.fill_(P)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._g_out = self._graph_body()
+        self._graph = graph
+        self.cache.reset()  # in place: the captured addresses stay valid
+
+    # -- the loop ----------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, prefix: torch.Tensor, n_greedy: torch.Tensor, noise: torch.Tensor, top_k: int,
             temperature: float) -> torch.Tensor:
         """prefix [B, P] -> tokens [B, length]; noise [B, length - P, top_k]."""
+        if self.mode != "none":
+            try:
+                return self._run(prefix, n_greedy, noise, top_k, temperature, self.mode)
+            except Exception as e:  # noqa: BLE001 - any compile/capture failure: decode eagerly
+                self.error = f"{type(e).__name__}: {e}"[:500]
+                log.warning("decode with %s failed (%s); decoding eagerly", self.mode, self.error)
+                self.mode = "none"
+                self._graph = self._compiled = None
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+        return self._run(prefix, n_greedy, noise, top_k, temperature, "none")
+
+    def _run(self, prefix: torch.Tensor, n_greedy: torch.Tensor, noise: torch.Tensor, top_k: int,
+             temperature: float, mode: str) -> torch.Tensor:
+        B, P = prefix.shape
+        dev = self.device
+        steps = self.length - P
+        out = torch.empty(B, self.length, dtype=torch.long, device=dev)
+        out[:, :P] = prefix.to(dev)
+        if steps <= 0:
+            return out.cpu()
+        if mode == "cuda_graph" and (self._graph is None or self._graph_key != (top_k, temperature)):
+            if steps < 4:
+                raise RecoverLoraError("too few decode steps to capture a graph")
+            self._capture(out[:, :P], top_k, temperature)
+        if mode == "compile" and self._compiled is None:
+            self._compiled = torch.compile(self._step_sample, mode="reduce-overhead", fullgraph=False,
+                                           dynamic=False)
         if self.kind == "static":
             self.cache.reset()
         else:
             self.cache = DynamicCache(config=self.model.config)
-        B, P = prefix.shape
-        dev = self.device
-        out = torch.empty(B, self.length, dtype=torch.long, device=dev)
-        out[:, :P] = prefix.to(dev)
-        n_greedy = n_greedy.to(dev)
-        noise = noise.to(dev)
+        # Per-step inputs laid out step-major, so that each step reads contiguous slices, and
+        # prepared on the device up front: no host-to-device copy (a sync) inside the loop.
+        positions = torch.arange(self.length, device=dev)
+        greedy = torch.arange(steps, device=dev).unsqueeze(1) < n_greedy.to(dev).unsqueeze(0)  # [steps, B]
+        noise = noise.to(dev).transpose(0, 1).contiguous()  # [steps, B, top_k]
         # Prefill runs eagerly (its shape differs from the decode steps).
-        logits = self._step(out[:, :P], torch.arange(P, device=dev))
-        for t in range(P, self.length):
-            greedy = (t - P) < n_greedy
-            nxt = sample_next(logits, greedy, noise[:, t - P], top_k, temperature)
-            out[:, t] = nxt
-            if t + 1 < self.length:
-                logits = self.step_fn(nxt.unsqueeze(1), torch.tensor([t], device=dev)).clone()
+        nxt = sample_next(self._forward(out[:, :P], positions[:P]), greedy[0], noise[0], top_k, temperature)
+        out[:, P] = nxt
+        if mode == "cuda_graph":
+            self._g_ids.copy_(nxt.unsqueeze(1))
+        for t in range(P + 1, self.length):
+            j = t - P
+            if mode == "cuda_graph":
+                self._g_pos.copy_(positions[t - 1:t])
+                self._g_greedy.copy_(greedy[j])
+                self._g_noise.copy_(noise[j])
+                self._graph.replay()
+                out[:, t] = self._g_out
+            elif mode == "compile":
+                torch.compiler.cudagraph_mark_step_begin()
+                nxt = self._compiled(nxt.unsqueeze(1), positions[t - 1:t], greedy[j], noise[j], top_k,
+                                     temperature).clone()  # [B] ids: the graph reuses its output buffer
+                out[:, t] = nxt
+            else:
+                nxt = self._step_sample(nxt.unsqueeze(1), positions[t - 1:t], greedy[j], noise[j], top_k,
+                                        temperature)
+                out[:, t] = nxt
         return out.cpu()
 
 
@@ -177,6 +319,11 @@ def synthesize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: 
 
     An existing folder made with the same settings and reference is resumed; one made with other
     settings is refused rather than silently mixed.
+
+    Under torchrun / accelerate launch (torch.distributed initialised) the missing shards are
+    split across ranks (rank r makes the r-th, (r+W)-th, ... of them), each rank writes its own
+    shard files, rank 0 alone writes the manifest, and every rank returns once the folder is
+    complete. Shard contents depend only on (seed, shard), so the data equal a one-process run's.
     """
     cfg.validate()
     out_dir = Path(out_dir)
@@ -198,6 +345,7 @@ def synthesize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: 
            "num_sequences": cfg.num_sequences, "seq_len": cfg.seq_len,
            "model_type": model.config.model_type, "bos_token_id": tokenizer.bos_token_id if bos else None,
            "shards": [], "complete": False}
+    rank, world = dist_rank_world()
     todo = []
     for s in range(n_shards):
         n = min(cfg.shard_size, cfg.num_sequences - s * cfg.shard_size)
@@ -212,18 +360,34 @@ def synthesize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: 
             except Exception:  # noqa: BLE001 - an unreadable shard is simply regenerated
                 pass
         todo.append((s, n, name))
-    atomic_write_json(man_path, man)
-    done = cfg.num_sequences - sum(n for _, n, _ in todo)
-    bar = tqdm(total=cfg.num_sequences, initial=done, desc="synthesize", unit="seq", disable=not progress)
-    for s, n, name in todo:
+    if world > 1:
+        # Every rank has scanned the folder before any writes to it: they all hold the same list.
+        barrier()
+    if rank == 0:
+        atomic_write_json(man_path, man)
+    mine = todo[rank::world]  # fresh run: rank r makes shards r, r + W, r + 2W, ...
+    if world > 1:
+        total, done = sum(n for _, n, _ in mine), 0
+    else:
+        total, done = cfg.num_sequences, cfg.num_sequences - sum(n for _, n, _ in todo)
+    bar = tqdm(total=total, initial=done, desc="synthesize", unit="seq", disable=not progress or rank != 0)
+    for s, n, name in mine:
         ids = generate_shard(model, tokenizer, cfg, s, n, bos, bar)
         atomic_write_bytes(out_dir / name, save({"input_ids": ids.contiguous()}))
-        man["shards"].append({"file": name, "num_sequences": n})
-        man["shards"].sort(key=lambda x: x["file"])
-        atomic_write_json(man_path, man)
+        if world == 1:
+            man["shards"].append({"file": name, "num_sequences": n})
+            man["shards"].sort(key=lambda x: x["file"])
+            atomic_write_json(man_path, man)
     bar.close()
+    if world > 1:
+        barrier()  # every rank's shards are on disk
+        man["shards"] = sorted(man["shards"] + [{"file": name, "num_sequences": n} for _, n, name in todo],
+                               key=lambda x: x["file"])
     man["complete"] = True
-    atomic_write_json(man_path, man)
+    if rank == 0:
+        atomic_write_json(man_path, man)
+    if world > 1:
+        barrier()  # nobody reads the data before the manifest says it is complete
     log.info("synthetic data: %d x %d tokens in %s", cfg.num_sequences, cfg.seq_len, out_dir)
     return out_dir
 

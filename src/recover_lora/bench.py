@@ -1,0 +1,586 @@
+"""``recover-lora bench``: naive vs optimized synthesis and distillation, measured in one process.
+
+    python -m recover_lora.bench --model smollm2 --out bench.json          # on the GPU
+    python -m recover_lora.bench --tiny --device cpu                        # smoke run, seconds
+
+Synthesis (same hybrid sampling for every path, batch x seq_len tokens):
+- naive: fp32 weights under bf16 autocast, Python step loop with a dynamic KV cache;
+- optimized: bf16 weights, static KV cache, each decode step (forward + sampling) as a CUDA
+  graph: ``compile`` (torch.compile reduce-overhead) and ``cuda_graph`` (captured by hand) are
+  both measured, the faster is "optimized";
+- generate: transformers' ``model.generate(do_sample=True, top_k=50, cache_implementation="static")``
+  on bf16 weights, as a reference point.
+
+Distillation (same adapter init, data order, schedule and step count for both):
+- naive: fp32 weights under bf16 autocast, full [B, L, V] fp32 logits of teacher and student,
+  ``naive_loss``, plain AdamW;
+- optimized: :func:`recover_lora.distill.train` itself: bf16 frozen weights, fp32 LoRA
+  parameters, chunked loss with closed-form gradients, fused AdamW, one teacher forward per
+  step; at the naive batch and at ``distill_scale`` x that batch (optionally torch.compile'd).
+
+Reported per path: tokens/s (sequence tokens, BOS included), peak CUDA memory
+(``max_memory_allocated``, reset before each path, weights included), MFU and, for
+distillation, held-out KL / top-1 against the fp32 reference after the run. MFU uses model
+FLOPs: N = non-embedding parameters + lm_head; decode 2N + 2*l*h*L per token (attention over
+L/2 on average), a training step (2N + 4*l*h*L) for the teacher + (6N + 12*l*h*L) for the
+student per token (PaLM's estimate; l layers, h = heads x head_dim), divided by ``peak_tflops``.
+An out-of-memory path is reported as ``"status": "oom"`` and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from .distill import AdapterConfig, DistillConfig, attach_adapters, batch_indices, lr_lambda, measure, train
+from .losses import naive_loss
+from .synth import _Decoder
+from .utils import RecoverLoraError, atomic_write_json, log, resolve_device
+
+H100_BF16_DENSE_TFLOPS = 989.0
+
+
+@dataclass
+class BenchConfig:
+    """0 means: the GPU default (in brackets) on CUDA, a tiny size on CPU."""
+
+    model: str = "smollm2"  # any spec load_model accepts
+    tiny: bool = False  # a tiny random Llama instead (CPU smoke runs)
+    device: str = "auto"
+    parts: str = "synth,distill"
+    synth_batch: int = 0  # [1024]
+    synth_len: int = 128
+    synth_graphs: str = "cuda_graph,compile"  # optimized decode variants to measure
+    generate: bool = True  # also time transformers' generate
+    top_k: int = 50
+    distill_batch: int = 0  # [32]
+    distill_len: int = 128
+    distill_scale: int = 4  # the optimized path also runs at this multiple of the batch
+    distill_steps: int = 0  # [100] steps of naive and optimized at the naive batch
+    timing_warmup: int = 0  # [5] steps not timed
+    distill_compile: bool = False  # add a torch.compile'd decoder variant at the large batch
+    heldout: int = 0  # [64] held-out sequences for KL
+    rank: int = 16
+    lr: float = 5e-4
+    noise: float = 0.1  # damage of the student: Gaussian noise, relative L2 per linear
+    peak_tflops: float = H100_BF16_DENSE_TFLOPS
+    seed: int = 0
+    time_budget: float = 540.0  # seconds; later parts are skipped once it is spent
+    out: str | None = None
+
+    def resolved(self, device: torch.device) -> "BenchConfig":
+        c = copy.copy(self)
+        gpu = device.type == "cuda"
+        c.synth_batch = c.synth_batch or (1024 if gpu else 8)
+        c.distill_batch = c.distill_batch or (32 if gpu else 4)
+        c.distill_steps = c.distill_steps or (100 if gpu else 6)
+        c.timing_warmup = c.timing_warmup or (5 if gpu else 2)
+        c.heldout = c.heldout or (64 if gpu else 8)
+        if not gpu and c.tiny:
+            c.synth_len = min(c.synth_len, 16)
+            c.distill_len = min(c.distill_len, 16)
+        if c.timing_warmup >= c.distill_steps:
+            raise RecoverLoraError("timing_warmup must be smaller than distill_steps")
+        return c
+
+
+# --------------------------------------------------------------------------------------- helpers
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _reset_peak(device: torch.device) -> None:
+    _free(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gb(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _failure(e: BaseException, device: torch.device) -> dict[str, Any]:
+    status = "oom" if _is_oom(e) else "error"
+    log.warning("bench path failed (%s): %s", status, e)
+    out = {"status": status, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+    if device.type == "cuda":
+        out["peak_mem_gb"] = _peak_gb(device)
+    return out
+
+
+def _tiny_model():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
+                      initializer_range=0.2)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
+
+
+def _load(cfg: BenchConfig):
+    """fp32 reference on the CPU, the start-token pool and the BOS id (None: no BOS)."""
+    if cfg.tiny:
+        model = _tiny_model()
+        return model, torch.arange(3, model.config.vocab_size), None
+    from .load import LoadConfig, load_model, load_tokenizer, needs_bos
+    from .synth import start_token_pool
+
+    lc = LoadConfig(dtype="float32", device="cpu")
+    model = load_model(cfg.model, lc)
+    tok = load_tokenizer(cfg.model, lc)
+    pool = start_token_pool(tok, model.get_output_embeddings().weight.shape[0])
+    bos = tok.bos_token_id if needs_bos(tok, model.config) else None
+    return model, pool, bos
+
+
+def model_flops(model) -> dict[str, Any]:
+    """N (non-embedding parameters + lm_head) and the attention width sum over layers."""
+    total = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight.numel()
+    c = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return {"params_total": total, "n_flops_params": total - emb + head, "layers": c.num_hidden_layers,
+            "attn_width": c.num_attention_heads * head_dim, "vocab": model.get_output_embeddings().weight.shape[0]}
+
+
+def _decode_flops(f: dict, seq_len: int) -> float:
+    return 2 * f["n_flops_params"] + 4 * f["layers"] * f["attn_width"] * seq_len / 2
+
+
+def _train_flops(f: dict, seq_len: int) -> float:
+    n, la = f["n_flops_params"], f["layers"] * f["attn_width"] * seq_len
+    return (2 * n + 4 * la) + (6 * n + 12 * la)
+
+
+def _rate(tokens: int, seconds: float, flops_per_token: float, cfg: BenchConfig, device: torch.device) -> dict:
+    tps = tokens / seconds if seconds > 0 else float("nan")
+    out = {"status": "ok", "tokens": tokens, "seconds": round(seconds, 4), "tokens_per_s": round(tps, 1)}
+    if device.type == "cuda":
+        out["mfu"] = round(tps * flops_per_token / (cfg.peak_tflops * 1e12), 4)
+        out["peak_mem_gb"] = _peak_gb(device)
+    return out
+
+
+def _prompts(pool: torch.Tensor, bos: int | None, n: int, length: int, top_k: int, seed: int):
+    """Inputs of one decode batch, drawn like synth.generate_shard draws them."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = pool[torch.randint(len(pool), (n,), generator=g)].unsqueeze(1)
+    if bos is not None:
+        prefix = torch.cat([torch.full((n, 1), bos), prefix], dim=1)
+    n_greedy = torch.randint(3, 6, (n,), generator=g)
+    noise = torch.rand(n, length - prefix.shape[1], top_k, generator=g)
+    return prefix, n_greedy, noise
+
+
+# ------------------------------------------------------------------------------------ synthesis
+def bench_synth(ref32, pool, bos, cfg: BenchConfig, device: torch.device, flops: dict, deadline: float,
+                res: dict, save=lambda: None) -> torch.Tensor | None:
+    """Fills ``res`` path by path (``save`` is called after each); returns decoded sequences."""
+    B, L, k = cfg.synth_batch, cfg.synth_len, cfg.top_k
+    fpt = _decode_flops(flops, L)
+    prefix, n_greedy, noise = _prompts(pool, bos, B, L, k, cfg.seed)
+    P = prefix.shape[1]
+    res.update({"batch": B, "seq_len": L, "top_k": k, "tokens_counted": "batch x seq_len"})
+    naive_ids = None
+    data = None
+
+    # naive: fp32 weights, bf16 autocast, dynamic cache, eager Python loop
+    _reset_peak(device)
+    try:
+        model = copy.deepcopy(ref32).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            _Decoder(model, B, min(L, P + 8), "dynamic").run(prefix, n_greedy, noise[:, :min(L, P + 8) - P], k, 1.0)
+            _sync(device)
+            t0 = time.perf_counter()
+            naive_ids = _Decoder(model, B, L, "dynamic").run(prefix, n_greedy, noise, k, 1.0)
+            _sync(device)
+            dt = time.perf_counter() - t0
+        res["naive"] = {**_rate(B * L, dt, fpt, cfg, device), "path": "fp32 weights + bf16 autocast, DynamicCache, eager"}
+    except Exception as e:  # noqa: BLE001
+        res["naive"] = _failure(e, device)
+    model = None
+    _free(device)
+    save()
+
+    # optimized: bf16 weights, static cache, CUDA graphs
+    variants: dict[str, Any] = {}
+    res["variants"] = variants
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for mode in [m for m in cfg.synth_graphs.split(",") if m] or ["none"]:
+        if time.perf_counter() > deadline:
+            variants[mode] = {"status": "skipped", "reason": "time budget spent"}
+            continue
+        _reset_peak(device)
+        try:
+            model = copy.deepcopy(ref32).to(device=device, dtype=dtype)
+            dec = _Decoder(model, B, L, "static", graph=mode)
+            t0 = time.perf_counter()
+            dec.run(prefix, n_greedy, noise, k, 1.0)  # warm-up: compile / capture happens here
+            _sync(device)
+            warm = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ids = dec.run(prefix, n_greedy, noise, k, 1.0)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            r = {**_rate(B * L, dt, fpt, cfg, device), "warmup_s": round(warm, 2), "requested": mode,
+                 "ran": dec.mode, "path": f"{dtype} weights, static cache, graph={dec.mode}"}
+            if dec.error:
+                r["fallback_reason"] = dec.error
+            if naive_ids is not None:
+                # The first generated tokens are greedy: bf16 vs fp32 should rarely disagree there.
+                r["greedy_token_match_vs_naive"] = round(
+                    (ids[:, P:P + 3] == naive_ids[:, P:P + 3]).float().mean().item(), 4)
+            variants[mode] = r
+            data = ids if data is None else data
+        except Exception as e:  # noqa: BLE001
+            variants[mode] = _failure(e, device)
+        dec = model = None
+        _free(device)
+        save()
+    ok = {m: v for m, v in variants.items() if v.get("status") == "ok"}
+    if ok:
+        best = max(ok, key=lambda m: ok[m]["tokens_per_s"])
+        res["optimized"] = {**ok[best], "variant": best}
+
+    # transformers' generate, bf16, static cache (it may torch.compile on its own)
+    if cfg.generate and time.perf_counter() > deadline:
+        res["generate"] = {"status": "skipped", "reason": "time budget spent"}
+    elif cfg.generate:
+        _reset_peak(device)
+        try:
+            from transformers import GenerationConfig
+
+            model = copy.deepcopy(ref32).to(device=device, dtype=dtype)
+            mc = model.config
+            gc_ = GenerationConfig(do_sample=True, top_k=k, top_p=1.0, temperature=1.0, max_new_tokens=L - P,
+                                   min_new_tokens=L - P, cache_implementation="static",
+                                   pad_token_id=mc.pad_token_id if mc.pad_token_id is not None else 0,
+                                   eos_token_id=mc.eos_token_id, bos_token_id=mc.bos_token_id)
+            x = prefix.to(device)
+            kw = dict(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gc_)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(**kw)
+            _sync(device)
+            warm = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(**kw)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            res["generate"] = {**_rate(out.numel(), dt, fpt, cfg, device), "warmup_s": round(warm, 2),
+                               "path": f"model.generate, {dtype} weights, cache_implementation=static"}
+        except Exception as e:  # noqa: BLE001
+            res["generate"] = _failure(e, device)
+        model = None
+        _free(device)
+
+    base = res.get("naive", {}).get("tokens_per_s")
+    if "optimized" in res and base:
+        res["speedup_vs_naive"] = round(res["optimized"]["tokens_per_s"] / base, 2)
+    gen = res.get("generate", {}).get("tokens_per_s")
+    if "optimized" in res and gen:
+        res["speedup_vs_generate"] = round(res["optimized"]["tokens_per_s"] / gen, 2)
+    save()
+    return data if data is not None else naive_ids
+
+
+# --------------------------------------------------------------------------------- distillation
+def _load_trainable(student, state: dict[str, torch.Tensor]) -> None:
+    params = dict(student.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+
+def _naive_train(teacher, student, train_ids, dcfg: DistillConfig, device, warm: int) -> tuple[float, list[float]]:
+    """fp32 weights under autocast, full fp32 logits, naive_loss, plain AdamW. Returns timed seconds."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=dcfg.lr, weight_decay=dcfg.weight_decay, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(dcfg))
+    student.train()
+    losses = []
+    t0 = time.perf_counter()
+    for step in range(dcfg.steps):
+        if step == warm:
+            _sync(device)
+            t0 = time.perf_counter()
+        x = train_ids[batch_indices(len(train_ids), dcfg.batch_size, step, dcfg.seed)].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.no_grad():
+                t_logits = teacher(input_ids=x).logits.float()
+            s_logits = student(input_ids=x).logits.float()
+            loss = naive_loss(s_logits, t_logits, dcfg.loss, dcfg.temperature)
+        loss.backward()
+        del s_logits, t_logits
+        if dcfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, dcfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    _sync(device)
+    return time.perf_counter() - t0, [float(v) for v in losses]
+
+
+def bench_distill(ref32, deg32, train_ids, held_ids, cfg: BenchConfig, device: torch.device, flops: dict,
+                  deadline: float, res: dict, save=lambda: None) -> None:
+    """Fills ``res`` path by path (``save`` is called after each)."""
+    B, L, S, W = cfg.distill_batch, train_ids.shape[1], cfg.distill_steps, cfg.timing_warmup
+    fpt = _train_flops(flops, L)
+    acfg = AdapterConfig(rank=cfg.rank)
+    template = attach_adapters(copy.deepcopy(deg32), acfg, seed=cfg.seed)
+    init = {n: p.detach().clone() for n, p in template.named_parameters() if p.requires_grad}
+    res.update({"batch": B, "seq_len": L, "steps": S, "timed_steps": S - W, "lora_rank": cfg.rank,
+                "trainable_parameters": sum(t.numel() for t in init.values()),
+                "train_sequences": len(train_ids), "heldout_sequences": len(held_ids)})
+    mcfg = DistillConfig()  # measure: chunked loss, bf16 autocast on GPU, fp32 reference as teacher
+
+    def heldout(student) -> dict:
+        t32 = copy.deepcopy(ref32).to(device)
+        m = measure(student, t32, held_ids, 32, mcfg)
+        return {"heldout_kl": round(m["kl"], 5), "heldout_top1": round(m["top1"], 5)}
+
+    try:
+        _reset_peak(device)
+        res["before"] = heldout(template.to(device))
+    except Exception as e:  # noqa: BLE001
+        res["before"] = _failure(e, device)
+    template = None
+    _free(device)
+
+    def dcfg_for(batch: int, steps: int) -> DistillConfig:
+        return DistillConfig(steps=steps, batch_size=batch, lr=cfg.lr, warmup_steps=min(30, max(1, steps // 3)),
+                             seed=cfg.seed, eval_every=0, checkpoint_every=0)
+
+    # naive
+    _reset_peak(device)
+    try:
+        teacher = copy.deepcopy(ref32).to(device)
+        student = attach_adapters(copy.deepcopy(deg32).to(device), acfg, seed=cfg.seed)
+        _load_trainable(student, init)
+        dt, losses = _naive_train(teacher, student, train_ids, dcfg_for(B, S), device, W)
+        r = {**_rate((S - W) * B * L, dt, fpt, cfg, device), "final_loss": round(losses[-1], 5),
+             "path": "fp32 weights + bf16 autocast, full fp32 [B,L,V] logits, naive_loss, AdamW (foreach)"}
+        teacher = None
+        _free(device)
+        r.update(heldout(student))
+        res["naive"] = r
+    except Exception as e:  # noqa: BLE001
+        res["naive"] = _failure(e, device)
+    teacher = student = None
+    _free(device)
+    save()
+
+    runs = [("optimized", 1, S, False), (f"optimized_{cfg.distill_scale}x", cfg.distill_scale,
+                                         max(W + 5, S // cfg.distill_scale), False)]
+    if cfg.distill_compile:
+        runs.append((f"optimized_{cfg.distill_scale}x_compiled", cfg.distill_scale,
+                     max(W + 5, S // cfg.distill_scale), True))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for name, mult, steps, compiled in runs:
+        if time.perf_counter() > deadline:
+            res[name] = {"status": "skipped", "reason": "time budget spent"}
+            continue
+        _reset_peak(device)
+        try:
+            teacher = copy.deepcopy(ref32).to(device=device, dtype=dtype)
+            student = attach_adapters(copy.deepcopy(deg32).to(device=device, dtype=dtype), acfg, seed=cfg.seed)
+            _load_trainable(student, init)
+            lora_dtype = str(next(p.dtype for p in student.parameters() if p.requires_grad))
+            if compiled:
+                from .distill import _decoder
+                _decoder(student).compile(dynamic=False)
+                _decoder(teacher).compile(dynamic=False)
+            dcfg = dcfg_for(B * mult, steps)
+            t0 = time.perf_counter()
+            state = train(student, teacher, train_ids, dcfg, progress=False)
+            _sync(device)
+            total = time.perf_counter() - t0
+            h = state.history
+            # history times are taken after each step's loss sync: the difference over the timed
+            # steps is their wall time (within one optimizer step's launch).
+            dt = h[-1]["time"] - h[W - 1]["time"]
+            r = {**_rate((steps - W) * B * mult * L, dt, fpt, cfg, device), "steps": steps,
+                 "batch": B * mult, "final_loss": round(h[-1]["loss"], 5), "total_s": round(total, 2),
+                 "lora_dtype": lora_dtype, "chunk_tokens": dcfg.chunk_tokens or "auto",
+                 "path": f"train(): {dtype} frozen weights, {lora_dtype} LoRA, chunked loss, "
+                         f"{'fused ' if device.type == 'cuda' else ''}AdamW"
+                         + (", torch.compile'd decoders" if compiled else "")}
+            teacher = None
+            _free(device)
+            r.update(heldout(student))
+            res[name] = r
+        except Exception as e:  # noqa: BLE001
+            res[name] = _failure(e, device)
+        teacher = student = None
+        _free(device)
+        save()
+
+    nv, op = res.get("naive", {}), res.get("optimized", {})
+    big = res.get(f"optimized_{cfg.distill_scale}x", {})
+    if nv.get("status") == "ok":
+        for key, other in (("speedup", op), (f"speedup_{cfg.distill_scale}x", big)):
+            if other.get("status") == "ok":
+                res[key] = round(other["tokens_per_s"] / nv["tokens_per_s"], 2)
+        if big.get("peak_mem_gb") and nv.get("peak_mem_gb"):
+            res[f"peak_mem_ratio_{cfg.distill_scale}x_vs_naive"] = round(big["peak_mem_gb"] / nv["peak_mem_gb"], 3)
+        if op.get("heldout_kl") is not None and nv.get("heldout_kl") is not None:
+            res["heldout_kl_diff_optimized_minus_naive"] = round(op["heldout_kl"] - nv["heldout_kl"], 5)
+    save()
+
+
+# ---------------------------------------------------------------------------------------- main
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Run the benchmark; returns (and writes to ``cfg.out``) one JSON-serialisable dict."""
+    t_start = time.perf_counter()
+    deadline = t_start + cfg.time_budget
+    device = resolve_device(cfg.device)
+    cfg = cfg.resolved(device)
+    parts = {p.strip() for p in cfg.parts.split(",") if p.strip()}
+    if not parts <= {"synth", "distill"}:
+        raise RecoverLoraError(f"unknown bench parts {sorted(parts - {'synth', 'distill'})}; use synth,distill")
+    import transformers
+
+    result: dict[str, Any] = {
+        "model": "tiny-llama (random)" if cfg.tiny else cfg.model, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "peak_tflops": cfg.peak_tflops, "config": asdict(cfg)}
+    try:
+        import peft
+        result["peft"] = peft.__version__
+    except ImportError:
+        pass
+
+    def save() -> None:
+        result["seconds"] = round(time.perf_counter() - t_start, 2)
+        if cfg.out:
+            atomic_write_json(cfg.out, result)
+
+    t0 = time.perf_counter()
+    ref32, pool, bos = _load(cfg)
+    result["load_s"] = round(time.perf_counter() - t0, 2)
+    flops = model_flops(ref32)
+    result["flops"] = {**flops, "decode_flops_per_token": _decode_flops(flops, cfg.synth_len),
+                       "train_flops_per_token": _train_flops(flops, cfg.distill_len)}
+    save()
+
+    data = None
+    if "synth" in parts:
+        result["synth"] = {}
+        data = bench_synth(ref32, pool, bos, cfg, device, flops, deadline, result["synth"], save)
+    if "distill" in parts:
+        if time.perf_counter() > deadline:
+            result["distill"] = {"status": "skipped", "reason": "time budget spent"}
+        else:
+            from .degrade import DegradeConfig, NoiseOp, degrade
+
+            deg32 = copy.deepcopy(ref32)
+            degrade(deg32, DegradeConfig(ops=[NoiseOp(rel=cfg.noise)], seed=cfg.seed))
+            need = max(cfg.distill_batch * cfg.distill_scale * 2, 256 if device.type == "cuda" else 16)
+            if data is None or data.shape[1] != cfg.distill_len or len(data) < cfg.distill_batch * cfg.distill_scale:
+                data = _make_data(ref32, pool, bos, need, cfg.distill_len, cfg, device, cfg.seed)
+            held = _make_data(ref32, pool, bos, cfg.heldout, cfg.distill_len, cfg, device, cfg.seed + 1_000_003)
+            result["distill"] = {}
+            bench_distill(ref32, deg32, data.long(), held.long(), cfg, device, flops, deadline, result["distill"], save)
+    save()
+    return result
+
+
+def _make_data(ref32, pool, bos, n: int, length: int, cfg: BenchConfig, device, seed: int) -> torch.Tensor:
+    """Synthetic sequences for training / held-out KL (bf16 static decode on GPU)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = copy.deepcopy(ref32).to(device=device, dtype=dtype)
+    prefix, n_greedy, noise = _prompts(pool, bos, n, length, cfg.top_k, seed)
+    bs = min(n, 1024)
+    out = []
+    for i in range(0, n, bs):
+        dec = _Decoder(model, min(bs, n - i), length, "static", graph="none")
+        out.append(dec.run(prefix[i:i + bs], n_greedy[i:i + bs], noise[i:i + bs], cfg.top_k, 1.0))
+    model = None
+    _free(device)
+    return torch.cat(out)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = BenchConfig()
+    p.add_argument("--model", default=d.model, help="model spec (smollm2, gemma3-270m, folder, .gguf, ...)")
+    p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead (CPU smoke run)")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--parts", default=d.parts, help="synth,distill (default both)")
+    p.add_argument("--synth-batch", type=int, default=d.synth_batch, help="sequences decoded at once (0: 1024 on GPU)")
+    p.add_argument("--synth-len", type=int, default=d.synth_len)
+    p.add_argument("--synth-graphs", default=d.synth_graphs,
+                   help="optimized decode variants: cuda_graph,compile,none (default: cuda_graph,compile)")
+    p.add_argument("--no-generate", dest="generate", action="store_false", help="skip transformers' generate")
+    p.add_argument("--distill-batch", type=int, default=d.distill_batch, help="0: 32 on GPU")
+    p.add_argument("--distill-len", type=int, default=d.distill_len)
+    p.add_argument("--distill-scale", type=int, default=d.distill_scale)
+    p.add_argument("--distill-steps", type=int, default=d.distill_steps, help="0: 100 on GPU")
+    p.add_argument("--timing-warmup", type=int, default=d.timing_warmup, help="untimed first steps (0: 5 on GPU)")
+    p.add_argument("--distill-compile", action="store_true", help="also a torch.compile'd decoder run")
+    p.add_argument("--heldout", type=int, default=d.heldout)
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--noise", type=float, default=d.noise)
+    p.add_argument("--peak-tflops", type=float, default=d.peak_tflops, help="bf16 dense peak (H100 SXM: 989)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--time-budget", type=float, default=d.time_budget, help="seconds; later parts are skipped")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+
+
+def config_from_args(a: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(**{f.name: getattr(a, f.name) for f in fields(BenchConfig) if hasattr(a, f.name)})
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    print(json.dumps(run_bench(config_from_args(a)), indent=2, default=str))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the ``bench`` subcommand to ``recover-lora``."""
+    p = subparsers.add_parser("bench", help="naive vs optimized synthesis and distillation throughput (JSON)")
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    p = argparse.ArgumentParser(prog="python -m recover_lora.bench", description=__doc__.strip().split("\n")[0])
+    add_arguments(p)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return cmd_bench(a)
+    except RecoverLoraError as e:
+        print(f"recover-lora bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

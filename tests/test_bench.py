@@ -1,0 +1,105 @@
+"""The optimized distillation step computes the naive step's loss and gradients; the bench runs."""
+
+import argparse
+import copy
+import json
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from recover_lora.bench import BenchConfig, register, run_bench
+from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
+from recover_lora.distill import AdapterConfig, _head, attach_adapters, hidden_states
+from recover_lora.losses import chunked_loss_backward, naive_loss
+
+
+def _student(deg, dtype):
+    s = attach_adapters(copy.deepcopy(deg).to(dtype), AdapterConfig(rank=4), seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-zero B, so that every adapter matrix gets a gradient
+        for n, p in s.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return s
+
+
+def _grads(model):
+    return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
+
+
+def _naive(ref, deg, x, autocast):
+    student = _student(deg, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.no_grad():
+            t = ref(input_ids=x).logits.float()
+        loss = naive_loss(student(input_ids=x).logits.float(), t)
+    loss.backward()
+    return loss.item(), _grads(student)
+
+
+def _optimized(ref, deg, x, dtype, autocast, chunk):
+    teacher = copy.deepcopy(ref).to(dtype)
+    student = _student(deg, dtype)
+    assert all(p.dtype == torch.float32 for p in student.parameters() if p.requires_grad)  # fp32 LoRA
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.no_grad():
+            ht = hidden_states(teacher, x)
+        hs = hidden_states(student, x)
+        loss, _ = chunked_loss_backward(hs, ht, _head(student.get_base_model()), _head(teacher), chunk_tokens=chunk)
+    return loss, _grads(student)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_optimized_step_equals_naive(kind):
+    torch.manual_seed(0)
+    ref = tiny_model(kind, initializer_range=0.2)
+    deg = copy.deepcopy(ref)
+    degrade(deg, DegradeConfig(ops=[NoiseOp(rel=0.3)], seed=0))
+    x = torch.randint(4, 128, (4, 16))
+
+    # fp32 everywhere: the chunked path is the same function (summation order aside)
+    l0, g0 = _naive(ref, deg, x, autocast=False)
+    l1, g1 = _optimized(ref, deg, x, torch.float32, autocast=False, chunk=7)
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    assert torch.allclose(g1, g0, rtol=1e-4, atol=1e-7)
+
+    # the GPU recipes, run on the CPU: naive = fp32 weights under bf16 autocast; optimized = bf16
+    # frozen weights, fp32 LoRA, autocast, auto-sized chunks. Equal within bf16 tolerance.
+    l0, g0 = _naive(ref, deg, x, autocast=True)
+    l1, g1 = _optimized(ref, deg, x, torch.bfloat16, autocast=True, chunk=0)
+    assert l1 == pytest.approx(l0, rel=3e-2)
+    assert torch.nn.functional.cosine_similarity(g0, g1, dim=0) > 0.995
+    assert (g1 - g0).norm() / g0.norm() < 0.1
+
+
+def test_bench_smoke_json(tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "bench.json"
+    res = run_bench(BenchConfig(tiny=True, device="cpu", synth_len=12, distill_len=12, distill_steps=4,
+                                timing_warmup=1, heldout=4, out=str(out)))
+    assert json.loads(out.read_text())["distill"]["optimized"]["tokens_per_s"] > 0
+    for k in ("model", "device", "torch", "transformers", "flops", "synth", "distill", "seconds"):
+        assert k in res
+    s = res["synth"]
+    for k in ("naive", "variants", "optimized", "generate", "speedup_vs_naive"):
+        assert k in s, k
+    assert s["naive"]["status"] == "ok" and s["optimized"]["status"] == "ok"
+    assert s["optimized"]["greedy_token_match_vs_naive"] == 1.0  # fp32 on CPU: the same tokens
+    d = res["distill"]
+    for k in ("before", "naive", "optimized", "optimized_4x", "speedup", "speedup_4x",
+              "heldout_kl_diff_optimized_minus_naive"):
+        assert k in d, k
+    for path in ("naive", "optimized", "optimized_4x"):
+        assert d[path]["status"] == "ok"
+        assert {"tokens_per_s", "heldout_kl", "heldout_top1", "final_loss"} <= set(d[path])
+    # same init, data and schedule, fp32 on CPU: naive and optimized train the same adapter
+    assert d["optimized"]["heldout_kl"] == pytest.approx(d["naive"]["heldout_kl"], rel=1e-3)
+    assert d["optimized"]["final_loss"] == pytest.approx(d["naive"]["final_loss"], rel=1e-3)
+
+
+def test_register_adds_bench_subcommand():
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers(dest="command"))
+    a = p.parse_args(["bench", "--tiny", "--device", "cpu", "--distill-steps", "3", "--no-generate"])
+    assert a.command == "bench" and a.tiny and a.distill_steps == 3 and not a.generate and callable(a.func)

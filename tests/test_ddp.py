@@ -1,0 +1,120 @@
+"""Two CPU processes (gloo) give the same adapter and the same synthetic data as one process."""
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tiny import tiny_model, tiny_tokenizer
+
+from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
+from recover_lora.distill import AdapterConfig, DistillConfig, attach_adapters, init_distributed, train
+from recover_lora.synth import SynthConfig, generate_shard, load_synthetic, synthesize
+
+WORLD = 2
+# global batch 8 = 2 ranks x 4; grad_accum 2 exercises DDP's no_sync on the first micro-batch
+CFG = dict(steps=4, batch_size=8, grad_accum=2, lr=1e-2, warmup_steps=1, eval_every=0, checkpoint_every=2)
+SYNTH = dict(num_sequences=10, seq_len=10, shard_size=3, batch_size=4)
+
+
+def _setup():
+    torch.manual_seed(0)
+    ref = tiny_model("llama", seed=0, initializer_range=0.2)
+    deg = copy.deepcopy(ref)
+    degrade(deg, DegradeConfig(ops=[NoiseOp(rel=0.3)], seed=0))
+    ids = generate_shard(ref, tiny_tokenizer(), SynthConfig(seq_len=16, batch_size=32), 0, 32, bos=False).long()
+    student = attach_adapters(deg, AdapterConfig(rank=4), seed=0)
+    return ref, student, ids
+
+
+def _adapter(student) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+
+
+def _worker(rank: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    assert init_distributed() == (rank, WORLD)
+    try:
+        ref, student, ids = _setup()
+        if rank == 1:
+            torch.manual_seed(123)  # a different RNG state must not matter: DDP syncs rank 0's init
+            for p in student.parameters():
+                if p.requires_grad:
+                    p.data.add_(torch.randn_like(p))
+        state = train(student, ref, ids, DistillConfig(**CFG), checkpoint=os.path.join(tmp, "ck.pt"),
+                      progress=False)
+        synthesize(ref, tiny_tokenizer(), SynthConfig(**SYNTH), os.path.join(tmp, "synth"), progress=False)
+        torch.save({"adapter": _adapter(student), "loss": [h["loss"] for h in state.history]},
+                   os.path.join(tmp, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_two_process_ddp_equals_one_process(tmp_path):
+    torch.set_num_threads(1)
+    ref, student, ids = _setup()
+    single = train(student, ref, ids, DistillConfig(**CFG), progress=False)
+    want = _adapter(student)
+    one = load_synthetic(synthesize(ref, tiny_tokenizer(), SynthConfig(**SYNTH), tmp_path / "one", progress=False))
+
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert got["adapter"].keys() == want.keys()
+        for n, p in want.items():
+            assert torch.allclose(got["adapter"][n], p, atol=1e-5, rtol=0), (r, n, (got["adapter"][n] - p).abs().max())
+        # the logged loss is the mean over ranks, i.e. the global batch's loss
+        assert got["loss"] == pytest.approx([h["loss"] for h in single.history], rel=1e-5)
+    assert (tmp_path / "ck.pt").exists()  # written by rank 0
+    ck = torch.load(tmp_path / "ck.pt", weights_only=False)
+    assert ck["state"]["step"] == CFG["steps"]
+    # sharded synthesis: same shards, one manifest, same data as one process
+    assert torch.equal(load_synthetic(tmp_path / "synth"), one)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_recover_cli_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m recover_lora.cli recover ...` writes the one-process adapter."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from recover_lora.load import save_model_dir
+
+    ref = tiny_model("llama", seed=0, initializer_range=0.2)
+    save_model_dir(ref, tmp_path / "ref", tiny_tokenizer())
+    deg = copy.deepcopy(ref)
+    degrade(deg, DegradeConfig(ops=[NoiseOp(rel=0.3)], seed=0))
+    save_model_dir(deg, tmp_path / "deg")
+    args = ["recover", "--reference", str(tmp_path / "ref"), "--degraded", str(tmp_path / "deg"), "--steps", "4",
+            "--batch-size", "8", "--lr", "1e-2", "--warmup-steps", "1", "--num-sequences", "32", "--seq-len", "12",
+            "--heldout", "4", "--rank", "4", "--device", "cpu", "--eval-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    one = subprocess.run([sys.executable, "-m", "recover_lora.cli", *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(_free_port()), "-m", "recover_lora.cli", *args,
+                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (k, (a[k] - b[k]).abs().max())
+    import json
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["processes"] == 2
