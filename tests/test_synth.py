@@ -96,3 +96,15 @@ def test_bad_settings():
         SynthConfig(greedy_min=5, greedy_max=3).validate()
     with pytest.raises(RecoverLoraError, match="not a synthetic data folder"):
         load_synthetic("/nonexistent-folder")
+
+
+def test_shared_decoders_and_short_batches_give_the_same_data():
+    model = tiny_model("llama", initializer_range=0.2)
+    tok = tiny_tokenizer()
+    cfg = SynthConfig(seq_len=10, batch_size=4, cache="static")
+    decoders = {}
+    a = generate_shard(model, tok, cfg, 0, 7, bos=False, decoders=decoders)  # batches of 4 and 3
+    b = generate_shard(model, tok, cfg, 0, 7, bos=False, decoders=decoders)  # decoders reused
+    c = generate_shard(model, tok, SynthConfig(seq_len=10, batch_size=7, cache="dynamic"), 0, 7, bos=False)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert set(decoders) == {4, 3}

@@ -142,10 +142,10 @@ class _Decoder:
 
     ``kind`` is the cache ("static", "dynamic", or "auto": static on GPU). With a static cache on
     GPU each decode step (forward + sampling, fused into one function) runs as a CUDA graph:
-    ``graph="compile"`` (torch.compile, mode reduce-overhead; what "auto" picks) or
-    ``"cuda_graph"`` (a graph captured by hand around the eager step: no compile time; refused
-    for caches with sliding-window layers, whose Python-side counters a captured graph would
-    freeze). Should either fail, the batch is decoded again eagerly; ``self.mode`` says which
+    ``"cuda_graph"`` (a graph captured by hand around the eager step: no compile time; what
+    "auto" picks; refused for caches with sliding-window layers, whose Python-side counters a
+    captured graph would freeze) or ``graph="compile"`` (torch.compile, mode reduce-overhead;
+    "auto" for sliding-window caches). Should either fail, the batch is decoded again eagerly; ``self.mode`` says which
     path ran. The loop does no host synchronisation until the finished batch is copied back.
     """
 
@@ -163,7 +163,10 @@ class _Decoder:
         if kind != "static" or self.device.type != "cuda" or graph == "none":
             graph = "none"
         elif graph == "auto":
-            graph = "compile"
+            # The hand-captured graph measured fastest (bench: 135k vs 81k tokens/s on SmolLM2,
+            # H100) and needs no compile; caches with sliding-window layers need torch.compile.
+            sliding = any(getattr(layer, "is_sliding", False) for layer in getattr(self.cache, "layers", []))
+            graph = "compile" if sliding else "cuda_graph"
         self.mode = graph  # "compile" | "cuda_graph" | "none"; falls back to "none" on failure
         self.error: str | None = None  # why a graph mode fell back
         self._compiled = None
@@ -286,8 +289,12 @@ class _Decoder:
 
 
 def generate_shard(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: SynthConfig,
-                   shard: int, n: int, bos: bool, progress: tqdm | None = None) -> torch.Tensor:
-    """Generate shard ``shard`` (n sequences). All randomness comes from (seed, shard)."""
+                   shard: int, n: int, bos: bool, progress: tqdm | None = None,
+                   decoders: dict[int, _Decoder] | None = None) -> torch.Tensor:
+    """Generate shard ``shard`` (n sequences). All randomness comes from (seed, shard).
+
+    ``decoders`` (batch size -> decoder) lets consecutive shards reuse one captured graph.
+    """
     g = _shard_generator(cfg.seed, shard)
     pool = start_token_pool(tokenizer, model.get_output_embeddings().weight.shape[0])
     starts = pool[torch.randint(len(pool), (n,), generator=g)]
@@ -299,15 +306,21 @@ def generate_shard(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, c
     if steps < 0:
         raise RecoverLoraError(f"seq_len {cfg.seq_len} is shorter than the prefix")
     noise = torch.rand(n, max(steps, 0), cfg.top_k, generator=g)
-    bs = cfg.batch_size or (1024 if next(model.parameters()).device.type == "cuda" else 16)
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    bs = cfg.batch_size or (1024 if on_gpu else 16)
     out = []
-    decoders: dict[int, _Decoder] = {}
+    decoders = {} if decoders is None else decoders
     for i in range(0, n, bs):
         b = min(bs, n - i)
-        if b not in decoders:
-            decoders[b] = _Decoder(model, b, cfg.seq_len, cfg.cache)
-        out.append(decoders[b].run(prefix[i:i + b], n_greedy[i:i + b], noise[i:i + b],
-                                   cfg.top_k, cfg.temperature))
+        rows = torch.arange(i, i + b)
+        if on_gpu and b < bs and bs in decoders:
+            # Pad a short last batch with copies of its first row and drop them afterwards: the
+            # graph captured for full batches is reused instead of capturing/compiling another.
+            rows = torch.cat([rows, rows[:1].repeat(bs - b)])
+        size = len(rows)
+        if size not in decoders:
+            decoders[size] = _Decoder(model, size, cfg.seq_len, cfg.cache)
+        out.append(decoders[size].run(prefix[rows], n_greedy[rows], noise[rows], cfg.top_k, cfg.temperature)[:b])
         if progress is not None:
             progress.update(b)
     return torch.cat(out).to(torch.int32)
@@ -371,8 +384,9 @@ def synthesize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: 
     else:
         total, done = cfg.num_sequences, cfg.num_sequences - sum(n for _, n, _ in todo)
     bar = tqdm(total=total, initial=done, desc="synthesize", unit="seq", disable=not progress or rank != 0)
+    decoders: dict[int, _Decoder] = {}  # shared by all shards: one graph capture per batch size
     for s, n, name in mine:
-        ids = generate_shard(model, tokenizer, cfg, s, n, bos, bar)
+        ids = generate_shard(model, tokenizer, cfg, s, n, bos, bar, decoders)
         atomic_write_bytes(out_dir / name, save({"input_ids": ids.contiguous()}))
         if world == 1:
             man["shards"].append({"file": name, "num_sequences": n})
