@@ -118,11 +118,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import degrade, export
+    from . import bench, degrade, export
     from .evaluate import cli as eval_cli
 
-    p = argparse.ArgumentParser(prog="recover-lora", description=__doc__.strip().split("\n")[0].strip("`") +
-                                " Repair damaged LLM weights with LoRA adapters distilled from the reference.")
+    p = argparse.ArgumentParser(prog="recover-lora",
+                                description="Repair damaged LLM weights with LoRA adapters distilled from the "
+                                            "full-precision reference (Recover-LoRA).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     eval_cli.register(sub)
     export.register(sub)
+    bench.register(sub)
 
     d = sub.add_parser("demo", help="offline end-to-end demo on the embedded SmolLM2-135M")
     d.add_argument("--out", default=None, help="output folder (default runs/demo)")

@@ -1,6 +1,6 @@
 """The main job: synthesize, distill into LoRA adapters, measure, save, (optionally) evaluate.
 
-    from recover_lora import RecoverConfig, recover
+    from recover_lora.recover import RecoverConfig, recover
     report = recover(RecoverConfig(reference="smollm2", degraded="damaged/", out_dir="runs/r1"))
 
 Every stage writes into ``out_dir``; running the same command again after an interruption reuses
