@@ -1,0 +1,572 @@
+"""Damage diagnosis: where are the degraded weights wrong, and where does it hurt?
+
+For every decoder layer and linear module, :func:`diagnose` reports
+
+- **weight damage**: relative L2 ``||W_deg - W_ref|| / ||W_ref||``, max ``|W_deg - W_ref|``, and the
+  count of NaN / Inf entries of the degraded weight (non-finite entries are listed for *every*
+  tensor of the model, by full name, not only for linear weights);
+- **functional damage**: the held-out KL(reference || degraded) with only that layer's weights
+  restored to the reference (swapped in place, measured, swapped back), and optionally with only
+  its attention or only its MLP restored. The KL reduction a restoration buys says how much of
+  the total damage that layer (or block) is responsible for.
+
+It ends with a recommended adapter placement (:func:`recover_lora.placement.auto_placement`).
+:func:`write_diagnosis` writes ``diagnosis.json``, ``diagnosis.md`` and ``diagnosis.png`` (heatmap of
+relative L2, layers x module types, and a bar chart of per-layer KL reduction).
+
+A degraded model with NaN/Inf weights gives NaN logits: its KL is reported as non-finite (JSON
+``null`` with ``"finite": false``; "nan" in the table) and a layer whose restoration makes the
+output finite again ranks first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .degrade import _decoder_layers_prefix, select_modules
+from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, log
+
+DIAGNOSIS_FORMAT = "recover-lora/diagnosis"
+DIAGNOSIS_VERSION = 1
+HELDOUT_SEED = 2_000_003  # synthetic diagnosis sequences never share a seed with training data
+
+
+@dataclass
+class DiagnoseConfig:
+    """What to measure. The functional part costs about ``layers x (1 + groups)`` forward passes
+    of ``sequences`` x ``seq_len`` tokens (layers without any weight change are skipped)."""
+
+    sequences: int = 16  # held-out sequences used (the first N of heldout_ids, or generated)
+    seq_len: int = 128  # length of generated sequences (ignored when heldout_ids is given)
+    seed: int = 0
+    batch_size: int = 16
+    functional: bool = True  # False: weight damage only (no forward passes)
+    per_group: bool = True  # also restore attention / MLP separately per layer
+    chunk_tokens: int = 0  # tokens per chunk of the full-vocabulary KL; 0 = auto
+    # recommendation (see placement.auto_placement)
+    rank: int = 16
+    alpha: float = 32.0
+    budget: int | None = None  # trainable parameters; None = attn-mlp preset at `rank` on all layers
+    temper: float = 0.5  # ranks ~ score ** temper (0: equal ranks on all damaged modules)
+
+    def validate(self) -> None:
+        if self.sequences < 1 or self.seq_len < 2 or self.batch_size < 1 or self.rank < 1:
+            raise RecoverLoraError("diagnose needs sequences >= 1, seq_len >= 2, batch_size >= 1, rank >= 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight damage
+# ----------------------------------------------------------------------------------------------
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+@torch.no_grad()
+def _tensor_damage(ref: torch.Tensor, deg: torch.Tensor) -> dict[str, Any]:
+    r = ref.detach().float()
+    d = deg.detach().float()
+    n_nan = int(torch.isnan(d).sum().item())
+    n_inf = int(torch.isinf(d).sum().item())
+    finite = torch.isfinite(d)
+    diff = torch.where(finite, d - r, torch.zeros_like(d))
+    rn = torch.linalg.vector_norm(r).item()
+    dn = torch.linalg.vector_norm(diff).item()
+    out: dict[str, Any] = {
+        "numel": d.numel(),
+        # over the finite entries when some are NaN/Inf (the count says how many are not)
+        "rel_l2": (dn / rn) if rn > 0 else (0.0 if dn == 0 else None),
+        "max_abs": torch.linalg.vector_norm(diff, ord=math.inf).item() if d.numel() else 0.0,
+        "nan": n_nan, "inf": n_inf, "ref_norm": rn,
+    }
+    out["damaged"] = bool(dn > 0 or n_nan or n_inf)
+    return out
+
+
+def _layer_parts(name: str, prefix: str | None) -> tuple[int | None, str]:
+    """``model.layers.3.self_attn.q_proj.weight`` -> (3, ``self_attn.q_proj.weight``)."""
+    if prefix is not None and name.startswith(prefix + "."):
+        head, _, rest = name[len(prefix) + 1:].partition(".")
+        if head.isdigit():
+            return int(head), rest
+    return None, name
+
+
+def _group_of(rel: str) -> str:
+    """The block a layer-relative name belongs to: ``self_attn``, ``mlp``, or ``other`` (norms)."""
+    head = rel.split(".", 1)[0]
+    if "." not in rel or "norm" in head:
+        return "other"
+    return head if any(k in head for k in ("attn", "attention", "mlp", "feed_forward", "ffn", "moe")) else "other"
+
+
+def weight_damage(reference: nn.Module, degraded: nn.Module) -> dict[str, Any]:
+    """Per-tensor damage of every parameter, plus the linear modules of the decoder layers."""
+    ref_params = dict(reference.named_parameters())
+    prefix = _decoder_layers_prefix(degraded)
+    tensors: dict[str, dict[str, Any]] = {}
+    for name, p in degraded.named_parameters():
+        if name not in ref_params:
+            raise RecoverLoraError(f"degraded tensor {name} has no counterpart in the reference")
+        if tuple(ref_params[name].shape) != tuple(p.shape):
+            raise RecoverLoraError(f"{name}: reference {tuple(ref_params[name].shape)}, degraded {tuple(p.shape)}")
+        tensors[name] = _tensor_damage(ref_params[name], p)
+    modules: dict[str, dict[str, Any]] = {}
+    for mname, mod in select_modules(degraded, ["all-linear"]):
+        if not isinstance(mod, nn.Linear):
+            continue
+        e = dict(tensors[mname + ".weight"])
+        layer, rel = _layer_parts(mname, prefix)
+        e.update(layer=layer, type=mname.rsplit(".", 1)[-1], group=_group_of(rel),
+                 in_features=mod.in_features, out_features=mod.out_features)
+        modules[mname] = e
+    nonfinite = {n: {"nan": e["nan"], "inf": e["inf"]} for n, e in tensors.items() if e["nan"] or e["inf"]}
+    return {"tensors": tensors, "modules": modules, "nonfinite": nonfinite, "layers_prefix": prefix}
+
+
+@torch.no_grad()
+def sanitize_nonfinite(model: nn.Module, value: float = 0.0) -> dict[str, int]:
+    """Replace NaN/Inf entries of every parameter by ``value`` in place; returns {tensor: count}.
+
+    An additive adapter cannot cancel a NaN or Inf weight (W + BA stays non-finite), but once the
+    entry is zeroed it is ordinary (if large) damage that distillation can compensate.
+    """
+    fixed: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        bad = ~torch.isfinite(p)
+        n = int(bad.sum().item())
+        if n:
+            p.masked_fill_(bad, value)
+            fixed[name] = n
+    if fixed:
+        log.warning("replaced non-finite weights by %s: %s", value, fixed)
+    return fixed
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional damage
+# ----------------------------------------------------------------------------------------------
+
+
+def heldout_sequences(reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n: int, seq_len: int,
+                      seed: int = 0) -> torch.Tensor:
+    """``n`` synthetic sequences from the reference (hybrid sampling, as for training data)."""
+    from .load import needs_bos
+    from .synth import SynthConfig, generate_shard
+
+    scfg = SynthConfig(num_sequences=n, seq_len=seq_len, seed=seed + HELDOUT_SEED)
+    return generate_shard(reference, tokenizer, scfg, 0, n, needs_bos(tokenizer, reference.config)).long()
+
+
+class _KL:
+    """KL(reference || model) on fixed ids, the reference's final hidden states computed once."""
+
+    def __init__(self, reference: PreTrainedModel, ids: torch.Tensor, batch_size: int, chunk_tokens: int):
+        from .distill import DistillConfig, _autocast, _head, hidden_states
+
+        self.dcfg = DistillConfig(chunk_tokens=chunk_tokens)
+        self.device = next(reference.parameters()).device
+        self.batches = [ids[i:i + batch_size].to(self.device) for i in range(0, len(ids), batch_size)]
+        self.t_head = _head(reference)
+        with torch.no_grad(), _autocast(self.dcfg, self.device):
+            self.t_hidden = [hidden_states(reference, x) for x in self.batches]
+        self.calls = 0
+
+    @torch.no_grad()
+    def __call__(self, model: PreTrainedModel) -> dict[str, Any]:
+        from .distill import _autocast, _head, hidden_states
+        from .losses import chunked_loss_backward
+
+        self.calls += 1
+        kl_sum, agree_sum, n = 0.0, 0.0, 0
+        s_head = _head(model)
+        for x, ht in zip(self.batches, self.t_hidden):
+            with _autocast(self.dcfg, self.device):
+                hs = hidden_states(model, x)
+                kl, agree = chunked_loss_backward(hs, ht, s_head, self.t_head, "kl", 1.0, self.dcfg.chunk_tokens,
+                                                  backward=False)
+            k = x.numel()
+            kl_sum += kl * k
+            agree_sum += agree * k
+            n += k
+        kl = kl_sum / n
+        return {"kl": _finite_or_none(kl), "finite": math.isfinite(kl), "top1": agree_sum / n}
+
+
+@torch.no_grad()
+def _restored(degraded: nn.Module, reference: nn.Module, names: list[str], fn):
+    """Run ``fn()`` with the named parameters of ``degraded`` set to the reference's, then undo."""
+    dp = dict(degraded.named_parameters())
+    rp = dict(reference.named_parameters())
+    saved = {n: dp[n].detach().clone() for n in names}
+    try:
+        for n in names:
+            dp[n].copy_(rp[n].to(dp[n].dtype))
+        return fn()
+    finally:
+        for n in names:
+            dp[n].copy_(saved[n])
+
+
+def _reduction(base: dict[str, Any], restored: dict[str, Any]) -> float:
+    """KL removed by a restoration; +inf when it turns a non-finite output finite."""
+    if not base["finite"]:
+        return math.inf if restored["finite"] else 0.0
+    if not restored["finite"]:
+        return -math.inf
+    return base["kl"] - restored["kl"]
+
+
+def _num(x: float) -> float | str:
+    """JSON-safe: infinities as strings."""
+    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+
+# ----------------------------------------------------------------------------------------------
+# The diagnosis
+# ----------------------------------------------------------------------------------------------
+
+
+def diagnose(reference: PreTrainedModel, degraded: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
+             cfg: DiagnoseConfig | None = None, heldout_ids: torch.Tensor | None = None) -> dict[str, Any]:
+    """Weight and functional damage per layer and module, and a recommended adapter placement.
+
+    ``degraded`` is modified during the functional measurements and restored exactly afterwards.
+    ``heldout_ids`` (e.g. recover's held-out synthetic shard): the first ``cfg.sequences`` rows are
+    used; None generates them from the reference (needs ``tokenizer``).
+    """
+    from .placement import auto_placement
+
+    cfg = cfg or DiagnoseConfig()
+    cfg.validate()
+    t0 = time.perf_counter()
+    wd = weight_damage(reference, degraded)
+    prefix = wd["layers_prefix"]
+    n_layers = len(degraded.get_submodule(prefix)) if prefix else 0
+
+    # per layer: which tensors changed, per group
+    layer_params: dict[int, dict[str, list[str]]] = {i: {} for i in range(n_layers)}
+    outside: list[str] = []
+    for name in wd["tensors"]:
+        layer, rel = _layer_parts(name, prefix)
+        if layer is None:
+            outside.append(name)
+        else:
+            layer_params[layer].setdefault(_group_of(rel), []).append(name)
+
+    def damaged(names: list[str]) -> bool:
+        return any(wd["tensors"][n]["damaged"] for n in names)
+
+    layers: list[dict[str, Any]] = []
+    for i in range(n_layers):
+        mods = {n: e for n, e in wd["modules"].items() if e["layer"] == i}
+        all_names = [n for ns in layer_params[i].values() for n in ns]
+        # layer rel L2 over its linear weights: sqrt(sum ||dW||^2 / sum ||W||^2) (finite entries)
+        sq = sum(((e["rel_l2"] or 0.0) * e["ref_norm"]) ** 2 for e in mods.values())
+        ws = sum(e["ref_norm"] ** 2 for e in mods.values())
+        layers.append({
+            "layer": i, "damaged": damaged(all_names),
+            "rel_l2": math.sqrt(sq / ws) if ws > 0 else 0.0,
+            "max_abs": max((wd["tensors"][n]["max_abs"] for n in all_names), default=0.0),
+            "nan": sum(wd["tensors"][n]["nan"] for n in all_names),
+            "inf": sum(wd["tensors"][n]["inf"] for n in all_names),
+            "groups": {g: {"damaged": damaged(ns)} for g, ns in layer_params[i].items()},
+        })
+    outside_damaged = [n for n in outside if wd["tensors"][n]["damaged"]]
+
+    functional: dict[str, Any] | None = None
+    if cfg.functional:
+        if heldout_ids is None:
+            if tokenizer is None:
+                raise RecoverLoraError("diagnose needs a tokenizer (or heldout_ids) for the functional measurements")
+            heldout_ids = heldout_sequences(reference, tokenizer, cfg.sequences, cfg.seq_len, cfg.seed)
+        ids = heldout_ids[:cfg.sequences].long()
+        was = (reference.training, degraded.training)
+        reference.eval()
+        degraded.eval()
+        try:
+            kl = _KL(reference, ids, cfg.batch_size, cfg.chunk_tokens)
+            base = kl(degraded)
+            functional = {"sequences": len(ids), "seq_len": ids.shape[1], "base": base}
+            for L in layers:
+                i = L["layer"]
+                names = [n for ns in layer_params[i].values() for n in ns]
+                if not L["damaged"]:
+                    L["restore"] = dict(base)  # nothing to restore: the same model
+                    L["kl_reduction"] = 0.0
+                    continue
+                L["restore"] = _restored(degraded, reference, names, lambda: kl(degraded))
+                L["kl_reduction"] = _reduction(base, L["restore"])
+                dgroups = [g for g, ns in layer_params[i].items() if damaged(ns)]
+                for g in dgroups:
+                    G = L["groups"][g]
+                    if len(dgroups) == 1:  # restoring the one damaged block = restoring the layer
+                        G["restore"], G["kl_reduction"] = L["restore"], L["kl_reduction"]
+                    elif cfg.per_group:
+                        G["restore"] = _restored(degraded, reference, layer_params[i][g], lambda: kl(degraded))
+                        G["kl_reduction"] = _reduction(base, G["restore"])
+            if outside_damaged:
+                r = _restored(degraded, reference, outside, lambda: kl(degraded))
+                functional["outside_layers"] = {"tensors": outside_damaged, "restore": r,
+                                                "kl_reduction": _num(_reduction(base, r))}
+            functional["forward_passes"] = kl.calls
+        finally:
+            reference.train(was[0])
+            degraded.train(was[1])
+
+    # ranking: non-finite weights first, then KL reduction, then weight damage
+    def key(L: dict[str, Any]) -> tuple:
+        red = L.get("kl_reduction", 0.0)
+        return (-(L["nan"] + L["inf"] > 0), -(red if not math.isnan(red) else 0.0), -L["rel_l2"], L["layer"])
+
+    ranking = [L["layer"] for L in sorted(layers, key=key) if L["damaged"]]
+    base_kl = functional["base"]["kl"] if functional else None
+    for L in layers:
+        red = L.get("kl_reduction")
+        if red is not None:
+            L["kl_reduction_share"] = (red / base_kl) if base_kl and math.isfinite(red) else None
+            L["kl_reduction"] = _num(red)
+            for G in L["groups"].values():
+                if "kl_reduction" in G:
+                    G["kl_reduction"] = _num(float(G["kl_reduction"]))
+
+    diag: dict[str, Any] = {
+        "format": DIAGNOSIS_FORMAT, "version": DIAGNOSIS_VERSION,
+        "model_type": getattr(degraded.config, "model_type", None), "num_layers": n_layers,
+        "config": asdict(cfg),
+        "nonfinite": wd["nonfinite"],
+        "layers": layers,
+        "ranking": ranking,
+        "modules": wd["modules"],
+        "other_tensors": {n: wd["tensors"][n] for n in outside_damaged},
+        "functional": functional,
+    }
+    plan = auto_placement(diag, degraded, rank=cfg.rank, budget=cfg.budget, alpha=cfg.alpha, temper=cfg.temper)
+    diag["recommendation"] = plan.to_dict()
+    diag["recommendation"]["summary"] = plan.summary()
+    diag["seconds"] = round(time.perf_counter() - t0, 2)
+    log.info("diagnosis: %d damaged layers, %d tensors with NaN/Inf, base KL %s; %s", len(ranking),
+             len(wd["nonfinite"]), base_kl, plan.summary())
+    return diag
+
+
+# ----------------------------------------------------------------------------------------------
+# Output: JSON, Markdown, PNG
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt(x: Any, spec: str = ".4f", none: str = "nan") -> str:
+    if x is None:
+        return none
+    if isinstance(x, str):
+        return x
+    if isinstance(x, float) and not math.isfinite(x):
+        return "inf" if x > 0 else ("-inf" if x < 0 else "nan")
+    return format(x, spec)
+
+
+def _kl_str(m: dict[str, Any] | None) -> str:
+    if m is None:
+        return "-"
+    return _fmt(m["kl"]) if m["finite"] else "nan (non-finite output)"
+
+
+def module_types(diag: dict[str, Any]) -> list[str]:
+    seen: list[str] = []
+    for e in diag["modules"].values():
+        if e["type"] not in seen:
+            seen.append(e["type"])
+    return seen
+
+
+def to_markdown(diag: dict[str, Any]) -> str:
+    types = module_types(diag)
+    lines = [f"# Damage diagnosis ({diag['model_type']}, {diag['num_layers']} layers)", ""]
+    f = diag["functional"]
+    if f:
+        lines += [f"Held-out KL(reference || degraded) on {f['sequences']} x {f['seq_len']} synthetic tokens: "
+                  f"**{_kl_str(f['base'])}**, top-1 agreement {100 * f['base']['top1']:.1f}%.", ""]
+    if diag["nonfinite"]:
+        lines += ["## Non-finite weights", "", "| tensor | NaN | Inf |", "|---|---:|---:|"]
+        lines += [f"| `{n}` | {e['nan']} | {e['inf']} |" for n, e in diag["nonfinite"].items()]
+        lines += ["", "LoRA adds to W and cannot cancel NaN/Inf: zero or restore these entries before repair.", ""]
+    lines += ["## Per layer", "",
+              "| layer | rel L2 | max abs | NaN | Inf | KL, layer restored | KL reduction | share | "
+              + " | ".join(f"KL red., {g} restored" for g in _groups(diag)) + " |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(_groups(diag))]
+    for L in diag["layers"]:
+        gcols = [_fmt(L["groups"].get(g, {}).get("kl_reduction")) if g in L["groups"] and "kl_reduction" in
+                 L["groups"][g] else "-" for g in _groups(diag)]
+        lines.append(f"| {L['layer']} | {_fmt(L['rel_l2'])} | {_fmt(L['max_abs'], '.4g')} | {L['nan']} | {L['inf']} | "
+                     f"{_kl_str(L.get('restore')) if L['damaged'] else '-'} | {_fmt(L.get('kl_reduction'))} | "
+                     f"{_fmt(L.get('kl_reduction_share'), '.1%', '-')} | " + " | ".join(gcols) + " |")
+    lines += ["", "## Relative L2 per module", "", "| layer | " + " | ".join(types) + " |",
+              "|---:|" + "---:|" * len(types)]
+    grid = _grid(diag, types)
+    for i, row in enumerate(grid):
+        lines.append(f"| {i} | " + " | ".join("NaN/Inf" if v is None else _fmt(v) for v in row) + " |")
+    if diag["other_tensors"]:
+        lines += ["", "Damaged tensors outside the decoder layers: "
+                  + ", ".join(f"`{n}` (rel L2 {_fmt(e['rel_l2'])})" for n, e in diag["other_tensors"].items())]
+        if f and f.get("outside_layers"):
+            lines.append(f"(restoring them: KL {_kl_str(f['outside_layers']['restore'])}). "
+                         "Adapters do not cover embeddings / head; consider restoring them from the reference.")
+    rec = diag["recommendation"]
+    lines += ["", "## Recommended placement", "", rec["summary"], "",
+              f"Layers ranked by damage: {', '.join(map(str, diag['ranking'])) or 'none damaged'}.", ""]
+    if rec["ranks"]:
+        lines += ["| module | rank | score |", "|---|---:|---:|"]
+        lines += [f"| `{n}` | {r} | {_fmt(rec['scores'].get(n), '.4g')} |" for n, r in rec["ranks"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _groups(diag: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for L in diag["layers"]:
+        for g in L["groups"]:
+            if g != "other" and g not in out:
+                out.append(g)
+    return out
+
+
+def _grid(diag: dict[str, Any], types: list[str]) -> list[list[float | None]]:
+    """rel L2 per (layer, module type); None = NaN/Inf in the weight, 0 where absent."""
+    grid = [[0.0] * len(types) for _ in range(diag["num_layers"])]
+    for e in diag["modules"].values():
+        if e["layer"] is None:
+            continue
+        grid[e["layer"]][types.index(e["type"])] = None if (e["nan"] or e["inf"]) else (e["rel_l2"] or 0.0)
+    return grid
+
+
+def plot_diagnosis(diag: dict[str, Any], path: str | Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    types = module_types(diag)
+    grid = _grid(diag, types)
+    n = max(1, diag["num_layers"])
+    arr = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float).reshape(n, -1)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, max(3.5, 0.25 * n + 1.5)),
+                                   gridspec_kw={"width_ratios": [max(1, len(types)), 4]})
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="red")
+    im = ax1.imshow(np.ma.masked_invalid(arr), aspect="auto", cmap=cmap, interpolation="nearest", vmin=0.0)
+    ax1.set_xticks(range(len(types)), types, rotation=45, ha="right")
+    ax1.set_yticks(range(n))
+    ax1.set_ylabel("layer")
+    ax1.set_title("relative L2 of dW (red: NaN/Inf)")
+    fig.colorbar(im, ax=ax1, fraction=0.046)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if v is None:
+                ax1.text(j, i, "NaN", ha="center", va="center", color="white", fontsize=7)
+    f = diag["functional"]
+    if f:
+        reds, colors = [], []
+        finite = [L["kl_reduction"] for L in diag["layers"] if isinstance(L.get("kl_reduction"), float)]
+        top = max([abs(x) for x in finite if x] + [0.0]) or 1.0
+        for i, L in enumerate(diag["layers"]):
+            r = L.get("kl_reduction", 0.0)
+            if isinstance(r, str):  # inf: restoring this layer makes the output finite again
+                reds.append(top * 1.1 if r == "inf" else -top * 1.1)
+                colors.append("red")
+                ax2.text(0, i, " output finite again" if r == "inf" else " output non-finite", va="center",
+                         fontsize=8)
+            else:
+                reds.append(r)
+                colors.append("C0")
+        ax2.barh(range(n), reds, color=colors)
+        ax2.set_yticks(range(n))
+        ax2.set_ylim(n - 0.5, -0.5)
+        ax2.set_xlabel("KL reduction with the layer restored (nats/token)")
+        ax2.set_title(f"held-out KL {_kl_str(f['base'])}: per-layer share", fontsize=10)
+        ax2.grid(True, axis="x", alpha=0.3)
+    else:
+        ax2.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_diagnosis(diag: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """``diagnosis.json``, ``diagnosis.md``, ``diagnosis.png`` and ``plan.json`` in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "diagnosis.json", "markdown": out / "diagnosis.md", "png": out / "diagnosis.png",
+             "plan": out / "plan.json"}
+    atomic_write_json(paths["json"], diag)
+    atomic_write_json(paths["plan"], diag["recommendation"])
+    atomic_write_bytes(paths["markdown"], to_markdown(diag).encode())
+    plot_diagnosis(diag, paths["png"])
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "diagnose", help="per-layer/module weight and functional damage, and a recommended adapter placement",
+        description="Compare a degraded model with its reference: relative L2, max |dW| and NaN/Inf counts per "
+                    "module, held-out KL with each layer restored, a heatmap, and a recommended placement.")
+    p.add_argument("--reference", required=True, help="reference model spec (folder, .gguf, hub id, smollm2)")
+    p.add_argument("--degraded", required=True, help="degraded model spec")
+    p.add_argument("--out", required=True, help="output folder (diagnosis.json/.md/.png, plan.json)")
+    p.add_argument("--sequences", type=int, default=16, help="synthetic held-out sequences")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rank", type=int, default=16, help="base LoRA rank of the recommendation")
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--budget", type=int, default=None,
+                   help="trainable-parameter budget (default: attn-mlp preset at --rank on all layers)")
+    p.add_argument("--temper", type=float, default=0.5,
+                   help="rank allocation: ranks ~ score**temper (1 proportional, 0 equal on damaged modules)")
+    p.add_argument("--no-functional", action="store_true", help="weight damage only (no forward passes)")
+    p.add_argument("--no-per-group", action="store_true", help="skip the attention/MLP-only restorations")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", help="float32 (default: small damage stays visible), bfloat16")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=run_cli)
+    return p
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from .load import LoadConfig, load_pair
+
+    cfg = DiagnoseConfig(sequences=args.sequences, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+                         rank=args.rank, alpha=args.alpha, budget=args.budget, temper=args.temper,
+                         functional=not args.no_functional,
+                         per_group=not args.no_per_group)
+    cfg.validate()
+    lcfg = LoadConfig(dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                      allow_pickle=args.allow_pickle)
+    print(f"loading {args.reference} and {args.degraded} ...", flush=True)
+    pair = load_pair(args.reference, args.degraded, lcfg)
+    diag = diagnose(pair.reference, pair.degraded, pair.tokenizer, cfg)
+    diag["reference"], diag["degraded"] = str(args.reference), str(args.degraded)
+    paths = write_diagnosis(diag, args.out)
+    for n, e in diag["nonfinite"].items():
+        print(f"non-finite weights: {n}: {e['nan']} NaN, {e['inf']} Inf")
+    f = diag["functional"]
+    if f:
+        print(f"held-out KL {_kl_str(f['base'])}; layers by damage: {diag['ranking'][:10]}")
+    print(f"recommendation: {diag['recommendation']['summary']}")
+    print(f"wrote {paths['markdown']}, {paths['json']}, {paths['png']}, {paths['plan']}")
+    return 0

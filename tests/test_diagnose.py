@@ -1,0 +1,138 @@
+"""diagnose + auto placement on tiny models: planted NaNs, planted damage, budget, PEFT round trip, CLI."""
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from tiny import tiny_model, tiny_tokenizer
+
+from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
+from recover_lora.diagnose import DiagnoseConfig, diagnose, sanitize_nonfinite, to_markdown
+from recover_lora.distill import trainable_parameters
+from recover_lora.placement import (AdapterPlan, attach_planned_adapters, auto_placement, lora_parameters,
+                                    preset_budget)
+
+FAST = DiagnoseConfig(sequences=8, seq_len=24)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return tiny_model("llama", initializer_range=0.2, num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_names_planted_nan_and_ranks_its_layer_first(ref, tok):
+    deg = copy.deepcopy(ref)
+    with torch.no_grad():
+        deg.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    before = _state(deg)
+    d = diagnose(ref, deg, tok, FAST)
+    assert d["nonfinite"] == {"model.layers.1.mlp.down_proj.weight": {"nan": 1, "inf": 0}}
+    assert d["ranking"][0] == 1
+    assert d["functional"]["base"]["finite"] is False and d["functional"]["base"]["kl"] is None
+    layer1 = d["layers"][1]
+    assert layer1["nan"] == 1 and layer1["kl_reduction"] == "inf"  # restoring it makes the output finite
+    assert "model.layers.1.mlp.down_proj.weight" in to_markdown(d)
+    json.loads(json.dumps(d), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert list(d["recommendation"]["ranks"])[0] == "model.layers.1.mlp.down_proj"
+    # the functional measurements left the degraded model exactly as it was (NaN included)
+    after = _state(deg)
+    assert all(torch.equal(before[k].nan_to_num(7.0), after[k].nan_to_num(7.0)) for k in before)
+    assert sanitize_nonfinite(deg) == {"model.layers.1.mlp.down_proj.weight": 1}
+    assert torch.isfinite(deg.model.layers[1].mlp.down_proj.weight).all()
+
+
+def test_planted_attention_damage_gets_the_adapters(ref, tok, tmp_path):
+    deg = copy.deepcopy(ref)
+    degrade(deg, DegradeConfig(ops=[NoiseOp(rel=0.3)], seed=0, layers=[1], modules=["attn"]))
+    d = diagnose(ref, deg, tok, FAST)
+    for name, e in d["modules"].items():
+        planted = ".layers.1.self_attn." in name
+        assert (e["rel_l2"] > 0.29) if planted else (e["rel_l2"] == 0 and e["max_abs"] == 0), name
+    assert d["ranking"] == [1]
+    assert d["layers"][1]["kl_reduction"] > 0 and d["layers"][0]["kl_reduction"] == 0.0
+    assert d["layers"][1]["restore"]["kl"] == pytest.approx(0.0, abs=1e-6)
+
+    plan = auto_placement(d, deg, rank=8)
+    assert plan.ranks and all(".layers.1.self_attn." in n for n in plan.ranks)
+    assert len(plan.ranks) == 4
+    budget = preset_budget(deg, 8)
+    assert plan.budget == budget and plan.parameters <= budget
+    assert plan.parameters == lora_parameters(deg, plan.ranks)
+
+    # PEFT: the plan attaches with its per-module ranks, saves, and reloads to identical logits
+    student = attach_planned_adapters(copy.deepcopy(deg), plan, seed=0)
+    assert trainable_parameters(student) == plan.parameters <= budget
+    for n, r in plan.ranks.items():
+        lora = student.get_submodule("base_model.model." + n)
+        assert lora.r["default"] == r and lora.scaling["default"] == pytest.approx(plan.alpha_ratio)
+    with torch.no_grad():  # non-zero B so that the adapter changes the output
+        for n, p in student.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    student.save_pretrained(str(tmp_path / "adapter"))
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert len(saved["rank_pattern"]) == 4
+    ids = torch.randint(4, 128, (2, 12))
+    with torch.no_grad():
+        want = student(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(copy.deepcopy(deg), str(tmp_path / "adapter"))
+        got = reloaded(input_ids=ids).logits
+        base = deg(input_ids=ids).logits
+    assert torch.equal(want, got)
+    assert not torch.allclose(want, base)
+
+    # dict round trip
+    assert AdapterPlan.from_dict(json.loads(json.dumps(plan.to_dict()))).ranks == plan.ranks
+
+
+def test_budget_is_respected_when_everything_is_damaged(ref, tok):
+    deg = copy.deepcopy(ref)
+    degrade(deg, DegradeConfig(ops=[NoiseOp(rel=0.2)], seed=1))
+    d = diagnose(ref, deg, tok, FAST)
+    assert all(L["damaged"] for L in d["layers"])
+    assert all("kl_reduction" in G for L in d["layers"] for g, G in L["groups"].items() if g != "other")
+    for budget in (None, 3000, 500):
+        plan = auto_placement(d, deg, rank=8, budget=budget)
+        limit = preset_budget(deg, 8) if budget is None else budget
+        assert 0 < plan.parameters <= limit
+        student = attach_planned_adapters(copy.deepcopy(deg), plan)
+        assert trainable_parameters(student) == plan.parameters
+    small = auto_placement(d, deg, rank=8, budget=500)
+    assert len(small.ranks) < len(d["modules"])  # the budget leaves the least damaged modules out
+
+
+def test_cli_writes_table_json_png(ref, tok, tmp_path):
+    from recover_lora.cli import build_parser
+    from recover_lora.diagnose import register
+    from recover_lora.load import save_model_dir
+
+    deg = copy.deepcopy(ref)
+    degrade(deg, DegradeConfig(ops=[NoiseOp(rel=0.3)], seed=0, layers=[2], modules=["mlp"]))
+    save_model_dir(ref, tmp_path / "ref", tok)
+    save_model_dir(deg, tmp_path / "deg", tok)
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    if "diagnose" not in sub.choices:  # until cli.py registers it
+        register(sub)
+    args = parser.parse_args(["diagnose", "--reference", str(tmp_path / "ref"), "--degraded", str(tmp_path / "deg"),
+                              "--out", str(tmp_path / "diag"), "--sequences", "4", "--seq-len", "16",
+                              "--device", "cpu", "--rank", "8"])
+    assert args.func(args) == 0
+    out = tmp_path / "diag"
+    d = json.loads((out / "diagnosis.json").read_text())
+    assert d["ranking"] == [2]
+    assert set(json.loads((out / "plan.json").read_text())["layers"]) == {2}
+    md = (out / "diagnosis.md").read_text()
+    assert "| 2 |" in md and "Recommended placement" in md
+    assert (out / "diagnosis.png").stat().st_size > 1000
