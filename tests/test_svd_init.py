@@ -1,0 +1,143 @@
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny import tiny_model
+
+from recover_lora.distill import AdapterConfig, attach_adapters
+from recover_lora.svd_init import SVD_INITS, attach_with_init, input_scales, svd_init_, truncated_svd
+from recover_lora.utils import RecoverLoraError
+
+
+def _low_rank_pair(rank: int, seed: int = 0, scale: float = 0.05, kind: str = "llama"):
+    """Reference and a degraded copy whose every decoder linear differs by a rank-``rank`` matrix."""
+    ref = tiny_model(kind, seed=seed, initializer_range=0.2)
+    deg = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, mod in deg.named_modules():
+            if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+                o, i = mod.weight.shape
+                mod.weight += scale * torch.randn(o, rank, generator=g) @ torch.randn(rank, i, generator=g)
+    return ref, deg
+
+
+def _ids(n=4, length=16, seed=0):
+    return torch.randint(4, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _lora_names(model):
+    from peft.tuners.lora import LoraLayer
+    return [n for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)]
+
+
+@pytest.mark.parametrize("kind,use_rslora,model", [("svd", False, "llama"), ("svd", True, "llama"),
+                                                   ("eora", False, "llama"), ("eora", True, "llama"),
+                                                   ("svd", False, "qwen2"), ("svd", False, "gemma3")])
+def test_exact_when_difference_has_rank_at_most_r(kind, use_rslora, model):
+    ref, deg = _low_rank_pair(rank=3, kind=model)
+    x = _ids()
+    with torch.no_grad():
+        want = ref(x).logits
+        assert (deg(x).logits - want).abs().max() > 1e-2  # the damage is visible
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=AdapterConfig(modules="all-linear").target_modules(deg),
+                     use_rslora=use_rslora, task_type="CAUSAL_LM")
+    student = get_peft_model(deg, cfg)
+    stats = svd_init_(student, ref, kind=kind, calib_ids=_ids(8, 16, seed=1))
+    names = _lora_names(student)
+    assert set(stats) == set(names) and len(names) == 14
+    assert all(s["rel_residual"] < 1e-4 for s in stats.values())
+    with torch.no_grad():
+        torch.testing.assert_close(student(x).logits, want, atol=1e-4, rtol=1e-4)  # unmerged forward
+    merged = student.merge_and_unload()
+    ref_sd = ref.state_dict()
+    for n in names:
+        torch.testing.assert_close(merged.get_submodule(n).weight, ref_sd[f"{n}.weight"], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_best_rank_r_approximation_when_rank_exceeds_r():
+    ref, deg = _low_rank_pair(rank=12)
+    r = 4
+    student = attach_with_init(deg, AdapterConfig(modules="attn-mlp", rank=r, alpha=16, init="svd"), ref)
+    for name, layer in zip(_lora_names(student), [student.get_base_model().get_submodule(n)
+                                                  for n in _lora_names(student)]):
+        w_ref = ref.get_submodule(name).weight
+        dw = w_ref - layer.get_base_layer().weight
+        s = torch.linalg.svdvals(dw)
+        approx = layer.get_delta_weight("default")
+        residual = (dw - approx).norm()
+        eckart_young = s[r:].square().sum().sqrt()
+        torch.testing.assert_close(residual, eckart_young, rtol=1e-4, atol=1e-6)
+        assert torch.linalg.matrix_rank(approx, rtol=1e-5) == r
+        assert layer.scaling["default"] == 16 / r
+
+
+def test_rank_pattern_and_stats():
+    ref, deg = _low_rank_pair(rank=6)
+    targets = AdapterConfig(modules="attn").target_modules(deg)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=targets, rank_pattern={"k_proj": 6, "v_proj": 8},
+                     task_type="CAUSAL_LM")
+    student = get_peft_model(deg, cfg)
+    stats = svd_init_(student, ref.state_dict())  # a state dict works as the reference too
+    for name, st in stats.items():
+        short = name.rsplit(".", 1)[-1]
+        assert st["rank"] == {"k_proj": 6, "v_proj": 8}.get(short, 2)
+        if short in ("k_proj", "v_proj"):
+            assert st["rel_residual"] < 1e-4  # rank 6 <= r: exact (r=8 pads with zeros)
+        else:
+            assert st["rel_residual"] > 1e-2
+
+
+def test_bf16_base_weights_match_fp32_truncated_svd():
+    ref, deg = _low_rank_pair(rank=12)
+    deg = deg.to(torch.bfloat16)
+    student = attach_adapters(deg, AdapterConfig(modules="kv", rank=4))
+    svd_init_(student, ref)
+    for name in _lora_names(student):
+        layer = student.get_base_model().get_submodule(name)
+        dw = ref.get_submodule(name).weight - layer.get_base_layer().weight.float()
+        U, S, V = truncated_svd(dw, 4, "full")
+        best = U @ torch.diag(S) @ V.T
+        approx = (layer.scaling["default"] * layer.lora_B["default"].weight.float()
+                  @ layer.lora_A["default"].weight.float())
+        assert (approx - best).norm() / best.norm() < 1e-2  # adapter weights are stored in bf16 or fp32
+
+
+def test_eora_beats_svd_on_weighted_output_error():
+    ref, deg = _low_rank_pair(rank=12)
+    calib = _ids(8, 16, seed=2)
+    errs = {}
+    for kind in SVD_INITS:
+        student = attach_with_init(copy.deepcopy(deg), AdapterConfig(modules="mlp", rank=3, init=kind), ref,
+                                   calib_ids=calib)
+        names = _lora_names(student)
+        scales = input_scales(ref, names, calib)
+        total = 0.0
+        for n in names:
+            layer = student.get_base_model().get_submodule(n)
+            dw = ref.get_submodule(n).weight - layer.get_base_layer().weight
+            total += ((dw - layer.get_delta_weight("default")) * scales[n]).norm().item() ** 2
+        errs[kind] = total
+    assert errs["eora"] < errs["svd"]
+
+
+def test_errors():
+    ref, deg = _low_rank_pair(rank=2)
+    student = attach_adapters(deg, AdapterConfig(modules="kv", rank=2))
+    with pytest.raises(RecoverLoraError, match="unknown svd init"):
+        svd_init_(student, ref, kind="nope")
+    with pytest.raises(RecoverLoraError, match="calibration"):
+        svd_init_(student, ref, kind="eora")
+    with pytest.raises(RecoverLoraError, match="no tensor"):
+        svd_init_(student, {})
+
+
+def test_lowrank_path_matches_full_on_low_rank_matrix():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(300, 5, generator=g) @ torch.randn(5, 200, generator=g)
+    for method in ("full", "lowrank"):
+        U, S, V = truncated_svd(m, 5, method)
+        torch.testing.assert_close(U @ torch.diag(S) @ V.T, m, atol=1e-4, rtol=1e-4)
