@@ -78,8 +78,15 @@ def _recover_config(a: argparse.Namespace):
         cfg.eval_tasks = [t for t in a.eval.split(",") if t]
     _apply_load(cfg.load, a)
     _apply_synth(cfg.synth, a)
+    _override(cfg, placement=a.placement, placement_budget=a.budget)
     _override(cfg.adapter, modules=a.modules, layers=a.layers, rank=a.rank, alpha=a.alpha, dropout=a.dropout,
               init=a.init)
+    _override(cfg, method=a.method)
+    _override(cfg.full_kd, lr=a.full_kd_lr)
+    _override(cfg.sft, data_dir=a.sft_data, steps=a.sft_steps, epochs=a.sft_epochs, lr=a.sft_lr,
+              batch_size=a.sft_batch_size)
+    if a.sft_tasks:
+        cfg.sft.tasks = [t for t in a.sft_tasks.split(",") if t]
     _override(cfg.distill, loss=a.loss, temperature=a.temperature, steps=a.steps, batch_size=a.batch_size,
               grad_accum=a.grad_accum, lr=a.lr, warmup_steps=a.warmup_steps, weight_decay=a.weight_decay,
               eval_every=a.eval_every, checkpoint_every=a.checkpoint_every, seed=a.seed)
@@ -103,7 +110,7 @@ def cmd_recover(a: argparse.Namespace) -> int:
           f"{rep['train_tokens']:,} tokens)")
     if "eval" in rep:
         print(rep["eval"].get("markdown", ""))
-    print(f"adapter: {rep['adapter']}\nreport: {Path(cfg.out_dir) / 'report.json'}, plot: {Path(cfg.out_dir) / 'loss.png'}")
+    print(f"{'model' if rep.get('model') else 'adapter'}: {rep.get('model') or rep['adapter']}\nreport: {Path(cfg.out_dir) / 'report.json'}, plot: {Path(cfg.out_dir) / 'loss.png'}")
     return 0
 
 
@@ -118,7 +125,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, degrade, export
+    from . import bench, degrade, diagnose, export
     from .evaluate import cli as eval_cli
 
     p = argparse.ArgumentParser(prog="recover-lora",
@@ -128,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     degrade.register(sub)
+    diagnose.register(sub)
 
     s = sub.add_parser("synth", help="hybrid-sampled synthetic data from the reference (resumable)")
     s.add_argument("--reference", required=True, help="model spec: smollm2, folder, .gguf, hub id")
@@ -154,7 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank", type=int, default=None)
     g.add_argument("--alpha", type=float, default=None)
     g.add_argument("--dropout", type=float, default=None)
-    g.add_argument("--init", default=None, help="default | gaussian | pissa | olora")
+    g.add_argument("--init", default=None,
+                   help="default | gaussian | pissa | olora (PEFT's) | svd | eora (truncated SVD of "
+                        "W_ref - W_deg, eora activation-weighted; with --steps 0: training-free compensation)")
+    r.add_argument("--method", choices=["recover-lora", "full-kd", "sft-lora"], default=None,
+                   help="recover-lora (default); full-kd: distill into all weights (LLM-QAT*); "
+                        "sft-lora: supervised LoRA on the train splits of --sft-tasks")
+    g = r.add_argument_group("baselines")
+    g.add_argument("--full-kd-lr", type=float, default=None, help="learning rate of full-kd (default 2e-5)")
+    g.add_argument("--sft-tasks", default=None,
+                   help="tasks whose train split sft-lora trains on (default arc_easy,arc_challenge,openbookqa,piqa)")
+    g.add_argument("--sft-data", default=None, help="folder with <task>/train.jsonl (default: --eval-data)")
+    g.add_argument("--sft-steps", type=int, default=None, help="0 = --sft-epochs passes over the examples")
+    g.add_argument("--sft-epochs", type=int, default=None)
+    g.add_argument("--sft-lr", type=float, default=None, help="default 2e-4")
+    g.add_argument("--sft-batch-size", type=int, default=None)
+    g.add_argument("--placement", choices=["preset", "auto"], default=None,
+                   help="preset: --modules/--layers/--rank; auto: diagnose the damage, then choose modules, layers "
+                        "and per-module ranks within --budget (writes OUT/diagnosis)")
+    g.add_argument("--budget", type=int, default=None,
+                   help="auto placement: trainable-parameter budget (default: attn-mlp at --rank on all layers)")
     g = r.add_argument_group("distillation")
     g.add_argument("--loss", choices=["kl", "reverse_kl", "jsd"], default=None)
     g.add_argument("--temperature", type=float, default=None)
@@ -178,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="output folder (default runs/demo)")
     d.add_argument("--model", default=None, help="embedded model (default smollm2)")
     d.add_argument("--eval-data", default=None, help="benchmark folder: adds ARC-Easy and PIQA accuracy")
-    d.add_argument("--eval-limit", type=int, default=None, help="items per task (default 60 on CPU, all on GPU)")
+    d.add_argument("--eval-limit", type=int, default=None, help="items per task (default 50 on CPU, all on GPU)")
     d.add_argument("--steps", type=int, default=None)
     d.add_argument("--device", default=None)
     d.set_defaults(func=cmd_demo)

@@ -27,9 +27,9 @@ class DemoConfig:
     noise_rel: float = 0.1
     seed: int = 0
     device: str = "auto"
-    steps: int | None = None  # None: 80 on CPU, 600 on GPU
+    steps: int | None = None  # None: 50 on CPU, 600 on GPU
     eval_data: str | None = None
-    eval_limit: int | None = None  # None: 60 items per task on CPU, all on GPU
+    eval_limit: int | None = None  # None: 50 items per task on CPU, all on GPU
     eval_tasks: tuple[str, ...] = ("arc_easy", "piqa")
 
 
@@ -40,8 +40,8 @@ def demo_recover_config(cfg: DemoConfig, on_gpu: bool) -> RecoverConfig:
         distill = DistillConfig(steps=cfg.steps or 600, batch_size=32, lr=1e-3, warmup_steps=30, seed=cfg.seed)
         heldout = 64
     else:
-        steps = cfg.steps or 80
-        synth = SynthConfig(num_sequences=320, seq_len=64, seed=cfg.seed, batch_size=64)
+        steps = cfg.steps or 50
+        synth = SynthConfig(num_sequences=256, seq_len=64, seed=cfg.seed, batch_size=64)
         distill = DistillConfig(steps=steps, batch_size=8, lr=2e-3, warmup_steps=5, seed=cfg.seed,
                                 eval_every=0, checkpoint_every=10)
         heldout = 24
@@ -50,7 +50,7 @@ def demo_recover_config(cfg: DemoConfig, on_gpu: bool) -> RecoverConfig:
                          adapter=AdapterConfig(modules="all-linear", rank=16, alpha=32),
                          distill=distill, load=LoadConfig(dtype="auto", device=cfg.device),
                          eval_tasks=list(cfg.eval_tasks) if cfg.eval_data else None, eval_data=cfg.eval_data,
-                         eval_limit=cfg.eval_limit if cfg.eval_limit is not None else (None if on_gpu else 60))
+                         eval_limit=cfg.eval_limit if cfg.eval_limit is not None else (None if on_gpu else 50))
 
 
 def run_demo(cfg: DemoConfig | None = None) -> dict:

@@ -9,6 +9,7 @@ the synthetic data that is there and resumes training from the last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,9 +19,12 @@ import torch
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .distill import (AdapterConfig, DistillConfig, attach_adapters, init_distributed, measure,
+from .baselines import (METHODS, FullKDConfig, SFTConfig, degraded_view, prepare_full_kd, run_full_kd,
+                        run_sft_lora, snapshot_state)
+from .distill import (AdapterConfig, DistillConfig, TrainState, init_distributed, measure,
                       trainable_parameters, train)
 from .load import LoadConfig, load_pair, save_model_dir
+from .svd_init import SVD_INITS, attach_with_init
 from .synth import SynthConfig, barrier, load_synthetic, synthesize
 from .utils import RecoverLoraError, atomic_write_json, log
 
@@ -43,12 +47,18 @@ class RecoverConfig:
     load: LoadConfig = field(default_factory=lambda: LoadConfig(dtype="auto"))
     synth: SynthConfig = field(default_factory=lambda: SynthConfig(num_sequences=0))  # 0 = one epoch of steps
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    placement: str = "preset"  # "preset": adapter.modules/layers/rank; "auto": diagnose, then plan per-module ranks
+    placement_budget: int | None = None  # auto: trainable parameters; None = attn-mlp at adapter.rank on all layers
     distill: DistillConfig = field(default_factory=DistillConfig)
+    method: str = "recover-lora"  # recover-lora | full-kd (all weights, LLM-QAT*) | sft-lora (labeled train splits)
+    full_kd: FullKDConfig = field(default_factory=FullKDConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RecoverConfig":
         d = dict(d)
-        subs = {"load": LoadConfig, "synth": SynthConfig, "adapter": AdapterConfig, "distill": DistillConfig}
+        subs = {"load": LoadConfig, "synth": SynthConfig, "adapter": AdapterConfig, "distill": DistillConfig,
+                "full_kd": FullKDConfig, "sft": SFTConfig}
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
@@ -125,6 +135,10 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
     sharded across ranks, training is data-parallel, and rank 0 alone writes the outputs.
     """
     cfg.distill.validate()
+    if cfg.method not in METHODS:
+        raise RecoverLoraError(f"unknown method {cfg.method!r}; use one of {METHODS}")
+    if cfg.placement not in ("preset", "auto"):
+        raise RecoverLoraError(f"unknown placement {cfg.placement!r}; use preset or auto")
     rank, world = init_distributed()
     progress = progress and rank == 0
     out = Path(cfg.out_dir)
@@ -142,24 +156,63 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
     # 1. synthetic data from the reference (resumable; reused when already complete)
     t0 = time.perf_counter()
     data_dir = Path(cfg.data) if cfg.data else out / "synth"
-    if not cfg.data:
-        synthesize(reference, tokenizer, train_synth_config(cfg), data_dir, progress=progress)
-    train_ids = load_synthetic(data_dir)
+    train_ids = None
+    if cfg.method != "sft-lora":  # sft-lora trains on labeled data; synthetic data is only held out
+        if not cfg.data:
+            synthesize(reference, tokenizer, train_synth_config(cfg), data_dir, progress=progress)
+        train_ids = load_synthetic(data_dir)
     held_dir = out / "heldout"
     synthesize(reference, tokenizer, heldout_synth_config(cfg), held_dir, progress=progress)
     held_ids = load_synthetic(held_dir)
     synth_s = time.perf_counter() - t0
 
-    # 2. student = degraded + fresh LoRA; zero-initialised B means it starts equal to degraded
-    n_modules = len(cfg.adapter.target_modules(degraded))
-    student = attach_adapters(degraded, cfg.adapter, seed=cfg.distill.seed)
-    n_train = trainable_parameters(student)
-    before = measure(student, reference, held_ids, cfg.distill.eval_batch_size, cfg.distill)
+    # 2. student = degraded + fresh LoRA (zero B: starts equal to degraded; init svd/eora: starts
+    #    at the truncated SVD of W_ref - W_deg); full-kd: the degraded model itself, all weights
+    snapshot, plan, sanitized = None, None, {}
+    if cfg.method == "full-kd":
+        snapshot = snapshot_state(degraded) if cfg.eval_tasks and rank == 0 else None
+        n_modules = 0
+        student = degraded
+        n_train = prepare_full_kd(student, reference, cfg.full_kd)
+    elif cfg.placement == "auto":
+        # diagnose on the held-out sequences (or reuse out/diagnosis/plan.json when resuming), then
+        # attach per-module ranks within the budget
+        from .diagnose import sanitize_nonfinite
+        from .placement import attach_planned_adapters, auto_plan
+
+        plan = auto_plan(reference, degraded, tokenizer, held_ids, out / "diagnosis", rank=cfg.adapter.rank,
+                         alpha=cfg.adapter.alpha, budget=cfg.placement_budget, dropout=cfg.adapter.dropout,
+                         init=cfg.adapter.init, write=rank == 0)
+        sanitized = sanitize_nonfinite(degraded)  # LoRA cannot cancel NaN/Inf weights; zeroed ones it can
+        n_modules = len(plan.ranks)
+        student = attach_planned_adapters(degraded, plan, seed=cfg.distill.seed, reference=reference,
+                                          calib_ids=train_ids if train_ids is not None else held_ids)
+        n_train = trainable_parameters(student)
+    else:
+        n_modules = len(cfg.adapter.target_modules(degraded))
+        student = attach_with_init(degraded, cfg.adapter, reference, seed=cfg.distill.seed,
+                                   calib_ids=train_ids if train_ids is not None else held_ids)
+        n_train = trainable_parameters(student)
+    svd_start = cfg.method != "full-kd" and cfg.adapter.init in SVD_INITS
+    with student.disable_adapter() if svd_start else contextlib.nullcontext():  # "before" = the degraded model
+        before = measure(student, reference, held_ids, cfg.distill.eval_batch_size, cfg.distill)
     log.info("before: held-out KL %.4f, top-1 %.3f; %d trainable parameters", before["kl"], before["top1"], n_train)
+    at_init = measure(student, reference, held_ids, cfg.distill.eval_batch_size, cfg.distill) if svd_start else None
+    if at_init:
+        log.info("after %s init: held-out KL %.4f, top-1 %.3f", cfg.adapter.init, at_init["kl"], at_init["top1"])
 
     # 3. distillation (resumes from out_dir/checkpoint.pt)
     t0 = time.perf_counter()
-    state = train(student, reference, train_ids, cfg.distill, held_ids, out / "checkpoint.pt", progress=progress)
+    sft = None
+    if cfg.method == "sft-lora":
+        sft = run_sft_lora(student, tokenizer, None, cfg.sft.data_dir or cfg.eval_data, cfg.sft,
+                           out / "checkpoint.pt", progress=progress)
+        state = TrainState(step=sft["steps"], history=sft["history"], elapsed=sft["seconds"])
+    elif cfg.method == "full-kd":
+        state = run_full_kd(reference, student, train_ids, cfg.distill, held_ids, out / "checkpoint.pt",
+                            cfg.full_kd, progress=progress)
+    else:
+        state = train(student, reference, train_ids, cfg.distill, held_ids, out / "checkpoint.pt", progress=progress)
     train_s = time.perf_counter() - t0
     after = measure(student, reference, held_ids, cfg.distill.eval_batch_size, cfg.distill)
     log.info("after: held-out KL %.4f, top-1 %.3f", after["kl"], after["top1"])
@@ -168,25 +221,41 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
         barrier()  # wait until rank 0 has written the outputs, then leave
         return {"heldout": {"before": before, "after": after}, "rank": rank}
 
-    # 4. outputs: PEFT adapter (standard format), optional merged model, report and plot
-    student.save_pretrained(str(out / "adapter"))
-    tokens = state.step * cfg.distill.batch_size * cfg.distill.grad_accum * train_ids.shape[1]
+    # 4. outputs: PEFT adapter (standard format) or, for full-kd, the whole model; report and plot
+    if cfg.method == "full-kd":
+        saved = save_model_dir(student, out / "model", tokenizer)
+        tokens = state.step * cfg.distill.batch_size * cfg.distill.grad_accum * train_ids.shape[1]
+    else:
+        student.save_pretrained(str(out / "adapter"))
+        saved = out / "adapter"
+        tokens = sft["loss_tokens"] if sft else \
+            state.step * cfg.distill.batch_size * cfg.distill.grad_accum * train_ids.shape[1]
     report: dict[str, Any] = {
         "reference": cfg.reference, "degraded": cfg.degraded, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "heldout": {"sequences": len(held_ids), "seq_len": held_ids.shape[1], "before": before, "after": after},
+        "heldout": {"sequences": len(held_ids), "seq_len": held_ids.shape[1], "before": before, "after": after,
+                    **({"init": at_init} if at_init else {})},
         "trainable_parameters": n_train, "processes": world,
         "adapter_modules": n_modules,
-        "steps": state.step, "train_tokens": tokens, "synthetic_sequences": len(train_ids),
+        "placement": ({"kind": "auto", "diagnosis": str(out / "diagnosis"), "sanitized_nonfinite": sanitized,
+                       **plan.to_dict()} if plan is not None else
+                      {"kind": "preset", "modules": cfg.adapter.modules, "layers": cfg.adapter.layers,
+                       "rank": cfg.adapter.rank}),
+        "method": cfg.method, "init": cfg.adapter.init if cfg.method != "full-kd" else None,
+        "steps": state.step, "train_tokens": tokens,
+        "synthetic_sequences": len(train_ids) if train_ids is not None else 0,
         "seconds": {"synthesize": round(synth_s, 2), "train": round(train_s, 2)},
         "train_tokens_per_second": round(tokens / train_s, 1) if train_s > 0 and state.step else None,
         "loss_curve": state.history, "heldout_curve": state.evals,
-        "adapter": str(out / "adapter"), "config": cfg.to_dict(),
+        "adapter": str(saved) if cfg.method != "full-kd" else None,
+        "model": str(saved) if cfg.method == "full-kd" else None, "config": cfg.to_dict(),
     }
+    if sft:
+        report["sft"] = {k: v for k, v in sft.items() if k not in ("history", "config")}
     plot_training(state.history, state.evals, before, after, out / "loss.png")
     if cfg.eval_tasks:  # before merging: the degraded model is the student with adapters disabled
-        report["eval"] = evaluate_triplet(cfg, reference, student, tokenizer, out, progress)
-    if cfg.merge:
+        report["eval"] = evaluate_triplet(cfg, reference, student, tokenizer, out, progress, snapshot)
+    if cfg.merge and cfg.method != "full-kd":  # full-kd's out/model already is the whole model
         save_model_dir(student.merge_and_unload(), out / "merged", tokenizer)
         report["merged"] = str(out / "merged")
     report["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
@@ -197,14 +266,14 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
 
 
 def evaluate_triplet(cfg: RecoverConfig, reference: PreTrainedModel, student, tokenizer: PreTrainedTokenizerBase,
-                     out: Path, progress: bool = True) -> dict[str, Any]:
+                     out: Path, progress: bool = True, snapshot: dict | None = None) -> dict[str, Any]:
     """Benchmarks on reference, degraded (adapters disabled) and recovered; writes the eval report."""
     from .evaluate import EvalConfig, evaluate
     from .report import build_report
 
     ecfg = EvalConfig(tasks=cfg.eval_tasks, data_dir=cfg.eval_data, limit=cfg.eval_limit)
     results = {"reference": evaluate(reference, tokenizer, ecfg, progress=progress)}
-    with student.disable_adapter():
+    with degraded_view(student, snapshot):  # adapters off, or full-kd's pre-training weights
         results["degraded"] = evaluate(student, tokenizer, ecfg, progress=progress)
     results["recovered"] = evaluate(student, tokenizer, ecfg, progress=progress)
     for name, res in results.items():

@@ -1,0 +1,96 @@
+"""recover --init svd|eora, --method full-kd|sft-lora, --placement auto end to end on a tiny model (CLI)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from tiny import tiny_model, tiny_tokenizer
+
+from recover_lora.cli import main
+from recover_lora.load import save_model_dir
+
+ARC = [{"id": f"q{i}", "question": q, "choices": {"text": c, "label": ["A", "B", "C"]}, "answerKey": k}
+       for i, (q, c, k) in enumerate([("the cat sat on the", ["mat", "sun", "tree"], "A"),
+                                      ("one two three", ["four", "red", "dog"], "A"),
+                                      ("the sun is", ["up", "down", "blue"], "C"),
+                                      ("a dog ran to the", ["tree", "moon", "water"], "B")])]
+
+
+@pytest.fixture
+def folders(tmp_path):
+    ref = tiny_model("llama", initializer_range=0.2)
+    save_model_dir(ref, tmp_path / "ref", tiny_tokenizer())
+    deg = copy.deepcopy(ref)  # rank-2 damage on every decoder linear
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, mod in deg.named_modules():
+            if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+                o, i = mod.weight.shape
+                mod.weight += 0.1 * torch.randn(o, 2, generator=g) @ torch.randn(2, i, generator=g)
+    save_model_dir(deg, tmp_path / "deg", tiny_tokenizer())
+    for split in ("test", "train"):
+        d = tmp_path / "eval" / "arc_easy"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ARC))
+    return tmp_path
+
+
+def _args(t, out, *extra):
+    return ["recover", "--reference", str(t / "ref"), "--degraded", str(t / "deg"), "--out", str(t / out),
+            "--batch-size", "8", "--warmup-steps", "2", "--num-sequences", "32", "--seq-len", "16",
+            "--heldout", "8", "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("init", ["svd", "eora"])
+def test_svd_only_with_zero_steps_repairs_low_rank_damage(folders, init):
+    t = folders
+    assert main(_args(t, init, "--steps", "0", "--init", init, "--rank", "4", "--merge")) == 0
+    rep = json.loads((t / init / "report.json").read_text())
+    assert rep["steps"] == 0 and rep["init"] == init
+    assert rep["heldout"]["before"]["kl"] > 1e-2 and rep["heldout"]["init"]["kl"] < 1e-6
+    assert rep["heldout"]["after"]["kl"] < 1e-6 and rep["heldout"]["after"]["top1"] == 1.0
+
+
+def test_full_kd_method(folders):
+    t = folders
+    assert main(_args(t, "fk", "--method", "full-kd", "--steps", "10", "--full-kd-lr", "3e-3",
+                      "--eval", "arc_easy", "--eval-data", str(t / "eval"))) == 0
+    rep = json.loads((t / "fk" / "report.json").read_text())
+    assert rep["method"] == "full-kd" and rep["adapter"] is None and (t / "fk" / "model").is_dir()
+    assert rep["trainable_parameters"] == sum(p.numel() for p in tiny_model("llama").parameters())
+    assert rep["heldout"]["after"]["kl"] < rep["heldout"]["before"]["kl"]
+    assert rep["eval"]["tasks"]["arc_easy"]["n"] == 4
+
+
+def test_sft_lora_method(folders):
+    t = folders
+    assert main(_args(t, "sft", "--method", "sft-lora", "--sft-tasks", "arc_easy", "--sft-steps", "5",
+                      "--sft-batch-size", "2", "--rank", "4", "--eval", "arc_easy", "--eval-data",
+                      str(t / "eval"))) == 0
+    rep = json.loads((t / "sft" / "report.json").read_text())
+    assert rep["method"] == "sft-lora" and rep["steps"] == 5 and rep["synthetic_sequences"] == 0
+    assert rep["sft"]["tasks"] == {"arc_easy": 4} and rep["sft"]["nll_after"] < rep["sft"]["nll_before"]
+    assert not (t / "sft" / "synth").exists()
+    assert main(_args(t, "sft2", "--method", "sft-lora", "--sft-tasks", "piqa", "--eval-data",
+                      str(t / "eval"))) == 2  # no piqa train split: a clean error naming the task
+
+
+def test_auto_placement_targets_the_planted_damage(tmp_path):
+    from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
+
+    ref = tiny_model("llama", initializer_range=0.2)
+    save_model_dir(ref, tmp_path / "ref", tiny_tokenizer())
+    deg = copy.deepcopy(ref)
+    degrade(deg, DegradeConfig(ops=[NoiseOp(rel=0.5)], modules=["attn"], layers=[1], seed=0))
+    save_model_dir(deg, tmp_path / "deg", tiny_tokenizer())
+    assert main(["recover", "--reference", str(tmp_path / "ref"), "--degraded", str(tmp_path / "deg"),
+                 "--out", str(tmp_path / "run"), "--placement", "auto", "--rank", "4", "--steps", "10",
+                 "--batch-size", "8", "--lr", "1e-2", "--num-sequences", "32", "--seq-len", "12", "--heldout", "8",
+                 "--device", "cpu"]) == 0
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert rep["placement"]["kind"] == "auto"
+    targets = rep["placement"]["ranks"]
+    assert targets and all(".layers.1.self_attn." in name for name in targets)
+    assert rep["heldout"]["after"]["kl"] < rep["heldout"]["before"]["kl"]
+    assert (tmp_path / "run" / "diagnosis" / "diagnosis.png").exists()
