@@ -146,6 +146,7 @@ def compute_report(reference_results, degraded_results, recovered_results, cfg: 
 def _fmt(v, ci=None, pct=False) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
+    v = round(float(v), 9) + 0.0  # no "-0.0"
     s = f"{100 * v:.1f}%" if pct else f"{v:.1f}"
     if ci:
         lo, hi = ci
