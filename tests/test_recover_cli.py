@@ -99,3 +99,16 @@ def test_yaml_config(tmp_path):
     (tmp_path / "bad.yaml").write_text("distill:\n  stepz: 7\n")
     with pytest.raises(RecoverLoraError, match="stepz"):
         RecoverConfig.from_yaml(tmp_path / "bad.yaml")
+
+
+def test_data_from_a_bigger_vocabulary_is_refused(folders, capsys):
+    from recover_lora.synth import SynthConfig, synthesize
+
+    t = folders
+    big = tiny_model("llama", vocab_size=4000, initializer_range=0.2)
+    synthesize(big, tiny_tokenizer(), SynthConfig(num_sequences=16, seq_len=12), t / "bigdata", progress=False)
+    save_model_dir(tiny_model("llama", seed=1), t / "deg")
+    rc = main(["recover", "--reference", str(t / "ref"), "--degraded", str(t / "deg"), "--out", str(t / "x"),
+               "--data", str(t / "bigdata"), "--steps", "1", "--batch-size", "4", "--device", "cpu"])
+    assert rc == 2
+    assert "beyond this model's vocabulary of 128" in capsys.readouterr().err
