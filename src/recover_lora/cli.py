@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from .utils import RecoverLoraError
@@ -125,7 +124,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, degrade, diagnose, export
+    from . import bench, degrade, diagnose, export, study
     from .evaluate import cli as eval_cli
 
     p = argparse.ArgumentParser(prog="recover-lora",
@@ -200,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cli.register(sub)
     export.register(sub)
     bench.register(sub)
+    study.register(sub)
 
     d = sub.add_parser("demo", help="offline end-to-end demo on the embedded SmolLM2-135M")
     d.add_argument("--out", default=None, help="output folder (default runs/demo)")

@@ -23,7 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .degrade import PRESETS, parse_layers, parse_modules, select_modules
+from .degrade import parse_layers, parse_modules, select_modules
 from .losses import LOSSES, chunked_loss_backward
 from .synth import dist_rank_world
 from .utils import RecoverLoraError, atomic_torch_save, log

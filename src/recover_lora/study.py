@@ -1,0 +1,618 @@
+"""The study: every (model, damage, method) of a YAML file, resumable, summarised in RESULTS.md.
+
+    recover-lora study --config study.yaml --dry-run                  # the plan: done / started / to do
+    recover-lora study --config study.yaml --only smollm2/noise-all   # a piece (globs: '*/*/auto+svd')
+    recover-lora study --config study.yaml --results-only             # RESULTS.md from finished runs
+
+For each model the reference is loaded once and evaluated once; for each damage the degraded
+model is made in memory (seeded, so every session makes the same one) and evaluated once; then
+each method is ``recover.recover`` on a fresh copy of it, followed by an evaluation of the
+repaired model only. Methods that keep the common synthetic-data settings share one data pool
+per model (``<model>/synth``: it depends only on the reference). Layout of ``study_dir``::
+
+    study.json                        the resolved config (write_results reads it)
+    commands.log                      every invocation: time, device, command
+    <model>/eval/reference.json       per-item results (loglikelihoods dropped)
+    <model>/<damage>/eval/degraded.json
+    <model>/<damage>/<method>/        recover's out_dir (adapter/ or model/, report.json, ...),
+        timing.json                   wall seconds, summed over resumed sessions
+        checkpoint.pt                 while unfinished (deleted once done.json is written)
+        eval/recovered.json, eval/report.{md,json,png}
+        done.json                     written last: a rerun skips the run
+
+A run without done.json resumes: recover() continues from its checkpoint and reuses its data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import fnmatch
+import math
+import re
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .recover import RecoverConfig, train_synth_config
+from .recover import recover as run_recover  # module-level name: tests count calls by patching it
+from .report import ReportConfig, build_report, compute_report
+from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, log, read_json
+
+SEVEN_TASKS = ["hellaswag", "arc_challenge", "arc_easy", "winogrande", "piqa", "openbookqa", "boolq",
+               "mmlu_philosophy", "mmlu_management", "mmlu_astronomy"]  # MMLU as its three subjects
+
+
+@dataclass
+class StudyConfig:
+    """What ``study.yaml`` holds (see the file at the repository root)."""
+
+    study_dir: str = "runs/study"
+    results: str = "RESULTS.md"
+    models: dict[str, str] = field(default_factory=dict)  # name -> spec (zoo name, folder, mha:SPEC)
+    damages: dict[str, list] = field(default_factory=dict)  # name -> ops ("noise:rel=0.1" or dicts)
+    damage_seed: int = 0
+    recover: dict[str, Any] = field(default_factory=dict)  # RecoverConfig fields common to every run
+    eval: dict[str, Any] = field(default_factory=lambda: {"tasks": list(SEVEN_TASKS), "data_dir": None,
+                                                          "limit": None})
+    methods: dict[str, dict] = field(default_factory=dict)  # name -> RecoverConfig overrides
+    sweep: dict[str, Any] | None = None  # {method, sequences: [1000, ...], steps: one-pass | N}
+    goals: dict[str, Any] = field(default_factory=lambda: {
+        "method": "auto+svd", "presets": ["kv", "attn-mlp"], "baselines": ["full-kd", "svd-only"],
+        "min_gap_closed": 0.9})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "StudyConfig":
+        path = Path(path)
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise RecoverLoraError(f"cannot read study config {path}: {e}") from None
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise RecoverLoraError(f"unknown study keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        cfg = cls(**d)
+        base = path.resolve().parent  # relative paths are relative to the YAML file
+        cfg.study_dir = str(base / cfg.study_dir)
+        cfg.results = str(base / cfg.results)
+        cfg.eval = {**cls().eval, **cfg.eval}
+        if cfg.eval.get("data_dir"):
+            cfg.eval["data_dir"] = str(base / cfg.eval["data_dir"])
+        return cfg
+
+    def all_methods(self) -> dict[str, dict]:
+        """The named methods plus the data sweep (``<method>@1k`` ...: that many synthetic sequences)."""
+        out = dict(self.methods)
+        sw = self.sweep or {}
+        if sw:
+            base = merge(self.recover, self.methods[sw["method"]])
+            d = base.get("distill", {})
+            per_step = d.get("batch_size", 32) * d.get("grad_accum", 1)
+            for n in sw.get("sequences", []):
+                steps = sw.get("steps", "one-pass")
+                steps = max(1, math.ceil(n / per_step)) if steps == "one-pass" else int(steps)
+                warm = min(d.get("warmup_steps", 30), max(1, steps // 10))
+                out[f"{sw['method']}@{_short(n)}"] = merge(self.methods[sw["method"]], {
+                    "synth": {"num_sequences": n}, "distill": {"steps": steps, "warmup_steps": warm}})
+        return out
+
+    def recover_config(self, model: str, damage: str, method: str, pool: Path | None) -> RecoverConfig:
+        over = self.all_methods()[method]
+        fixed = {"reference": self.models[model], "degraded": f"{self.models[model]} + {damage}",
+                 "out_dir": str(run_dir(self, model, damage, method)), "data": str(pool) if pool else None,
+                 "eval_tasks": None, "eval_data": self.eval.get("data_dir"), "eval_limit": self.eval.get("limit")}
+        return RecoverConfig.from_dict(merge(merge(self.recover, over), fixed))
+
+    def uses_pool(self, method: str) -> bool:
+        over = self.all_methods()[method]
+        return "synth" not in over and over.get("method", self.recover.get("method")) != "sft-lora"
+
+
+def merge(a: dict, b: dict) -> dict:
+    """Deep merge of two config dicts (b wins)."""
+    out = copy.deepcopy(a)
+    for k, v in (b or {}).items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _short(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 and n >= 1000 else str(n)
+
+
+def slug(name: str) -> str:
+    """A folder name: 'auto+svd@1k' -> 'auto-svd-1k'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
+
+
+def run_dir(cfg: StudyConfig, model: str, damage: str, method: str) -> Path:
+    return Path(cfg.study_dir) / slug(model) / slug(damage) / slug(method)
+
+
+def degrade_config(cfg: StudyConfig, damage: str):
+    from .degrade import DegradeConfig, op_from_dict, parse_op
+
+    ops = [parse_op(o) if isinstance(o, str) else op_from_dict(o) for o in cfg.damages[damage]]
+    return DegradeConfig(ops=ops, seed=cfg.damage_seed)
+
+
+# ---------------------------------------------------------------------------------- the plan
+
+@dataclass
+class Run:
+    model: str
+    damage: str
+    method: str
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/{self.damage}/{self.method}"
+
+    def status(self) -> str:
+        if (self.dir / "done.json").exists():
+            return "done"
+        if (self.dir / "report.json").exists():
+            return "trained, evaluation pending"
+        if (self.dir / "checkpoint.pt").exists():
+            return "started: resumes from its checkpoint"
+        if self.dir.is_dir() and any(self.dir.iterdir()):
+            return "started"
+        return "to do"
+
+
+def _selected(run: Run, only: list[str] | None) -> bool:
+    if not only:
+        return True
+    for pat in only:
+        parts = (pat.strip("/").split("/") + ["*", "*"])[:3]
+        if all(fnmatch.fnmatchcase(v, p) or fnmatch.fnmatchcase(slug(v), p)
+               for v, p in zip((run.model, run.damage, run.method), parts)):
+            return True
+    return False
+
+
+def plan(cfg: StudyConfig, only: list[str] | None = None) -> list[Run]:
+    runs = [Run(m, d, k, run_dir(cfg, m, d, k)) for m in cfg.models for d in cfg.damages for k in cfg.all_methods()]
+    return [r for r in runs if _selected(r, only)]
+
+
+def describe_plan(cfg: StudyConfig, runs: list[Run]) -> str:
+    st = [r.status() for r in runs]
+    lines = [f"study {cfg.study_dir}: {len(runs)} runs selected; {st.count('done')} done, "
+             f"{sum(s not in ('done', 'to do') for s in st)} started, {st.count('to do')} to do"]
+    width = max((len(r.name) for r in runs), default=0)
+    for r, s in zip(runs, st):
+        extra = ""
+        if s == "done":
+            d = read_json(r.dir / "done.json")
+            extra = f" ({d.get('gpu_minutes', 0):.1f} GPU min, gap closed {_pct(d.get('gap_closed'))})"
+        lines.append(f"  {r.name:<{width}}  {s}{extra}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- running
+
+@contextlib.contextmanager
+def timed(path: Path, key: str):
+    """Add the wall seconds of the block to ``path[key]`` (also when it is interrupted)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        d = read_json(path) if path.exists() else {}
+        d[key] = round(d.get(key, 0.0) + time.perf_counter() - t0, 3)
+        atomic_write_json(path, d)
+
+
+def slim(results: dict) -> dict:
+    """Eval results without per-choice loglikelihoods (the report needs acc / acc_norm items only)."""
+    out = {}
+    for t, r in results.items():
+        r = dict(r)
+        if "items" in r:
+            r["items"] = {k: v for k, v in r["items"].items() if k in ("acc", "acc_norm")}
+        out[t] = r
+    return out
+
+
+def cached_eval(path: Path, get_model, tokenizer, ecfg, progress: bool = True) -> dict:
+    """Evaluate once: reuse ``path`` when it was made with the same evaluation settings, else
+    evaluate ``get_model()`` (called only then) and write it."""
+    from .evaluate import evaluate
+    from .evaluate.runner import config_dict
+
+    key = config_dict(ecfg)
+    if path.exists():
+        d = read_json(path)
+        if d.get("config") == key:
+            return d["results"]
+        log.info("%s was made with other evaluation settings: evaluating again", path)
+    t0 = time.perf_counter()
+    res = slim(evaluate(get_model(), tokenizer, ecfg, progress=progress))
+    atomic_write_json(path, {"config": key, "seconds": round(time.perf_counter() - t0, 2), "results": res})
+    return res
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def load_repaired(run: Run, rcfg: RecoverConfig, degraded):
+    """The repaired model from what recover() saved: full-kd's model/, or degraded + adapter/."""
+    from peft import PeftModel
+
+    from .load import load_model
+
+    if rcfg.method == "full-kd":
+        return load_model(str(run.dir / "model"), rcfg.load)
+    base = copy.deepcopy(degraded)
+    if rcfg.placement == "auto":  # as recover() did before attaching
+        from .diagnose import sanitize_nonfinite
+        sanitize_nonfinite(base)
+    model = PeftModel.from_pretrained(base, str(run.dir / "adapter"))
+    model.eval()
+    return model
+
+
+def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, ref_res: dict, deg_res: dict,
+            pool: Path | None, progress: bool = True) -> dict:
+    rcfg = cfg.recover_config(run.model, run.damage, run.method, pool)
+    timing = run.dir / "timing.json"
+    if not (run.dir / "report.json").exists():
+        log.info("study: %s: recover (%s)", run.name, rcfg.method)
+        with timed(timing, "recover"):
+            run_recover(rcfg, reference, copy.deepcopy(degraded), tokenizer, progress=progress)
+    rep = read_json(run.dir / "report.json")
+    with timed(timing, "eval"):
+        rec_res = cached_eval(run.dir / "eval" / "recovered.json", lambda: load_repaired(run, rcfg, degraded),
+                              tokenizer, ecfg, progress)
+    summary = build_report(ref_res, deg_res, rec_res, run.dir / "eval")
+    secs = read_json(timing)
+    done = {"model": run.model, "damage": run.damage, "method": run.method, "spec": rcfg.reference,
+            "recover_method": rcfg.method, "placement": rcfg.placement,
+            "init": rep.get("init"), "trainable_parameters": rep["trainable_parameters"],
+            "train_tokens": rep["train_tokens"], "steps": rep["steps"],
+            "synthetic_sequences": rep["synthetic_sequences"], "shared_pool": pool is not None,
+            "gpu_minutes": round(secs.get("recover", 0.0) / 60, 3), "eval_minutes": round(secs.get("eval", 0.0) / 60, 3),
+            "device_name": rep.get("device_name"), "heldout": rep["heldout"],
+            "gap_closed": summary["average"]["gap_closed"], "recovered_points": summary["average"]["recovered_points"],
+            "config": rcfg.to_dict()}
+    atomic_write_json(run.dir / "done.json", done)
+    (run.dir / "checkpoint.pt").unlink(missing_ok=True)  # finished: only a resume needed it (full-kd: GBs)
+    log.info("study: %s done: gap closed %s", run.name, _pct(done["gap_closed"]))
+    return done
+
+
+def run_study(cfg: StudyConfig, only: list[str] | None = None, dry_run: bool = False, progress: bool = True,
+              command: str | None = None) -> list[Run]:
+    """Run every selected, unfinished run (see the module docstring); then write RESULTS.md."""
+    import torch
+
+    from .degrade import degrade
+    from .evaluate import EvalConfig
+    from .load import load_model, load_tokenizer
+    from .synth import synthesize
+
+    runs = plan(cfg, only)
+    if not runs:
+        raise RecoverLoraError(f"--only {only} selects no run; models {list(cfg.models)}, damages "
+                               f"{list(cfg.damages)}, methods {list(cfg.all_methods())}")
+    print(describe_plan(cfg, runs), flush=True)
+    if dry_run:
+        return runs
+    study = Path(cfg.study_dir)
+    study.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(study / "study.json", asdict(cfg))
+    with open(study / "commands.log", "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}\t{device_name()}\t{command or 'run_study()'}\n")
+    ecfg = EvalConfig(tasks=cfg.eval["tasks"], data_dir=cfg.eval.get("data_dir"), limit=cfg.eval.get("limit"))
+    todo = [r for r in runs if r.status() != "done"]
+    common = RecoverConfig.from_dict(cfg.recover)
+    for model in dict.fromkeys(r.model for r in todo):
+        spec = cfg.models[model]
+        lcfg = common.load
+        log.info("study: loading %s (%s)", model, spec)
+        reference = load_model(spec, lcfg)
+        tokenizer = load_tokenizer(spec, lcfg)
+        ref_res = cached_eval(study / slug(model) / "eval" / "reference.json", lambda m=reference: m, tokenizer, ecfg, progress)
+        pool_dir = study / slug(model) / "synth"
+        for damage in dict.fromkeys(r.damage for r in todo if r.model == model):
+            degraded = copy.deepcopy(reference)
+            degrade(degraded, degrade_config(cfg, damage))
+            deg_res = cached_eval(study / slug(model) / slug(damage) / "eval" / "degraded.json", lambda m=degraded: m, tokenizer,
+                                  ecfg, progress)
+            for run in [r for r in todo if r.model == model and r.damage == damage]:
+                pool = None
+                if cfg.uses_pool(run.method):
+                    pool = pool_dir
+                    if not (pool / "manifest.json").exists() or not read_json(pool / "manifest.json").get("complete"):
+                        with timed(study / slug(model) / "timing.json", "synth_pool"):
+                            synthesize(reference, tokenizer, train_synth_config(common), pool, progress=progress)
+                run_one(cfg, run, reference, degraded, tokenizer, ecfg, ref_res, deg_res, pool, progress)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            del degraded
+        del reference
+    write_results(cfg.study_dir, cfg.results, cfg)
+    return runs
+
+
+# ---------------------------------------------------------------------------------- RESULTS.md
+
+def pool_mmlu(results: dict) -> dict:
+    """Results with the MMLU subjects pooled into one 'mmlu' task (items concatenated), in place of the first."""
+    from .report import _task_results
+
+    res = _task_results(results)
+    subj = [t for t in res if t.startswith("mmlu_")]
+    if len(subj) < 2:
+        return res
+    items = {m: [x for s in subj for x in res[s]["items"][m]] for m in ("acc", "acc_norm")
+             if all(m in res[s].get("items", {}) for s in subj)}
+    n = sum(res[s].get("n", 0) for s in subj)
+    entry = {m: float(np.mean(v)) for m, v in items.items()}
+    for m in ("acc", "acc_norm"):
+        if m not in entry and all(m in res[s] for s in subj):
+            entry[m] = sum(res[s][m] * res[s].get("n", 1) for s in subj) / max(n, 1)
+    entry.update(n=n, items=items)
+    out = {}
+    for t, r in res.items():
+        if t == subj[0]:
+            out["mmlu"] = entry
+        elif t not in subj:
+            out[t] = r
+    return out
+
+
+def _pct(x, ci=None) -> str:
+    if x is None:
+        return "n/a"
+    s = f"{100 * x:.0f}%"
+    return s + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci else "")
+
+
+def _pts(x, ci=None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
+
+
+def _num(n) -> str:
+    if n is None:
+        return "n/a"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def collect(study_dir: Path, cfg: dict) -> dict:
+    """{(model, damage): {"reference": res, "degraded": res, "runs": {method: (done, report)}}} of finished runs."""
+    rcfg = ReportConfig()
+    out = {}
+    methods = list(StudyConfig(**cfg).all_methods())
+    for model in cfg["models"]:
+        ref_p = study_dir / slug(model) / "eval" / "reference.json"
+        for damage in cfg["damages"]:
+            deg_p = study_dir / slug(model) / slug(damage) / "eval" / "degraded.json"
+            dirs = {m: study_dir / slug(model) / slug(damage) / slug(m) for m in methods}
+            dirs = {m: d for m, d in dirs.items() if (d / "done.json").exists()}
+            if not dirs or not ref_p.exists() or not deg_p.exists():
+                continue
+            ref, deg = pool_mmlu(read_json(ref_p)["results"]), pool_mmlu(read_json(deg_p)["results"])
+            runs = {}
+            for m, d in dirs.items():
+                rec = pool_mmlu(read_json(d / "eval" / "recovered.json")["results"])
+                runs[m] = (read_json(d / "done.json"), compute_report(ref, deg, rec, rcfg))
+            out[(model, damage)] = {"runs": runs}
+    return out
+
+
+def check_goals(runs: dict, goals: dict) -> dict[str, tuple[str, str]]:
+    """The issue's goals for one (model, damage): {goal: (PASS | FAIL | n/a, detail)}."""
+    def avg(m):
+        return runs[m][1]["average"]["gap_closed"]
+
+    best = goals["method"]
+    out: dict[str, tuple[str, str]] = {}
+    g = avg(best) if best in runs else None
+    if g is None:
+        na = ("n/a", f"{best} not run" if best not in runs else "no accuracy gap to close")
+        out.update({k: na for k in ("gap", "presets", "baselines")})
+    else:
+        ci = (runs[best][1]["average"].get("ci") or {}).get("gap_closed")
+        out["gap"] = ("PASS" if g >= goals.get("min_gap_closed", 0.9) else "FAIL", _pct(g, ci))
+        for key, names, better in (("presets", goals.get("presets", []), lambda x: g >= x),
+                                   ("baselines", goals.get("baselines", []), lambda x: g > x)):
+            missing = [n for n in names if n not in runs]
+            if missing:
+                out[key] = ("n/a", f"missing {', '.join(missing)}")
+            else:
+                ok = all(better(avg(n)) for n in names)
+                out[key] = ("PASS" if ok else "FAIL", ", ".join(f"{n} {_pct(avg(n))}" for n in names) or "none named")
+    worse = []
+    for m, (_, rep) in runs.items():
+        for t in rep["task_order"]:
+            ci = (rep["tasks"][t].get("ci") or {}).get("recovered_points")
+            if ci and ci[1] < 0:
+                worse.append(f"{m}: {t} {_pts(rep['tasks'][t]['recovered_points'], ci)}")
+    out["no_worse"] = ("FAIL" if worse else "PASS", "; ".join(worse) if worse else f"{len(runs)} methods checked")
+    return out
+
+
+def plot_gap(model: str, damages: list[str], methods: list[str], data: dict, path: Path) -> Path:
+    """Grouped bars: average share of the gap closed per method, one bar per damage, 95% CIs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(methods) + 2), 4))
+    w = 0.8 / max(1, len(damages))
+    x = np.arange(len(methods))
+    for i, dmg in enumerate(damages):
+        runs = data.get((model, dmg), {}).get("runs", {})
+        vals, lo, hi = [], [], []
+        for m in methods:
+            a = runs[m][1]["average"] if m in runs else None
+            v = 100 * a["gap_closed"] if a and a["gap_closed"] is not None else np.nan
+            ci = (a.get("ci") or {}).get("gap_closed") if a else None
+            vals.append(v)
+            lo.append(v - 100 * ci[0] if ci else 0)
+            hi.append(100 * ci[1] - v if ci else 0)
+        ax.bar(x + (i - (len(damages) - 1) / 2) * w, vals, w, yerr=[np.clip(lo, 0, None), np.clip(hi, 0, None)],
+               capsize=2, label=dmg)
+    lo_y, hi_y = ax.get_ylim()
+    ax.set_ylim(max(lo_y, -100), min(max(hi_y, 110), 200))  # very wide CIs (tiny gaps) are cut off
+    ax.axhline(100, color="k", lw=0.8, ls="--")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xticks(x)
+    ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("gap closed, average over tasks (%)")
+    ax.set_title(f"{model}: share of the accuracy gap closed (95% CI)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: StudyConfig | dict | None = None) -> Path:
+    """RESULTS.md (and one chart per model in ``<out's folder>/results/``) from the finished runs."""
+    import os
+
+    study_dir, out = Path(study_dir), Path(out)
+    if cfg is None:
+        if not (study_dir / "study.json").exists():
+            raise RecoverLoraError(f"{study_dir}/study.json not found: run the study (or --dry-run is not enough)")
+        cfg = read_json(study_dir / "study.json")
+    cfg = asdict(cfg) if isinstance(cfg, StudyConfig) else cfg
+    methods = list(StudyConfig(**cfg).all_methods())
+    goals = cfg["goals"]
+    data = collect(study_dir, cfg)
+    dones = [d for v in data.values() for d, _ in v["runs"].values()]
+    devices = sorted({d.get("device_name") or "?" for d in dones})
+    n_total = len(cfg["models"]) * len(cfg["damages"]) * len(methods)
+    L = ["# Study results", "",
+         f"{len(dones)} of {n_total} runs finished ({len(cfg['models'])} models x {len(cfg['damages'])} damages x "
+         f"{len(methods)} methods), from `{os.path.relpath(study_dir, out.parent)}`. "
+         f"Device: {', '.join(devices) or 'n/a'}.", "",
+         "Accuracy in % (acc_norm where the task defines it, else acc); MMLU = its three subjects pooled; "
+         "**avg** = unweighted mean over the tasks. *Gap closed* = (repaired - degraded) / (reference - degraded) "
+         "of the average, *pts* = repaired - degraded in points; brackets are 95% paired-bootstrap CIs over items "
+         "(`report.compute_report`, 1000 replicates). *GPU min* = wall time of `recover` for the run (synthesis of "
+         "its own data, training, saving; the shared per-model data pool is listed separately); *synthetic tokens* "
+         "= tokens distilled on.", ""]
+    # goals
+    L += ["## Goals", "",
+          f"`{goals['method']}`: (1) closes >= {100 * goals.get('min_gap_closed', 0.9):.0f}% of the gap on average; "
+          f"(2) at least as good as the best hand preset ({', '.join(goals.get('presets', [])) or 'none named'}); "
+          f"(3) beats {' and '.join(goals.get('baselines', [])) or 'none named'}; (4) no repaired model (any method) is worse than the degraded "
+          "one on any task beyond the task's CI (the CI of the points recovered lies below 0).", "",
+          "| model | damage | (1) gap closed | (2) >= presets | (3) beats baselines | (4) none worse |",
+          "|---|---|---|---|---|---|"]
+    for (model, damage), v in data.items():
+        g = check_goals(v["runs"], goals)
+        L.append(f"| {model} | {damage} | " + " | ".join(f"**{g[k][0]}** {g[k][1]}" for k in
+                                                         ("gap", "presets", "baselines", "no_worse")) + " |")
+    if not data:
+        L.append("| - | - | no finished run | | | |")
+    L.append("")
+    # per model
+    for model, spec in cfg["models"].items():
+        if not any(k[0] == model for k in data):
+            continue
+        chart = out.parent / "results" / f"{slug(model)}-gap-closed.png"
+        plot_gap(model, list(cfg["damages"]), methods, data, chart)
+        L += [f"## {model} (`{spec}`)", "", f"![gap closed]({os.path.relpath(chart, out.parent)})", ""]
+        timing = study_dir / slug(model) / "timing.json"
+        if timing.exists() and (study_dir / slug(model) / "synth" / "manifest.json").exists():
+            man = read_json(study_dir / slug(model) / "synth" / "manifest.json")
+            L += [f"Shared synthetic data pool: {man['num_sequences']:,} x {man['seq_len']} tokens, "
+                  f"{read_json(timing).get('synth_pool', 0) / 60:.1f} GPU min.", ""]
+        for damage in cfg["damages"]:
+            v = data.get((model, damage))
+            if not v:
+                continue
+            first = next(iter(v["runs"].values()))[1]
+            tasks = first["task_order"]
+            L += [f"### {damage}: `{'; '.join(map(str, cfg['damages'][damage]))}`", "",
+                  "| accuracy (%) | " + " | ".join(tasks) + " | avg |", "|---|" + "---:|" * (len(tasks) + 1)]
+            for who in ("reference", "degraded"):
+                L.append(f"| {who} | " + " | ".join(f"{first['tasks'][t][who]:.1f}" for t in tasks)
+                         + f" | {first['average'][who]:.1f} |")
+            for m, (_, rep) in v["runs"].items():
+                L.append(f"| {m} | " + " | ".join(f"{rep['tasks'][t]['recovered']:.1f}" for t in tasks)
+                         + f" | {rep['average']['recovered']:.1f} |")
+            L += ["", "| method | pts (avg) | gap closed (avg) | worst task, pts | trainable params | synthetic tokens "
+                  "| GPU min | held-out KL |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+            for m, (done, rep) in v["runs"].items():
+                a, ci = rep["average"], rep["average"].get("ci") or {}
+                wt = min(tasks, key=lambda t: rep["tasks"][t]["recovered_points"])
+                wci = (rep["tasks"][wt].get("ci") or {}).get("recovered_points")
+                kl = done["heldout"]
+                tokens = (f"0 (labeled: {_num(done['train_tokens'])})" if done.get("recover_method") == "sft-lora"
+                          else _num(done["train_tokens"]))
+                L.append(f"| {m} | {_pts(a['recovered_points'], ci.get('recovered_points'))} | "
+                         f"{_pct(a['gap_closed'], ci.get('gap_closed'))} | {wt} {_pts(rep['tasks'][wt]['recovered_points'], wci)} | "
+                         f"{_num(done['trainable_parameters'])} | {tokens} | {done['gpu_minutes']:.1f} | "
+                         f"{kl['before']['kl']:.3f} -> {kl['after']['kl']:.3f} |")
+            L.append("")
+    if any(d.get("recover_method") == "sft-lora" for d in dones):
+        L += ["sft-lora trains on labeled train splits (ARC-Easy, ARC-Challenge, OpenBookQA, PIQA by default); "
+              "HellaSwag, WinoGrande, BoolQ and MMLU ship no train split here, so on those it could not train "
+              "in-task and is measured out of task.", ""]
+    L += ["## Methods", "", "| method | RecoverConfig overrides |", "|---|---|"]
+    L += [f"| {m} | `{yaml.safe_dump(o, default_flow_style=True, width=1000).strip()}` |"
+          for m, o in StudyConfig(**cfg).all_methods().items()]
+    L += ["", f"Common settings: `{yaml.safe_dump(cfg['recover'], default_flow_style=True, width=1000).strip()}`; "
+          f"evaluation: `{yaml.safe_dump({k: cfg['eval'][k] for k in ('tasks', 'limit')}, default_flow_style=True, width=1000).strip()}`; "
+          f"damage seed {cfg['damage_seed']}.", ""]
+    log_p = study_dir / "commands.log"
+    if log_p.exists():
+        cmds = dict.fromkeys(line.split("\t", 2)[-1].strip() for line in log_p.read_text().splitlines() if line.strip())
+        L += ["## Commands", "", "Every invocation that ran part of the study (time, device and command are in "
+              f"`{os.path.relpath(log_p, out.parent)}`):", "", "```"] + list(cmds) + ["```", ""]
+    atomic_write_bytes(out, "\n".join(L).encode())
+    return out
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("study", help="the study: models x damages x methods from a YAML file, resumable, "
+                                            "summarised in RESULTS.md")
+    p.add_argument("--config", required=True, help="study YAML (see study.yaml)")
+    p.add_argument("--only", action="append", default=None, metavar="MODEL[/DAMAGE[/METHOD]]",
+                   help="run only matching runs (globs; repeatable or comma-separated), e.g. smollm2/noise-all")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (done / started / to do) and exit")
+    p.add_argument("--results-only", action="store_true", help="only regenerate RESULTS.md from finished runs")
+    p.add_argument("--results", default=None, help="RESULTS.md path (default: the config's `results`)")
+    p.set_defaults(func=run_cli)
+    return p
+
+
+def run_cli(a: argparse.Namespace) -> int:
+    cfg = StudyConfig.from_yaml(a.config)
+    if a.results:
+        cfg.results = a.results
+    only = [s for o in a.only for s in o.split(",") if s] if a.only else None
+    if a.results_only:
+        print(f"wrote {write_results(cfg.study_dir, cfg.results, cfg)}")
+        return 0
+    argv = ["recover-lora", "study", "--config", a.config] + [x for o in (a.only or []) for x in ("--only", o)]
+    run_study(cfg, only, dry_run=a.dry_run, command=" ".join(shlex.quote(x) for x in argv))
+    if not a.dry_run:
+        print(f"wrote {cfg.results}")
+    return 0

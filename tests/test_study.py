@@ -1,0 +1,155 @@
+"""The study runner on CPU: MHA twins, a miniature study end to end, resume, --only, --dry-run, RESULTS.md."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from tiny import WORDS, tiny_model, tiny_tokenizer
+
+from recover_lora import study
+from recover_lora.cli import main
+from recover_lora.load import LoadConfig, load_model, save_model_dir
+from recover_lora.twin import mha_twin
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
+def test_mha_twin_is_exact(kind):
+    model = tiny_model(kind, initializer_range=0.2)
+    twin = mha_twin(model)
+    c = model.config
+    assert c.num_key_value_heads < c.num_attention_heads == twin.config.num_key_value_heads
+    k = twin.model.layers[0].self_attn.k_proj
+    assert k.weight.shape[0] == c.num_attention_heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads)
+    if kind == "qwen2":
+        assert k.bias is not None and k.bias.shape[0] == k.weight.shape[0]
+    ids = torch.randint(4, 128, (2, 40))  # longer than gemma3's sliding window (16)
+    with torch.no_grad():
+        ref, out = model(ids).logits, twin(ids).logits
+    assert (ref - out).abs().max().item() < 1e-4
+    if c.num_key_value_heads == 1:  # MQA: one order only
+        return
+    # the head order matters: tiling the KV heads instead of repeating each one breaks the equivalence
+    n_rep = c.num_attention_heads // c.num_key_value_heads
+    bad = mha_twin(model)
+    with torch.no_grad():
+        for layer, orig in zip(bad.model.layers, model.model.layers):
+            for name in ("k_proj", "v_proj"):
+                layer.self_attn.get_submodule(name).weight.copy_(orig.self_attn.get_submodule(name).weight.repeat(n_rep, 1))
+        assert (bad(ids).logits - ref).abs().max().item() > 1e-3
+
+
+def test_twin_spec_loads_the_twin(tmp_path):
+    save_model_dir(tiny_model("llama"), tmp_path / "m", tiny_tokenizer())
+    twin = load_model(f"mha:{tmp_path / 'm'}", LoadConfig(device="cpu"))
+    assert twin.config.num_key_value_heads == twin.config.num_attention_heads == 4
+
+
+def _arc(n):
+    g = torch.Generator().manual_seed(0)
+    words = WORDS[6:40]
+    recs = []
+    for i in range(n):
+        p = torch.randperm(len(words), generator=g)[:7].tolist()
+        recs.append({"id": f"q{i}", "question": " ".join(words[j] for j in p[:3]),
+                     "choices": {"text": [words[p[3 + j]] for j in range(4)], "label": list("ABCD")},
+                     "answerKey": "ABCD"[i % 4]})
+    return recs
+
+
+@pytest.fixture
+def study_yaml(tmp_path):
+    save_model_dir(tiny_model("llama", initializer_range=0.2), tmp_path / "tiny", tiny_tokenizer())
+    d = tmp_path / "eval" / "arc_easy"
+    d.mkdir(parents=True)
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _arc(24)))
+    cfg = {
+        "study_dir": "study", "results": "RESULTS.md",
+        "models": {"tiny": str(tmp_path / "tiny")},
+        "damages": {"noise-all": ["noise:rel=0.3"]},
+        "recover": {"load": {"dtype": "float32", "device": "cpu"}, "heldout_sequences": 8,
+                    "synth": {"seq_len": 16, "batch_size": 16},
+                    "adapter": {"rank": 4, "alpha": 8},
+                    "distill": {"steps": 3, "batch_size": 8, "warmup_steps": 1, "eval_every": 100,
+                                "checkpoint_every": 100}},
+        "eval": {"tasks": ["arc_easy"], "data_dir": "eval"},
+        "methods": {"kv": {"adapter": {"modules": "kv"}},
+                    "svd-only": {"placement": "auto", "adapter": {"init": "svd"}, "distill": {"steps": 0}}},
+        "sweep": {"method": "kv", "sequences": [16]},
+        "goals": {"method": "svd-only", "presets": ["kv"], "baselines": [], "min_gap_closed": 0.9},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_miniature_study_runs_resumes_and_reports(study_yaml, monkeypatch, capsys):
+    t = study_yaml.parent
+    calls = []
+    real = study.run_recover
+    monkeypatch.setattr(study, "run_recover", lambda cfg, *a, **k: calls.append(cfg.out_dir) or real(cfg, *a, **k))
+    cfg = study.StudyConfig.from_yaml(study_yaml)
+    assert list(cfg.all_methods()) == ["kv", "svd-only", "kv@16"]
+    assert cfg.recover_config("tiny", "noise-all", "kv@16", None).distill.steps == 2  # one pass: 16 / 8
+
+    assert main(["study", "--config", str(study_yaml), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "3 runs selected; 0 done" in out and "tiny/noise-all/svd-only" in out and "to do" in out
+    assert not (t / "study").exists()
+
+    assert main(["study", "--config", str(study_yaml), "--only", "tiny/*/kv"]) == 0  # a piece
+    assert len(calls) == 1 and (t / "study/tiny/noise-all/kv/done.json").exists()
+    assert not (t / "study/tiny/noise-all/svd-only").exists()
+
+    assert main(["study", "--config", str(study_yaml)]) == 0  # the rest
+    assert len(calls) == 3
+    for m in ("kv", "svd-only", "kv-16"):
+        done = json.loads((t / "study/tiny/noise-all" / m / "done.json").read_text())
+        assert done["trainable_parameters"] > 0 and done["gpu_minutes"] >= 0
+    done = json.loads((t / "study/tiny/noise-all/svd-only/done.json").read_text())
+    assert done["steps"] == 0 and done["train_tokens"] == 0 and done["placement"] == "auto"
+    assert json.loads((t / "study/tiny/noise-all/kv/done.json").read_text())["train_tokens"] == 3 * 8 * 16
+    assert (t / "study/tiny/synth/manifest.json").exists()  # the shared pool
+    assert (t / "study/tiny/noise-all/kv-16/synth/manifest.json").exists()  # the sweep's own data
+    assert (t / "study/tiny/eval/reference.json").exists() and (t / "study/tiny/noise-all/eval/degraded.json").exists()
+
+    capsys.readouterr()
+    assert main(["study", "--config", str(study_yaml)]) == 0  # everything done: no training, no evaluation
+    assert len(calls) == 3
+    assert "3 done" in capsys.readouterr().out
+
+    (t / "RESULTS.md").unlink()
+    assert main(["study", "--config", str(study_yaml), "--results-only"]) == 0
+    res = (t / "RESULTS.md").read_text()
+    assert "## Goals" in res and "| tiny | noise-all |" in res
+    assert any(w in res for w in ("**PASS**", "**FAIL**"))
+    assert "| accuracy (%) | arc_easy | avg |" in res and "| reference |" in res and "| svd-only |" in res
+    assert "| kv@16 |" in res and "## Commands" in res
+    assert (t / "results" / "tiny-gap-closed.png").stat().st_size > 0
+
+
+def test_pool_mmlu_pools_the_subjects():
+    r = {"arc_easy": {"acc": 0.5, "n": 2, "items": {"acc": [1, 0]}},
+         "mmlu_a": {"acc": 1.0, "n": 1, "items": {"acc": [1]}},
+         "mmlu_b": {"acc": 0.0, "n": 3, "items": {"acc": [0, 0, 0]}}}
+    p = study.pool_mmlu(r)
+    assert list(p) == ["arc_easy", "mmlu"] and p["mmlu"]["acc"] == 0.25 and p["mmlu"]["n"] == 4
+
+
+def test_check_goals_pass_fail_and_missing():
+    from recover_lora.report import compute_report
+
+    def res(ones, n=40):
+        return {"arc_easy": {"acc": ones / n, "n": n, "items": {"acc": [1] * ones + [0] * (n - ones)}}}
+
+    ref, deg = res(40), res(20)
+    runs = {m: ({}, compute_report(ref, deg, res(k))) for m, k in
+            [("auto+svd", 39), ("kv", 30), ("attn-mlp", 36), ("full-kd", 25), ("svd-only", 5)]}
+    goals = {"method": "auto+svd", "presets": ["kv", "attn-mlp"], "baselines": ["full-kd", "svd-only"],
+             "min_gap_closed": 0.9}
+    g = study.check_goals(runs, goals)
+    assert g["gap"][0] == g["presets"][0] == g["baselines"][0] == "PASS"
+    assert g["no_worse"][0] == "FAIL" and "svd-only: arc_easy" in g["no_worse"][1]
+    assert study.check_goals(runs, {**goals, "min_gap_closed": 0.97})["gap"][0] == "FAIL"
+    del runs["full-kd"]
+    assert study.check_goals(runs, goals)["baselines"] == ("n/a", "missing full-kd")
