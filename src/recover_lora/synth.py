@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import math
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -421,11 +421,3 @@ def load_synthetic(path: str | Path) -> torch.Tensor:
 
 def manifest(path: str | Path) -> dict:
     return read_json(Path(path) / MANIFEST)
-
-
-@dataclass
-class SynthSplit:
-    """Train and held-out synthetic data; the held-out set uses a different seed."""
-
-    train: SynthConfig = field(default_factory=SynthConfig)
-    heldout_sequences: int = 64
