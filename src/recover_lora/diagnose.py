@@ -33,7 +33,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .degrade import _decoder_layers_prefix, select_modules
-from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, log
+from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, log, save_figure
 
 DIAGNOSIS_FORMAT = "recover-lora/diagnosis"
 DIAGNOSIS_VERSION = 1
@@ -496,9 +496,7 @@ def plot_diagnosis(diag: dict[str, Any], path: str | Path) -> Path:
     else:
         ax2.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=110)
 
 
 def write_diagnosis(diag: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:

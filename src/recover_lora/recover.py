@@ -26,7 +26,7 @@ from .distill import (AdapterConfig, DistillConfig, TrainState, init_distributed
 from .load import LoadConfig, fingerprint, load_pair, save_model_dir, vocab_size
 from .svd_init import SVD_INITS, attach_with_init
 from .synth import SynthConfig, barrier, load_synthetic, manifest, synthesize
-from .utils import RecoverLoraError, atomic_write_json, log
+from .utils import RecoverLoraError, atomic_write_json, log, save_figure
 
 HELDOUT_SEED_OFFSET = 1_000_003  # held-out data never shares a seed with training data
 
@@ -119,9 +119,7 @@ def plot_training(history: list[dict], evals: list[dict], before: dict, after: d
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degraded: PreTrainedModel | None = None,

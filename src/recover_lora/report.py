@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json
+from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, save_figure
 
 MODELS = ("reference", "degraded", "recovered")
 
@@ -204,13 +204,7 @@ def plot(rep: dict, path: str | Path) -> Path:
     ax.set_ylim(0, min(110, max(tops) + 8))
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def build_report(reference_results, degraded_results, recovered_results, out_dir: str | Path,

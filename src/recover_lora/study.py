@@ -43,7 +43,7 @@ import yaml
 from .recover import RecoverConfig, train_synth_config
 from .recover import recover as run_recover  # module-level name: tests count calls by patching it
 from .report import ReportConfig, build_report, compute_report
-from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, log, read_json
+from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, log, read_json, save_figure
 
 SEVEN_TASKS = ["hellaswag", "arc_challenge", "arc_easy", "winogrande", "piqa", "openbookqa", "boolq",
                "mmlu_philosophy", "mmlu_management", "mmlu_astronomy"]  # MMLU as its three subjects
@@ -480,12 +480,7 @@ def plot_gap(model: str, damages: list[str], methods: list[str], data: dict, pat
     ax.set_title(f"{model}: share of the accuracy gap closed (95% CI)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: StudyConfig | dict | None = None) -> Path:
