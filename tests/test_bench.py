@@ -87,10 +87,12 @@ def test_bench_smoke_json(tmp_path):
     assert s["naive"]["status"] == "ok" and s["optimized"]["status"] == "ok"
     assert s["optimized"]["greedy_token_match_vs_naive"] == 1.0  # fp32 on CPU: the same tokens
     d = res["distill"]
-    for k in ("before", "naive", "optimized", "optimized_4x", "speedup", "speedup_4x",
-              "heldout_kl_diff_optimized_minus_naive"):
+    for k in ("before", "naive", "optimized_eager", "optimized", "optimized_4x", "optimized_4x_ckpt", "speedup",
+              "speedup_4x", "speedup_4x_ckpt", "heldout_kl_diff_optimized_minus_naive"):
         assert k in d, k
-    for path in ("naive", "optimized", "optimized_4x"):
+    assert d["optimized_4x_ckpt"]["activation_checkpointing"] is True
+    assert d["optimized_4x_ckpt"]["heldout_kl"] == pytest.approx(d["optimized_4x"]["heldout_kl"], rel=1e-3)
+    for path in ("naive", "optimized_eager", "optimized", "optimized_4x", "optimized_4x_ckpt"):
         assert d[path]["status"] == "ok"
         assert {"tokens_per_s", "heldout_kl", "heldout_top1", "final_loss"} <= set(d[path])
     # same init, data and schedule, fp32 on CPU: naive and optimized train the same adapter

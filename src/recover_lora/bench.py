@@ -371,9 +371,9 @@ def bench_distill(ref32, deg32, train_ids, held_ids, cfg: BenchConfig, device: t
     template = None
     _free(device)
 
-    def dcfg_for(batch: int, steps: int) -> DistillConfig:
+    def dcfg_for(batch: int, steps: int, **extra) -> DistillConfig:
         return DistillConfig(steps=steps, batch_size=batch, lr=cfg.lr, warmup_steps=min(30, max(1, steps // 3)),
-                             seed=cfg.seed, eval_every=0, checkpoint_every=0)
+                             seed=cfg.seed, eval_every=0, checkpoint_every=0, **extra)
 
     # naive
     _reset_peak(device)
@@ -394,13 +394,16 @@ def bench_distill(ref32, deg32, train_ids, held_ids, cfg: BenchConfig, device: t
     _free(device)
     save()
 
-    runs = [("optimized", 1, S, False), (f"optimized_{cfg.distill_scale}x", cfg.distill_scale,
-                                         max(W + 5, S // cfg.distill_scale), False)]
+    # (name, batch multiple, steps, torch.compile'd decoders, DistillConfig overrides)
+    big_steps, k = max(W + 5, S // cfg.distill_scale), cfg.distill_scale
+    runs = [("optimized_eager", 1, S, False, {"cuda_graph": "off"}),
+            ("optimized", 1, S, False, {}),
+            (f"optimized_{k}x", k, big_steps, False, {}),
+            (f"optimized_{k}x_ckpt", k, big_steps, False, {"activation_checkpointing": True})]
     if cfg.distill_compile:
-        runs.append((f"optimized_{cfg.distill_scale}x_compiled", cfg.distill_scale,
-                     max(W + 5, S // cfg.distill_scale), True))
+        runs.append((f"optimized_{k}x_compiled", k, big_steps, True, {"cuda_graph": "off"}))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for name, mult, steps, compiled in runs:
+    for name, mult, steps, compiled, extra in runs:
         if time.perf_counter() > deadline:
             res[name] = {"status": "skipped", "reason": "time budget spent"}
             continue
@@ -414,7 +417,7 @@ def bench_distill(ref32, deg32, train_ids, held_ids, cfg: BenchConfig, device: t
                 from .distill import _decoder
                 _decoder(student).compile(dynamic=False)
                 _decoder(teacher).compile(dynamic=False)
-            dcfg = dcfg_for(B * mult, steps)
+            dcfg = dcfg_for(B * mult, steps, **extra)
             t0 = time.perf_counter()
             state = train(student, teacher, train_ids, dcfg, progress=False)
             _sync(device)
@@ -426,8 +429,10 @@ def bench_distill(ref32, deg32, train_ids, held_ids, cfg: BenchConfig, device: t
             r = {**_rate((steps - W) * B * mult * L, dt, fpt, cfg, device), "steps": steps,
                  "batch": B * mult, "final_loss": round(h[-1]["loss"], 5), "total_s": round(total, 2),
                  "lora_dtype": lora_dtype, "chunk_tokens": dcfg.chunk_tokens or "auto",
+                 "step_mode": state.step_mode, "activation_checkpointing": dcfg.activation_checkpointing,
                  "path": f"train(): {dtype} frozen weights, {lora_dtype} LoRA, chunked loss, "
-                         f"{'fused ' if device.type == 'cuda' else ''}AdamW"
+                         f"{'fused ' if device.type == 'cuda' else ''}AdamW, step={state.step_mode}"
+                         + (", activation checkpointing" if dcfg.activation_checkpointing else "")
                          + (", torch.compile'd decoders" if compiled else "")}
             teacher = None
             _free(device)
@@ -440,13 +445,14 @@ def bench_distill(ref32, deg32, train_ids, held_ids, cfg: BenchConfig, device: t
         save()
 
     nv, op = res.get("naive", {}), res.get("optimized", {})
-    big = res.get(f"optimized_{cfg.distill_scale}x", {})
     if nv.get("status") == "ok":
-        for key, other in (("speedup", op), (f"speedup_{cfg.distill_scale}x", big)):
+        for name in ("optimized_eager", "optimized", f"optimized_{k}x", f"optimized_{k}x_ckpt"):
+            other = res.get(name, {})
+            suffix = name[len("optimized"):]
             if other.get("status") == "ok":
-                res[key] = round(other["tokens_per_s"] / nv["tokens_per_s"], 2)
-        if big.get("peak_mem_gb") and nv.get("peak_mem_gb"):
-            res[f"peak_mem_ratio_{cfg.distill_scale}x_vs_naive"] = round(big["peak_mem_gb"] / nv["peak_mem_gb"], 3)
+                res["speedup" + suffix] = round(other["tokens_per_s"] / nv["tokens_per_s"], 2)
+            if suffix.startswith(f"_{k}x") and other.get("peak_mem_gb") and nv.get("peak_mem_gb"):
+                res[f"peak_mem_ratio{suffix}_vs_naive"] = round(other["peak_mem_gb"] / nv["peak_mem_gb"], 3)
         if op.get("heldout_kl") is not None and nv.get("heldout_kl") is not None:
             res["heldout_kl_diff_optimized_minus_naive"] = round(op["heldout_kl"] - nv["heldout_kl"], 5)
     save()

@@ -23,6 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from . import graphs
 from .degrade import parse_layers, parse_modules, select_modules
 from .losses import LOSSES, chunked_loss_backward
 from .synth import dist_rank_world
@@ -87,6 +88,12 @@ class DistillConfig:
     eval_batch_size: int = 32
     checkpoint_every: int = 50
     autocast: str = "auto"  # "auto" = bf16 on GPU, off on CPU; "bf16"; "off"
+    # Replay each optimizer step as one CUDA graph (graphs.py): "auto" = on a single GPU without
+    # dropout, falling back to eager steps if the capture fails or disagrees; "on" = fail instead.
+    cuda_graph: str = "auto"  # auto | on | off
+    # Recompute each decoder layer in the backward instead of keeping its activations: peak
+    # memory falls to about one layer's worth for one more student forward a step.
+    activation_checkpointing: bool = False
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
@@ -95,10 +102,14 @@ class DistillConfig:
             raise RecoverLoraError("steps must be >= 0, batch_size and grad_accum >= 1")
         if self.temperature <= 0 or self.lr <= 0:
             raise RecoverLoraError("temperature and lr must be > 0")
+        if self.cuda_graph not in ("auto", "on", "off"):
+            raise RecoverLoraError(f"cuda_graph must be auto, on or off, not {self.cuda_graph!r}")
 
 
 def _autocast(cfg: DistillConfig, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_autocast_on(cfg, device))
+    # No weight-cast cache: each weight is cast once a forward anyway, and a CUDA graph capture
+    # forbids the cache (it would replay casts of stale weights).
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_autocast_on(cfg, device), cache_enabled=False)
 
 
 def _lora_casts_off(model: torch.nn.Module, active: bool):
@@ -189,6 +200,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # {"step", "loss", "lr", "top1", "tokens", "time"}
     evals: list[dict] = field(default_factory=list)  # {"step", "kl", "top1"}
     elapsed: float = 0.0
+    step_mode: str = ""  # "cuda_graph" or "eager" (with the reason the graph was not used)
 
 
 class _Interrupt:
@@ -215,11 +227,24 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _plain(x):
+    """Tensor learning rates (CUDA-graph mode) as floats, so any mode can resume any checkpoint."""
+    if torch.is_tensor(x):
+        return float(x)
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    return x
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, opt, sched, state: TrainState, cfg: DistillConfig) -> None:
+    opt_sd = opt.state_dict()
+    opt_sd["param_groups"] = [{k: _plain(v) if k in ("lr", "initial_lr") else v for k, v in g.items()}
+                              for g in opt_sd["param_groups"]]
+    sched_sd = {k: _plain(v) if k in ("base_lrs", "_last_lr") else v for k, v in sched.state_dict().items()}
     atomic_torch_save({
         "trainable": _trainable_state(model),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
+        "optimizer": opt_sd,
+        "scheduler": sched_sd,
         "state": asdict(state),
         "config": asdict(cfg),
         "rng_cpu": torch.get_rng_state(),
@@ -232,7 +257,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt, sched, cfg: Distill
     old = dict(ck["config"])
     new = asdict(cfg)
     # Evaluation cadence may change on resume; anything that changes the math may not.
-    for k in ("eval_every", "eval_batch_size", "checkpoint_every", "chunk_tokens"):
+    for k in ("eval_every", "eval_batch_size", "checkpoint_every", "chunk_tokens", "cuda_graph",
+              "activation_checkpointing"):
         old.pop(k, None)
         new.pop(k, None)
     if old != new:
@@ -310,8 +336,15 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise RecoverLoraError("the student has no trainable parameters")
+    graph_why = _graph_blocker(cfg, student, device, world)
+    if graph_why and cfg.cuda_graph == "on":
+        raise RecoverLoraError(f"cuda_graph='on' but {graph_why}")
+    use_graph = graph_why is None
     fused = device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=fused)
+    # capturable: the optimizer keeps its step count on the device and reads a tensor lr, so a
+    # captured step does not freeze them.
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=fused,
+                            capturable=use_graph and device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ckpt = Path(checkpoint) if checkpoint else None
     state = TrainState()
@@ -330,8 +363,41 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
                                       broadcast_buffers=False, gradient_as_bucket_view=True)
     fast_casts = _autocast_on(cfg, device)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * train_ids.shape[1]
+    # The whole token set on the device (tens of MB even at paper scale): no copy a step.
+    data = train_ids.to(device) if device.type == "cuda" else train_ids
+    lr_at = lr_lambda(cfg)
+
+    def micro_batch(micro_step: int) -> torch.Tensor:
+        idx = batch_indices(len(train_ids), cfg.batch_size, micro_step, cfg.seed)
+        return data[idx[rank * local_bs:(rank + 1) * local_bs].to(data.device)]
+
+    def step(xs) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over the micro-batches ``xs``; (loss, top-1) stay on the device."""
+        opt.zero_grad(set_to_none=True)
+        loss = top1 = 0.0
+        for a, x in enumerate(xs):
+            # DDP all-reduces gradients on the last micro-batch of the step only.
+            sync = ddp.no_sync() if ddp is not None and a < len(xs) - 1 else contextlib.nullcontext()
+            with sync, _autocast(cfg, device):
+                with torch.no_grad():
+                    ht = hidden_states(teacher, x)
+                hs = ddp(x) if ddp is not None else hidden_states(student, x)
+                l, t = chunked_loss_backward(hs, ht, s_head, t_head, cfg.loss, cfg.temperature, cfg.chunk_tokens,
+                                             scale=1.0 / len(xs), as_tensors=True)
+                del hs, ht
+            loss = loss + l / len(xs)
+            top1 = top1 + t / len(xs)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        return loss, top1
+
     student.train()
     teacher.eval()
+    if cfg.activation_checkpointing:
+        _activation_checkpointing(student, True)
+    graphed = None
+    state.step_mode = "eager" + (f" ({graph_why})" if graph_why and cfg.cuda_graph == "auto" else "")
     bar = tqdm(total=cfg.steps, initial=state.step, desc="distill", unit="step", disable=not progress or rank != 0)
     start_step = state.step
     t0 = time.perf_counter() - state.elapsed
@@ -340,29 +406,21 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
             while state.step < cfg.steps:
                 if stop_after is not None and state.step - start_step >= stop_after:
                     break
-                opt.zero_grad(set_to_none=True)
-                loss_sum, top1_sum = 0.0, 0.0
-                for a in range(cfg.grad_accum):
-                    idx = batch_indices(len(train_ids), cfg.batch_size, state.step * cfg.grad_accum + a, cfg.seed)
-                    idx = idx[rank * local_bs:(rank + 1) * local_bs]
-                    x = train_ids[idx].to(device, non_blocking=True)
-                    # DDP all-reduces gradients on the last micro-batch of the step only.
-                    sync = ddp.no_sync() if ddp is not None and a < cfg.grad_accum - 1 else contextlib.nullcontext()
-                    with sync, _autocast(cfg, device):
-                        with torch.no_grad():
-                            ht = hidden_states(teacher, x)
-                        hs = ddp(x) if ddp is not None else hidden_states(student, x)
-                        loss, top1 = chunked_loss_backward(hs, ht, s_head, t_head, cfg.loss, cfg.temperature,
-                                                           cfg.chunk_tokens, scale=1.0 / cfg.grad_accum)
-                        del hs, ht
-                    loss_sum += loss / cfg.grad_accum
-                    top1_sum += top1 / cfg.grad_accum
+                xs = [micro_batch(state.step * cfg.grad_accum + a) for a in range(cfg.grad_accum)]
+                if use_graph and graphed is None:
+                    use_graph = False  # one try a run
+                    for g in opt.param_groups:  # a float lr would be frozen into the graph
+                        g["lr"] = torch.tensor(float(g["lr"]), device=device)
+                    graphed, why = graphs.capture_step(step, xs, params, opt)
+                    if graphed is None and cfg.cuda_graph == "on":
+                        raise RecoverLoraError(f"cuda_graph='on' but the capture failed: {why}")
+                    state.step_mode = "cuda_graph" if graphed is not None else f"eager (graph capture failed: {why})"
+                loss_t, top1_t = graphed(xs) if graphed is not None else step(xs)
                 if ddp is not None:
-                    loss_sum, top1_sum = _mean_over_ranks([loss_sum, top1_sum], device)
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                lr = sched.get_last_lr()[0]
-                opt.step()
+                    loss_sum, top1_sum = _mean_over_ranks([loss_t, top1_t], device)
+                else:
+                    loss_sum, top1_sum = float(loss_t), float(top1_t)  # the step's one host sync
+                lr = cfg.lr * lr_at(state.step)
                 sched.step()
                 state.step += 1
                 state.elapsed = time.perf_counter() - t0
@@ -387,15 +445,45 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
             raise
         finally:
             bar.close()
+            if cfg.activation_checkpointing:
+                _activation_checkpointing(student, False)
     if ckpt:
         _save_rank0(ckpt, student, opt, sched, state, cfg, rank, world)
     return state
 
 
-def _mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
+def _graph_blocker(cfg: DistillConfig, student: torch.nn.Module, device: torch.device, world: int) -> str | None:
+    """Why the training step cannot be a CUDA graph here (None: it can)."""
+    if cfg.cuda_graph == "off":
+        return "cuda_graph='off'"
+    if device.type != "cuda" and graphs.capture_impl is graphs._cuda_capture:
+        return "not on a CUDA device"
+    if world > 1:
+        return "data-parallel run (DDP all-reduce is not captured)"
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in student.modules()):
+        return "dropout (its random numbers are not captured)"
+    return None
+
+
+def _activation_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Turn transformers' per-layer activation checkpointing on or off (non-reentrant, no RNG
+    stashing: no dropout here, and reading the CUDA RNG state is not allowed in a graph capture)."""
+    base = _base(model)
+    kw = {"use_reentrant": False, "preserve_rng_state": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        base.activation_checkpointing_enable(kw) if on else base.activation_checkpointing_disable()
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw) if on else \
+            base.gradient_checkpointing_disable()
+    if not on and hasattr(base, "disable_input_require_grads"):
+        base.disable_input_require_grads()  # enable registered an embedding hook; drop it
+
+
+def _mean_over_ranks(values: list[torch.Tensor | float], device: torch.device) -> list[float]:
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    t = torch.stack([torch.as_tensor(v, device=device).to(dtype) for v in values])
     dist.all_reduce(t)
     return (t / dist.get_world_size()).tolist()
 

@@ -9,6 +9,7 @@ gradient magnitudes stay comparable across temperatures.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -30,7 +31,8 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
         per = (s.exp() * (s - t)).sum(-1)
     else:
         # log m = log((p + q) / 2), computed stably.
-        m = torch.logsumexp(torch.stack([s, t]), dim=0) - torch.log(torch.tensor(2.0, device=s.device))
+        # (a Python constant, not a new device tensor: no host-to-device copy inside CUDA graphs)
+        m = torch.logsumexp(torch.stack([s, t]), dim=0) - math.log(2.0)
         per = 0.5 * (t.exp() * (t - m)).sum(-1) + 0.5 * (s.exp() * (s - m)).sum(-1)
     return per.sum() * temperature ** 2
 
@@ -104,7 +106,8 @@ def chunked_loss_backward(student_hidden: torch.Tensor, teacher_hidden: torch.Te
                           student_head: Callable[[torch.Tensor], torch.Tensor],
                           teacher_head: Callable[[torch.Tensor], torch.Tensor],
                           kind: str = "kl", temperature: float = 1.0, chunk_tokens: int = 2048,
-                          scale: float = 1.0, backward: bool = True) -> tuple[float, float]:
+                          scale: float = 1.0, backward: bool = True,
+                          as_tensors: bool = False) -> tuple[float, float] | tuple[torch.Tensor, torch.Tensor]:
     """Loss and backward over token chunks of the final hidden states.
 
     The logits of at most ``chunk_tokens`` tokens exist at any time (one fp32 copy per model),
@@ -115,7 +118,8 @@ def chunked_loss_backward(student_hidden: torch.Tensor, teacher_hidden: torch.Te
     (for gradient accumulation).
 
     KL and reverse KL use closed-form logit gradients (no autograd graph over the vocabulary,
-    fewer fp32 temporaries); JSD goes through autograd.
+    fewer fp32 temporaries); JSD goes through autograd. ``as_tensors`` returns 0-d device tensors
+    instead of floats: no host sync, as a CUDA graph needs.
     """
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; use one of {LOSSES}")
@@ -155,4 +159,6 @@ def chunked_loss_backward(student_hidden: torch.Tensor, teacher_hidden: torch.Te
         total += loss.detach()
     if backward:
         hs.backward(leaf.grad)
+    if as_tensors:
+        return total, agree / n
     return total.item(), agree.item() / n

@@ -249,7 +249,7 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
                       {"kind": "preset", "modules": cfg.adapter.modules, "layers": cfg.adapter.layers,
                        "rank": cfg.adapter.rank}),
         "method": cfg.method, "init": cfg.adapter.init if cfg.method != "full-kd" else None,
-        "steps": state.step, "train_tokens": tokens,
+        "steps": state.step, "train_tokens": tokens, "step_mode": state.step_mode,
         "synthetic_sequences": len(train_ids) if train_ids is not None else 0,
         "seconds": {"synthesize": round(synth_s, 2), "train": round(train_s, 2)},
         "train_tokens_per_second": round(tokens / train_s, 1) if train_s > 0 and state.step else None,
