@@ -86,6 +86,8 @@ def test_bench_smoke_json(tmp_path):
         assert k in s, k
     assert s["naive"]["status"] == "ok" and s["optimized"]["status"] == "ok"
     assert s["optimized"]["greedy_token_match_vs_naive"] == 1.0  # fp32 on CPU: the same tokens
+    assert s["optimized_4x"]["status"] == "ok" and s["optimized_4x"]["batch"] == 4 * s["batch"]
+    assert "speedup_4x_vs_naive" in s
     d = res["distill"]
     for k in ("before", "naive", "optimized_eager", "optimized", "optimized_4x", "optimized_4x_ckpt", "speedup",
               "speedup_4x", "speedup_4x_ckpt", "heldout_kl_diff_optimized_minus_naive"):
