@@ -107,3 +107,38 @@ def test_register_adds_bench_subcommand():
     register(p.add_subparsers(dest="command"))
     a = p.parse_args(["bench", "--tiny", "--device", "cpu", "--distill-steps", "3", "--no-generate"])
     assert a.command == "bench" and a.tiny and a.distill_steps == 3 and not a.generate and callable(a.func)
+
+
+def test_bench_table_rows_and_goal_checks(tmp_path):
+    from recover_lora.bench import bench_table, main
+
+    ok = {"status": "ok"}
+    res = {"model": "/h/m/SmolLM2-135M-Instruct.Q4_1.gguf", "config": {"synth_scale": 4, "distill_scale": 4},
+           "synth": {"batch": 1024, "seq_len": 128,
+                     "naive": {**ok, "tokens_per_s": 10000.0, "peak_mem_gb": 6.0, "mfu": 0.004},
+                     "generate": {**ok, "tokens_per_s": 40000.0},
+                     "optimized": {**ok, "tokens_per_s": 90000.0, "variant": "cuda_graph"},
+                     "optimized_4x": {**ok, "tokens_per_s": 170000.0, "batch": 4096, "ran": "cuda_graph"},
+                     "speedup_vs_naive": 9.0, "speedup_4x_vs_naive": 17.0,
+                     "speedup_vs_generate": 2.25, "speedup_4x_vs_generate": 4.25},
+           "distill": {"batch": 32, "seq_len": 128, "steps": 100,
+                       "naive": {**ok, "tokens_per_s": 1000.0, "peak_mem_gb": 10.0, "heldout_kl": 0.15,
+                                 "heldout_top1": 0.79},
+                       "optimized": {**ok, "tokens_per_s": 5000.0, "step_mode": "cuda_graph", "heldout_kl": 0.152,
+                                     "heldout_top1": 0.79, "peak_mem_gb": 4.0},
+                       "optimized_4x": {**ok, "tokens_per_s": 7000.0, "peak_mem_gb": 12.0, "batch": 128},
+                       "optimized_4x_ckpt": {**ok, "tokens_per_s": 6000.0, "peak_mem_gb": 3.0, "batch": 128},
+                       "speedup": 5.0, "speedup_4x": 7.0, "speedup_4x_ckpt": 6.0,
+                       "heldout_kl_diff_optimized_minus_naive": 0.002}}
+    t = bench_table([res])
+    assert "| SmolLM2-135M-Instruct.Q4_1.gguf | synth | optimized (cuda_graph), 4x the batch | 4096 x 128 | 170,000 | 17.0 |" in t
+    assert "| distill | optimized `train()`, cuda_graph | 32 x 128 | 5,000 | 5.0 | 4.00 |" in t
+    assert "0.1520 (79.0%) after 100 steps" in t
+    checks = {line.split(" | ")[1]: line.split(" | ")[2] for line in t.splitlines()
+              if line.count("|") == 5 and "goal" not in line and "---" not in line}
+    assert checks == {"synthesis >= 10x naive": "yes", "synthesis ~4x generate": "yes",
+                      "distillation >= 8x naive": "**no**", "peak memory at 4x batch <= naive's": "yes",
+                      "same held-out KL as naive": "yes"}
+    f = tmp_path / "b.json"
+    f.write_text(json.dumps(res))
+    assert main(["--table", str(f)]) == 0
