@@ -18,7 +18,6 @@ the evaluation data (a tar of <task>/<split>.jsonl, unpacked into $HOME/ed) and 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -36,12 +35,7 @@ EVAL_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "winogrande", "piqa", "o
               "mmlu_philosophy", "mmlu_management", "mmlu_astronomy")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from recover_lora.zoo import sha256_file as _sha256  # noqa: E402 (after the sys.path line)
 
 
 def _eval_tar(src: Path, dest: Path, train: bool) -> Path:
