@@ -153,3 +153,29 @@ def test_check_goals_pass_fail_and_missing():
     assert study.check_goals(runs, {**goals, "min_gap_closed": 0.97})["gap"][0] == "FAIL"
     del runs["full-kd"]
     assert study.check_goals(runs, goals)["baselines"] == ("n/a", "missing full-kd")
+
+
+def test_auto_runs_share_one_diagnosis(study_yaml, monkeypatch):
+    """The second auto-placement run of a damage reuses the first one's plan (one diagnosis),
+    with its own init; a run with another rank diagnoses afresh."""
+    import recover_lora.diagnose as diagnose_mod
+
+    d = yaml.safe_load(study_yaml.read_text())
+    d["methods"] = {"svd-only": d["methods"]["svd-only"], "auto": {"placement": "auto"},
+                    "auto-r2": {"placement": "auto", "adapter": {"rank": 2, "alpha": 4}}}
+    d["sweep"] = None
+    study_yaml.write_text(yaml.safe_dump(d))
+    calls = []
+    real = diagnose_mod.diagnose
+    monkeypatch.setattr(diagnose_mod, "diagnose", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(["study", "--config", str(study_yaml)]) == 0
+    assert len(calls) == 2  # one of svd-only / auto diagnosed, the other reused it; auto-r2 (other rank) diagnosed
+    base = study_yaml.parent / "study/tiny/noise-all"
+    plans = {m: json.loads((base / m / "diagnosis/plan.json").read_text()) for m in ("svd-only", "auto", "auto-r2")}
+    shared = [m for m in plans if (base / m / "diagnosis/SHARED.txt").exists()]
+    assert len(shared) == 1 and shared[0] in ("svd-only", "auto")
+    assert plans["svd-only"]["ranks"] == plans["auto"]["ranks"]
+    assert plans["svd-only"]["init"] == "svd" and plans["auto"]["init"] == "default"  # each its own
+    rep = json.loads((base / "svd-only/report.json").read_text())
+    assert rep["placement"]["init"] == "svd" and rep["steps"] == 0
+    assert plans["auto-r2"]["base_rank"] == 2

@@ -263,12 +263,40 @@ def load_repaired(run: Run, rcfg: RecoverConfig, degraded):
     return model
 
 
+def _plan_key(rc: dict) -> list:
+    """What an auto placement depends on: rank, alpha, budget and the held-out sequences."""
+    return [rc["adapter"]["rank"], rc["adapter"]["alpha"], rc.get("placement_budget"), rc.get("heldout_sequences"),
+            rc["synth"]["seq_len"], rc["synth"]["seed"], rc.get("reference"), rc.get("degraded")]
+
+
+def share_plan(run: Run, rcfg: RecoverConfig) -> Path | None:
+    """Give an auto-placement run the plan of a finished sibling run (same model and damage, same
+    rank, alpha, budget and held-out data) instead of diagnosing again: the diagnosis is the same,
+    and every auto method then adapts the same modules at the same ranks. Only the sibling's
+    init and dropout are replaced by this run's. Returns the plan used, or None."""
+    if rcfg.placement != "auto" or (run.dir / "diagnosis" / "plan.json").exists():
+        return None
+    key = _plan_key(rcfg.to_dict())
+    for plan in sorted(run.dir.parent.glob("*/diagnosis/plan.json")):
+        report = plan.parent.parent / "report.json"
+        if not report.exists() or _plan_key(read_json(report).get("config", {})) != key:
+            continue
+        d = read_json(plan)
+        d.update(init=rcfg.adapter.init, dropout=rcfg.adapter.dropout)
+        atomic_write_json(run.dir / "diagnosis" / "plan.json", d)
+        (run.dir / "diagnosis" / "SHARED.txt").write_text(f"plan taken from {plan}\n")
+        log.info("study: %s: reusing the placement of %s", run.name, plan.parent.parent.name)
+        return plan
+    return None
+
+
 def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, ref_res: dict, deg_res: dict,
             pool: Path | None, progress: bool = True) -> dict:
     rcfg = cfg.recover_config(run.model, run.damage, run.method, pool)
     timing = run.dir / "timing.json"
     if not (run.dir / "report.json").exists():
         log.info("study: %s: recover (%s)", run.name, rcfg.method)
+        share_plan(run, rcfg)
         with timed(timing, "recover"):
             run_recover(rcfg, reference, copy.deepcopy(degraded), tokenizer, progress=progress)
     rep = read_json(run.dir / "report.json")
