@@ -179,3 +179,21 @@ def test_auto_runs_share_one_diagnosis(study_yaml, monkeypatch):
     rep = json.loads((base / "svd-only/report.json").read_text())
     assert rep["placement"]["init"] == "svd" and rep["steps"] == 0
     assert plans["auto-r2"]["base_rank"] == 2
+
+
+@pytest.mark.parametrize("name", ["study.yaml", "study-smoke.yaml"])
+def test_shipped_study_configs_resolve(name):
+    """Every run of the shipped study files builds a valid RecoverConfig and damage (no typo waits for the GPU)."""
+    from pathlib import Path
+
+    from recover_lora.degrade import op_from_dict, parse_op
+
+    cfg = study.StudyConfig.from_yaml(Path(__file__).parents[1] / name)
+    for m in cfg.models:
+        for d, ops in cfg.damages.items():
+            assert [parse_op(o) if isinstance(o, str) else op_from_dict(o) for o in ops]
+            for method in cfg.all_methods():
+                rc = cfg.recover_config(m, d, method, None)
+                rc.distill.validate()
+                assert rc.reference == cfg.models[m]
+    assert set(cfg.goals["presets"]) | set(cfg.goals["baselines"]) | {cfg.goals["method"]} <= set(cfg.all_methods())
