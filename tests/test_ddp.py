@@ -34,7 +34,7 @@ def _adapter(student) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
 
 
-def _worker(rank: int, port: int, tmp: str) -> None:
+def _worker(rank: int, port: int, tmp: str, fsdp: bool = False, stop_after: int | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -46,10 +46,12 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             for p in student.parameters():
                 if p.requires_grad:
                     p.data.add_(torch.randn_like(p))
-        state = train(student, ref, ids, DistillConfig(**CFG), checkpoint=os.path.join(tmp, "ck.pt"),
-                      progress=False)
-        synthesize(ref, tiny_tokenizer(), SynthConfig(**SYNTH), os.path.join(tmp, "synth"), progress=False)
-        torch.save({"adapter": _adapter(student), "loss": [h["loss"] for h in state.history]},
+        state = train(student, ref, ids, DistillConfig(**CFG, fsdp=fsdp), checkpoint=os.path.join(tmp, "ck.pt"),
+                      progress=False, stop_after=stop_after)
+        if not fsdp:
+            synthesize(ref, tiny_tokenizer(), SynthConfig(**SYNTH), os.path.join(tmp, "synth"), progress=False)
+        plain = all(type(p) is torch.nn.Parameter for m in (student, ref) for p in m.parameters())
+        torch.save({"adapter": _adapter(student), "loss": [h["loss"] for h in state.history], "plain": plain},
                    os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -86,7 +88,8 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-def test_recover_cli_under_torchrun_equals_one_process(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_recover_cli_under_torchrun_equals_one_process(tmp_path, parallel):
     """`torchrun --nproc_per_node 2 -m recover_lora.cli recover ...` writes the one-process adapter."""
     import subprocess
     import sys
@@ -109,7 +112,8 @@ def test_recover_cli_under_torchrun_equals_one_process(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", str(_free_port()), "-m", "recover_lora.cli", *args,
-                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+                          "--out", str(tmp_path / "two"), *(["--fsdp"] if parallel == "fsdp" else [])],
+                         env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
@@ -118,3 +122,31 @@ def test_recover_cli_under_torchrun_equals_one_process(tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (k, (a[k] - b[k]).abs().max())
     import json
     assert json.loads((tmp_path / "two" / "report.json").read_text())["processes"] == 2
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_two_process_fsdp_equals_one_process_and_resumes(tmp_path):
+    """FSDP2 over the decoder layers: the one-process adapter, whole parameters again afterwards,
+    and a checkpoint that a single process resumes to the same end."""
+    torch.set_num_threads(1)
+    ref, student, ids = _setup()
+    single = train(student, ref, ids, DistillConfig(**CFG), progress=False)
+    want = _adapter(student)
+
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), True), nprocs=WORLD, join=True)
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert got["plain"], "the models still hold FSDP shards after train()"
+        for n, p in want.items():
+            assert torch.allclose(got["adapter"][n], p, atol=1e-5, rtol=0), (r, n, (got["adapter"][n] - p).abs().max())
+        assert got["loss"] == pytest.approx([h["loss"] for h in single.history], rel=1e-5)
+
+    # interrupted FSDP run (2 of 4 steps; checkpoint of whole tensors) -> resumed by one process
+    part = tmp_path / "part"
+    part.mkdir()
+    mp.spawn(_worker, args=(_free_port(), str(part), True, 2), nprocs=WORLD, join=True)
+    ref, student, ids = _setup()
+    state = train(student, ref, ids, DistillConfig(**CFG), checkpoint=part / "ck.pt", progress=False)
+    assert state.step == CFG["steps"]
+    for n, p in _adapter(student).items():
+        assert torch.allclose(p, want[n], atol=1e-5, rtol=0), (n, (p - want[n]).abs().max())

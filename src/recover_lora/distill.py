@@ -9,6 +9,7 @@ interrupted run resumes bit-for-bit (the batch order is a pure function of seed 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import signal
@@ -94,6 +95,9 @@ class DistillConfig:
     # Recompute each decoder layer in the backward instead of keeping its activations: peak
     # memory falls to about one layer's worth for one more student forward a step.
     activation_checkpointing: bool = False
+    # Under torchrun / accelerate launch: shard the decoder layers of teacher and student across
+    # the ranks (FSDP2) instead of replicating the student under DDP; whole layers come back at the end.
+    fsdp: bool = False
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
@@ -223,8 +227,15 @@ class _Interrupt:
             signal.signal(signal.SIGTERM, self.prev)
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP shard (a collective: every rank must call it), else ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: _full(p.detach()).cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _plain(x):
@@ -236,12 +247,16 @@ def _plain(x):
     return x
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, opt, sched, state: TrainState, cfg: DistillConfig) -> None:
+def checkpoint_payload(model: torch.nn.Module, opt, sched, state: TrainState, cfg: DistillConfig) -> dict:
+    """What a checkpoint holds: whole tensors (FSDP shards gathered: call it on every rank), float lrs."""
     opt_sd = opt.state_dict()
     opt_sd["param_groups"] = [{k: _plain(v) if k in ("lr", "initial_lr") else v for k, v in g.items()}
                               for g in opt_sd["param_groups"]]
+    # new dicts: state_dict() hands out the optimizer's own per-parameter state
+    opt_sd["state"] = {i: {k: _full(v) if torch.is_tensor(v) else v for k, v in st.items()}
+                       for i, st in opt_sd["state"].items()}
     sched_sd = {k: _plain(v) if k in ("base_lrs", "_last_lr") else v for k, v in sched.state_dict().items()}
-    atomic_torch_save({
+    return {
         "trainable": _trainable_state(model),
         "optimizer": opt_sd,
         "scheduler": sched_sd,
@@ -249,7 +264,11 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt, sched, state: Train
         "config": asdict(cfg),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }, path)
+    }
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, opt, sched, state: TrainState, cfg: DistillConfig) -> None:
+    atomic_torch_save(checkpoint_payload(model, opt, sched, state, cfg), path)
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, opt, sched, cfg: DistillConfig) -> TrainState:
@@ -258,17 +277,30 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt, sched, cfg: Distill
     new = asdict(cfg)
     # Evaluation cadence may change on resume; anything that changes the math may not.
     for k in ("eval_every", "eval_batch_size", "checkpoint_every", "chunk_tokens", "cuda_graph",
-              "activation_checkpointing"):
+              "activation_checkpointing", "fsdp"):
         old.pop(k, None)
         new.pop(k, None)
     if old != new:
         diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
         raise RecoverLoraError(f"checkpoint {path} was made with other training settings {diff}; "
                                "resume with the same settings or use a new output folder")
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    def local(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # whole tensor -> like's layout
+        t = t.to(like.device, like.dtype)
+        return distribute_tensor(t, like.device_mesh, like.placements) if isinstance(like, DTensor) else t
+
     params = dict(model.named_parameters())
-    for n, t in ck["trainable"].items():
-        params[n].data.copy_(t.to(params[n].device))
+    with torch.no_grad():
+        for n, t in ck["trainable"].items():
+            params[n].copy_(local(t, params[n]))
     opt.load_state_dict(ck["optimizer"])
+    for group in opt.param_groups:  # FSDP: moments as shards of their parameter
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for k, v in st.items():
+                if isinstance(p, DTensor) and torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
+                    st[k] = local(v, p)
     sched.load_state_dict(ck["scheduler"])
     torch.set_rng_state(ck["rng_cpu"])
     if ck.get("rng_cuda") is not None and torch.cuda.is_available():
@@ -324,8 +356,10 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
     global batch, its order, and (without dropout) the adapter equal a one-process run's up to
     floating-point summation order; ``cfg.batch_size`` is the global batch and must divide by
     the world size. The logged loss and top-1 are averaged over ranks, and only rank 0 writes
-    checkpoints (all ranks read them on resume). FSDP is not implemented: the frozen base is
-    replicated on every rank, which suits models that fit one GPU.
+    checkpoints (all ranks read them on resume). With ``cfg.fsdp`` the decoder layers of both
+    models are sharded across the ranks (FSDP2) instead: the same math, 1/world of the layer
+    weights per rank while training (each rank still loads the models whole); checkpoints hold
+    whole tensors either way, so DDP, FSDP and single-process runs resume each other's.
     """
     cfg.validate()
     device = next(teacher.parameters()).device
@@ -333,9 +367,10 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
     if cfg.batch_size % world:
         raise RecoverLoraError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
     local_bs = cfg.batch_size // world
-    params = [p for p in student.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in student.parameters()):
         raise RecoverLoraError("the student has no trainable parameters")
+    sharded = _ShardedLayers([teacher, student], device, world) if cfg.fsdp and world > 1 else None
+    params = [p for p in student.parameters() if p.requires_grad]  # (FSDP: now shards)
     graph_why = _graph_blocker(cfg, student, device, world)
     if graph_why and cfg.cuda_graph == "on":
         raise RecoverLoraError(f"cuda_graph='on' but {graph_why}")
@@ -353,7 +388,7 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
         log.info("resumed from %s at step %d", ckpt, state.step)
     s_head, t_head = _head(_base(student)), _head(teacher)
     ddp = None
-    if world > 1:
+    if world > 1 and sharded is None:
         from torch.nn.parallel import DistributedDataParallel
 
         # Built after a resume, so every rank starts from the same (checkpointed) adapter; DDP
@@ -416,7 +451,7 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
                         raise RecoverLoraError(f"cuda_graph='on' but the capture failed: {why}")
                     state.step_mode = "cuda_graph" if graphed is not None else f"eager (graph capture failed: {why})"
                 loss_t, top1_t = graphed(xs) if graphed is not None else step(xs)
-                if ddp is not None:
+                if world > 1:
                     loss_sum, top1_sum = _mean_over_ranks([loss_t, top1_t], device)
                 else:
                     loss_sum, top1_sum = float(loss_t), float(top1_t)  # the step's one host sync
@@ -436,6 +471,10 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
                 if ckpt and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                     _save_rank0(ckpt, student, opt, sched, state, cfg, rank, world)
         except KeyboardInterrupt:
+            if ckpt and sharded is not None:  # gathering the shards needs every rank: keep the last one
+                bar.close()
+                raise RecoverLoraError(f"interrupted at step {state.step}; the checkpoint in {ckpt} (every "
+                                       f"{cfg.checkpoint_every} steps) stays: run the same command again to resume") from None
             if ckpt:
                 if rank == 0:  # no barrier here: the other ranks may be gone already
                     save_checkpoint(ckpt, student, opt, sched, state, cfg)
@@ -449,7 +488,57 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
                 _activation_checkpointing(student, False)
     if ckpt:
         _save_rank0(ckpt, student, opt, sched, state, cfg, rank, world)
+    if sharded is not None:
+        sharded.restore()
     return state
+
+
+class _ShardedLayers:
+    """FSDP2 (``fully_shard``) on every decoder layer of the given models, for the training loop.
+
+    Only the decoder layers are sharded (the bulk of the weights); embeddings, final norm and
+    head stay whole on every rank, so the chunked loss can apply the head outside the decoder's
+    forward. :meth:`restore` gathers each layer and puts back an ordinary module with the same
+    values (from a meta-device copy made before sharding), so saving, merging and evaluating
+    afterwards see plain tensors.
+    """
+
+    def __init__(self, models: list[torch.nn.Module], device: torch.device, world: int):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        import torch.distributed as dist
+
+        mesh = init_device_mesh(device.type, (world,))
+        self.device = device
+        with torch.no_grad():  # every rank starts from rank 0's adapter, as DDP does
+            for m in models:
+                for p in m.parameters():
+                    if p.requires_grad:
+                        dist.broadcast(p.data, src=0)
+        self.saved = []
+        for m in models:
+            layers = getattr(_decoder(m), "layers", None)
+            if not isinstance(layers, torch.nn.ModuleList):
+                raise RecoverLoraError(f"fsdp: no decoder.layers list in this {type(_base(m)).__name__}")
+            templates = []
+            for layer in layers:
+                templates.append(copy.deepcopy(layer).to("meta"))  # structure only, one layer at a time
+                fully_shard(layer, mesh=mesh)
+            self.saved.append((layers, templates))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for layers, templates in self.saved:
+            for i, layer in enumerate(layers):
+                whole = {k: _full(v) for k, v in layer.state_dict().items()}  # collective
+                plain = templates[i].to_empty(device=self.device)
+                plain.load_state_dict(whole)
+                bufs = dict(plain.named_buffers())
+                for name, b in layer.named_buffers():  # non-persistent buffers are not in the state dict
+                    bufs[name].copy_(_full(b))
+                layers[i] = plain
+        self.saved = []
 
 
 def _graph_blocker(cfg: DistillConfig, student: torch.nn.Module, device: torch.device, world: int) -> str | None:
@@ -489,7 +578,13 @@ def _mean_over_ranks(values: list[torch.Tensor | float], device: torch.device) -
 
 
 def _save_rank0(path: Path, model, opt, sched, state: TrainState, cfg: DistillConfig, rank: int, world: int) -> None:
-    if rank == 0:
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):  # FSDP: every rank gathers, rank 0 writes
+        payload = checkpoint_payload(model, opt, sched, state, cfg)
+        if rank == 0:
+            atomic_torch_save(payload, path)
+    elif rank == 0:
         save_checkpoint(path, model, opt, sched, state, cfg)
     if world > 1:
         import torch.distributed as dist
