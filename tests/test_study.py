@@ -127,6 +127,22 @@ def test_miniature_study_runs_resumes_and_reports(study_yaml, monkeypatch, capsy
     assert "| kv@16 |" in res and "## Commands" in res
     assert (t / "results" / "tiny-gap-closed.png").stat().st_size > 0
 
+    # the device round trip: pack the small files, unpack them into a fresh folder, same RESULTS.md
+    assert main(["study", "--config", str(study_yaml), "--results-only", "--pack", str(t / "p.tar.gz")]) == 0
+    import shutil
+    shutil.rmtree(t / "study")
+    (t / "RESULTS.md").unlink()
+    assert main(["study", "--config", str(study_yaml), "--unpack", str(t / "p.tar.gz")]) == 0
+    assert (t / "study/tiny/noise-all/kv/done.json").exists()
+    assert not list((t / "study").rglob("*.pt")) and not list((t / "study").rglob("adapter"))
+    assert (t / "RESULTS.md").read_text() == res
+    # a later session on a fresh machine: the manifest came back, the shards did not; the pool is remade
+    assert not study._pool_ready(t / "study/tiny/synth")
+    for f in (t / "study/tiny/noise-all/kv").glob("done.json"):
+        f.unlink()
+    assert main(["study", "--config", str(study_yaml), "--only", "tiny/*/kv"]) == 0
+    assert study._pool_ready(t / "study/tiny/synth")
+
 
 def test_pool_mmlu_pools_the_subjects():
     r = {"arc_easy": {"acc": 0.5, "n": 2, "items": {"acc": [1, 0]}},
@@ -197,3 +213,24 @@ def test_shipped_study_configs_resolve(name):
                 rc.distill.validate()
                 assert rc.reference == cfg.models[m]
     assert set(cfg.goals["presets"]) | set(cfg.goals["baselines"]) | {cfg.goals["method"]} <= set(cfg.all_methods())
+
+
+def test_pack_and_unpack_results(tmp_path):
+    src = tmp_path / "src"
+    keep = ["study.json", "commands.log", "m/eval/reference.json", "m/d/kv/done.json", "m/d/kv/eval/report.png",
+            "m/d/auto/diagnosis/plan.json", "m/d/auto/diagnosis/SHARED.txt", "m/synth/manifest.json"]
+    drop = ["m/synth/shard_00000.pt", "m/d/kv/adapter/adapter_config.json", "m/d/kv/merged/config.json",
+            "m/d/kv/adapter/adapter_model.safetensors", "m/d/full-kd/model/config.json", "m/d/kv/checkpoint.pt"]
+    for i, f in enumerate(keep + drop):
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        (src / f).write_text(f"content {i}")
+    assert study.pack_results(src, tmp_path / "out" / "study.tar.gz") == len(keep)
+    dst = tmp_path / "dst"
+    (dst / "m/d/old").mkdir(parents=True)
+    (dst / "m/d/old/done.json").write_text("earlier session")  # merged into, not replaced
+    assert study.unpack_results(tmp_path / "out" / "study.tar.gz", dst) == len(keep)
+    got = sorted(str(f.relative_to(dst)) for f in dst.rglob("*") if f.is_file())
+    assert got == sorted(keep + ["m/d/old/done.json"])
+    assert (dst / "m/d/kv/done.json").read_text() == f"content {keep.index('m/d/kv/done.json')}"
+    with pytest.raises(study.RecoverLoraError, match="cannot unpack"):
+        study.unpack_results(tmp_path / "nope.tar.gz", dst)

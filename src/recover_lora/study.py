@@ -269,6 +269,14 @@ def _plan_key(rc: dict) -> list:
             rc["synth"]["seq_len"], rc["synth"]["seed"], rc.get("reference"), rc.get("degraded")]
 
 
+def _pool_ready(pool: Path) -> bool:
+    """A complete synthetic pool whose shards are on this machine (an unpacked study has only the manifest)."""
+    if not (pool / "manifest.json").exists():
+        return False
+    man = read_json(pool / "manifest.json")
+    return bool(man.get("complete")) and all((pool / s["file"]).exists() for s in man.get("shards", []))
+
+
 def share_plan(run: Run, rcfg: RecoverConfig) -> Path | None:
     """Give an auto-placement run the plan of a finished sibling run (same model and damage, same
     rank, alpha, budget and held-out data) instead of diagnosing again: the diagnosis is the same,
@@ -362,7 +370,7 @@ def run_study(cfg: StudyConfig, only: list[str] | None = None, dry_run: bool = F
                 pool = None
                 if cfg.uses_pool(run.method):
                     pool = pool_dir
-                    if not (pool / "manifest.json").exists() or not read_json(pool / "manifest.json").get("complete"):
+                    if not _pool_ready(pool):
                         with timed(study / slug(model) / "timing.json", "synth_pool"):
                             synthesize(reference, tokenizer, train_synth_config(common), pool, progress=progress)
                 run_one(cfg, run, reference, degraded, tokenizer, ecfg, ref_res, deg_res, pool, progress)
@@ -613,6 +621,43 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
 
 # ---------------------------------------------------------------------------------- CLI
 
+# What RESULTS.md and a later session need from study_dir; models, adapters, data and checkpoints stay.
+PACK_SUFFIXES = (".json", ".md", ".png", ".log", ".txt", ".yaml")
+PACK_SKIP_DIRS = {"model", "adapter", "merged"}  # (tokenizer.json alone is 3.5 MB); data shards are .pt
+
+
+def pack_results(study_dir: str | Path, archive: str | Path) -> int:
+    """Write the small result files of ``study_dir`` (JSON, MD, PNG, logs) into one ``.tar.gz``:
+    the GPU machine returns at most 8 files a call. Returns the number of files packed."""
+    import tarfile
+
+    root = Path(study_dir)
+    if not root.is_dir():
+        raise RecoverLoraError(f"no study folder {root}")
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in PACK_SUFFIXES
+                   and not PACK_SKIP_DIRS & set(f.relative_to(root).parts[:-1]))
+    Path(archive).parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        for f in files:
+            tar.add(f, arcname=str(f.relative_to(root)))
+    return len(files)
+
+
+def unpack_results(archive: str | Path, study_dir: str | Path) -> int:
+    """Merge a :func:`pack_results` archive into ``study_dir`` (newer files win). Returns the count."""
+    import tarfile
+
+    root = Path(study_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            tar.extractall(root, members=members, filter="data")  # refuses absolute paths and '..'
+    except (OSError, tarfile.TarError) as e:
+        raise RecoverLoraError(f"cannot unpack {archive}: {e}") from None
+    return len(members)
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("study", help="the study: models x damages x methods from a YAML file, resumable, "
                                             "summarised in RESULTS.md")
@@ -622,6 +667,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan (done / started / to do) and exit")
     p.add_argument("--results-only", action="store_true", help="only regenerate RESULTS.md from finished runs")
     p.add_argument("--results", default=None, help="RESULTS.md path (default: the config's `results`)")
+    p.add_argument("--eval-data", default=None, metavar="DIR",
+                   help="benchmark folder instead of the config's eval.data_dir (e.g. where device_carry unpacked it)")
+    p.add_argument("--pack", default=None, metavar="FILE.tar.gz",
+                   help="after the runs (or alone with --results-only), pack the small result files into one archive "
+                        "(the GPU machine returns at most 8 files)")
+    p.add_argument("--unpack", default=None, metavar="FILE.tar.gz",
+                   help="merge a --pack archive into the study folder, rewrite RESULTS.md, and exit")
     p.set_defaults(func=run_cli)
     return p
 
@@ -630,12 +682,20 @@ def run_cli(a: argparse.Namespace) -> int:
     cfg = StudyConfig.from_yaml(a.config)
     if a.results:
         cfg.results = a.results
+    if getattr(a, "eval_data", None):
+        cfg.eval["data_dir"] = a.eval_data
     only = [s for o in a.only for s in o.split(",") if s] if a.only else None
+    if getattr(a, "unpack", None):
+        n = unpack_results(a.unpack, cfg.study_dir)
+        print(f"unpacked {n} files into {cfg.study_dir}")
+        a.results_only = True
     if a.results_only:
         print(f"wrote {write_results(cfg.study_dir, cfg.results, cfg)}")
-        return 0
-    argv = ["recover-lora", "study", "--config", a.config] + [x for o in (a.only or []) for x in ("--only", o)]
-    run_study(cfg, only, dry_run=a.dry_run, command=" ".join(shlex.quote(x) for x in argv))
-    if not a.dry_run:
-        print(f"wrote {cfg.results}")
+    else:
+        argv = ["recover-lora", "study", "--config", a.config] + [x for o in (a.only or []) for x in ("--only", o)]
+        run_study(cfg, only, dry_run=a.dry_run, command=" ".join(shlex.quote(x) for x in argv))
+        if not a.dry_run:
+            print(f"wrote {cfg.results}")
+    if getattr(a, "pack", None) and not a.dry_run:
+        print(f"packed {pack_results(cfg.study_dir, a.pack)} files into {a.pack}")
     return 0
