@@ -67,7 +67,7 @@ def test_graphed_run_equals_eager_run(emulated):
 
 
 def test_a_graph_that_disagrees_is_rejected_and_leaves_no_trace(monkeypatch):
-    def bad_capture(fn, static, pool=None):
+    def bad_capture(fn, static, opt):
         out = fn(static)
 
         def replay():  # a "graph" that forgot the new batch: reruns on shuffled tokens
@@ -109,7 +109,7 @@ def test_a_graph_that_disagrees_is_rejected_and_leaves_no_trace(monkeypatch):
 
 
 def test_a_capture_that_raises_falls_back(monkeypatch):
-    def broken(fn, static, pool=None):
+    def broken(fn, static, opt):
         fn(static)  # gets half-way (grads, optimizer state touched) then fails
         raise RuntimeError("operation not permitted when stream is capturing")
 
@@ -173,3 +173,22 @@ def test_activation_checkpointing_same_math_less_memory():
     for n, t in _adapter(student).items():
         torch.testing.assert_close(t, want[n], rtol=1e-4, atol=1e-6)
     assert st.history[-1]["loss"] < st.history[0]["loss"]
+
+
+def test_a_scheduler_that_replaces_the_lr_tensor_cannot_freeze_it(emulated, monkeypatch):
+    """Older torch schedulers write a float into the param group instead of filling the tensor: the
+    captured step must still see each new lr (else it would train at the first warm-up lr forever)."""
+    import torch.optim.lr_scheduler as lrs
+
+    def assign_float(param_group, key, val):
+        param_group[key] = float(val)
+
+    monkeypatch.setattr(lrs, "_update_param_group_val", assign_float)
+    teacher, student, ids = _setup()
+    train(student, teacher, ids, _cfg(cuda_graph="off"), progress=False)
+    want = _adapter(student)
+
+    teacher, student, ids = _setup()
+    train(student, teacher, ids, _cfg(cuda_graph="on"), progress=False)
+    for n, t in _adapter(student).items():
+        torch.testing.assert_close(t, want[n], rtol=1e-5, atol=1e-6)

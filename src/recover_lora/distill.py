@@ -446,6 +446,7 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
                     use_graph = False  # one try a run
                     for g in opt.param_groups:  # a float lr would be frozen into the graph
                         g["lr"] = torch.tensor(float(g["lr"]), device=device)
+                    graph_lrs = [g["lr"] for g in opt.param_groups]
                     graphed, why = graphs.capture_step(step, xs, params, opt)
                     if graphed is None and cfg.cuda_graph == "on":
                         raise RecoverLoraError(f"cuda_graph='on' but the capture failed: {why}")
@@ -457,6 +458,8 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
                     loss_sum, top1_sum = float(loss_t), float(top1_t)  # the step's one host sync
                 lr = cfg.lr * lr_at(state.step)
                 sched.step()
+                if graphed is not None:
+                    _keep_tensor_lrs(opt, graph_lrs)
                 state.step += 1
                 state.elapsed = time.perf_counter() - t0
                 state.history.append({"step": state.step, "loss": loss_sum, "top1": top1_sum, "lr": lr,
@@ -539,6 +542,16 @@ class _ShardedLayers:
                     bufs[name].copy_(_full(b))
                 layers[i] = plain
         self.saved = []
+
+
+def _keep_tensor_lrs(opt: torch.optim.Optimizer, tensors: list[torch.Tensor]) -> None:
+    """The captured step reads the lr tensors it was captured with: should the scheduler have put a
+    new object in a param group (a float, in torch versions that do not fill tensor lrs in place),
+    copy its value into the captured tensor and put that back."""
+    for g, t in zip(opt.param_groups, tensors):
+        if g["lr"] is not t:
+            t.fill_(float(g["lr"]))
+            g["lr"] = t
 
 
 def _graph_blocker(cfg: DistillConfig, student: torch.nn.Module, device: torch.device, world: int) -> str | None:

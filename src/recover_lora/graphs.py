@@ -66,22 +66,31 @@ def _close(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float) -> bool:
     return bool(torch.isfinite(a).all()) and float((a - b).norm()) <= rtol * max(float(b.norm()), 1e-12)
 
 
-def _cuda_capture(fn: StepFn, static_inputs: list[torch.Tensor], pool=None):
-    """Capture ``fn(static_inputs)``; returns (replay, static outputs)."""
+def _cuda_capture(fn: StepFn, static_inputs: list[torch.Tensor], opt: torch.optim.Optimizer):
+    """Capture ``fn(static_inputs)``; returns (replay, static outputs, graph)."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph):
         out = fn(static_inputs)
     return graph.replay, out, graph
 
 
-def _eager_capture(fn: StepFn, static_inputs: list[torch.Tensor], pool=None):
+def _eager_capture(fn: StepFn, static_inputs: list[torch.Tensor], opt: torch.optim.Optimizer):
     """Stand-in for :func:`_cuda_capture` where there is no GPU: "replay" calls the step again,
-    writing into the same output tensors. Tests use it to check the warm-up/restore logic."""
+    writing into the same output tensors and, like a graph, reading the learning-rate objects
+    that were in place at capture time. Tests use it to check everything around the capture."""
     out = fn(static_inputs)
+    lrs = [g["lr"] for g in opt.param_groups]
 
     def replay() -> None:
-        for o, n in zip(out, fn(static_inputs)):
-            o.copy_(n)
+        now = [g["lr"] for g in opt.param_groups]
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
+        try:
+            for o, n in zip(out, fn(static_inputs)):
+                o.copy_(n)
+        finally:
+            for g, lr in zip(opt.param_groups, now):
+                g["lr"] = lr
     return replay, out, None
 
 
@@ -134,7 +143,7 @@ def capture_step(fn: StepFn, example_inputs: Sequence[torch.Tensor], params: lis
         _restore(snap, params, opt)
         # 2. capture: gradients start as None, so the captured backward writes them afresh
         opt.zero_grad(set_to_none=True)
-        replay, static_out, graph = capture_impl(fn, static)
+        replay, static_out, graph = capture_impl(fn, static, opt)
         # 3. check: one replay from the restored state must redo the eager first step
         _restore(snap, params, opt)
         replay()
