@@ -79,6 +79,37 @@ def test_chunked_loss_equals_naive(kind, temperature):
     assert top1 == pytest.approx((head(hs).argmax(-1) == head(ht).argmax(-1)).float().mean().item())
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_teacher_topk_loss_equals_autograd_reference(temperature):
+    """Top-k teacher: KL of the renormalised top-k teacher against the full student softmax."""
+    torch.manual_seed(0)
+    k, T = 4, temperature
+    head = torch.nn.Linear(16, 50, bias=False)
+    hs = torch.randn(3, 7, 16, requires_grad=True)
+    ht = torch.randn(3, 7, 16)
+    s_logits, t_logits = head(hs).reshape(-1, 50), head(ht).detach().reshape(-1, 50)
+    vals, idx = t_logits.topk(k, dim=-1)
+    p = torch.softmax(vals / T, -1)
+    ref = (p * (p.log() - torch.log_softmax(s_logits / T, -1).gather(-1, idx))).sum(-1).mean() * T ** 2
+    ref.backward()
+    g_ref = hs.grad.clone()
+    hs.grad = None
+    loss, _ = chunked_loss_backward(hs, ht, head, head, "kl", T, chunk_tokens=5, teacher_topk=k)
+    assert loss == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(hs.grad, g_ref, atol=1e-6)
+    # with k = the vocabulary it is the plain KL; k = 1 on a peaked teacher is cross-entropy on its argmax
+    full, _ = chunked_loss_backward(hs, ht, head, head, "kl", T, chunk_tokens=5, backward=False)
+    assert chunked_loss_backward(hs, ht, head, head, "kl", T, chunk_tokens=5, backward=False,
+                                 teacher_topk=50)[0] == pytest.approx(full, rel=1e-6)
+    ce = -torch.log_softmax(s_logits / T, -1).gather(-1, t_logits.argmax(-1, keepdim=True)).mean() * T ** 2
+    assert chunked_loss_backward(hs, ht, head, head, "kl", T, backward=False,
+                                 teacher_topk=1)[0] == pytest.approx(ce.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="forward KL"):
+        chunked_loss_backward(hs, ht, head, head, "jsd", T, teacher_topk=k)
+    with pytest.raises(RecoverLoraError, match="teacher_topk"):
+        DistillConfig(loss="reverse_kl", teacher_topk=8).validate()
+
+
 def test_divergences_by_hand():
     p = torch.tensor([[0.5, 0.5]]).log()
     q = torch.tensor([[0.9, 0.1]]).log()

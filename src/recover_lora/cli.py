@@ -89,7 +89,8 @@ def _recover_config(a: argparse.Namespace):
     _override(cfg.distill, loss=a.loss, temperature=a.temperature, steps=a.steps, batch_size=a.batch_size,
               grad_accum=a.grad_accum, lr=a.lr, warmup_steps=a.warmup_steps, weight_decay=a.weight_decay,
               eval_every=a.eval_every, checkpoint_every=a.checkpoint_every, seed=a.seed,
-              cuda_graph=a.cuda_graph, activation_checkpointing=a.activation_checkpointing, fsdp=a.fsdp)
+              cuda_graph=a.cuda_graph, activation_checkpointing=a.activation_checkpointing, fsdp=a.fsdp,
+              teacher_topk=a.teacher_topk)
     return cfg
 
 
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graph", choices=["auto", "on", "off"], default=None,
                    help="replay each training step as one CUDA graph (auto: on a single GPU, eager if the "
                         "capture fails or disagrees with the eager step)")
+    g.add_argument("--teacher-topk", type=int, default=None,
+                   help="distill from the teacher's top-k tokens per position only (forward KL; 0 = all)")
     g.add_argument("--fsdp", action="store_true", default=None,
                    help="under torchrun / accelerate launch: shard the decoder layers of both models across the "
                         "ranks (FSDP2) instead of replicating the student under DDP")

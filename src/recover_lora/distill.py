@@ -98,6 +98,9 @@ class DistillConfig:
     # Under torchrun / accelerate launch: shard the decoder layers of teacher and student across
     # the ranks (FSDP2) instead of replicating the student under DDP; whole layers come back at the end.
     fsdp: bool = False
+    # > 0: distill from the teacher's k most likely tokens per position only (renormalised), which is
+    # all a cache of top-k teacher logits would hold; forward KL only. 0 = the whole vocabulary.
+    teacher_topk: int = 0
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
@@ -106,6 +109,8 @@ class DistillConfig:
             raise RecoverLoraError("steps must be >= 0, batch_size and grad_accum >= 1")
         if self.temperature <= 0 or self.lr <= 0:
             raise RecoverLoraError("temperature and lr must be > 0")
+        if self.teacher_topk < 0 or (self.teacher_topk and self.loss != "kl"):
+            raise RecoverLoraError("teacher_topk must be >= 0 and needs loss 'kl'")
         if self.cuda_graph not in ("auto", "on", "off"):
             raise RecoverLoraError(f"cuda_graph must be auto, on or off, not {self.cuda_graph!r}")
 
@@ -418,7 +423,7 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
                     ht = hidden_states(teacher, x)
                 hs = ddp(x) if ddp is not None else hidden_states(student, x)
                 l, t = chunked_loss_backward(hs, ht, s_head, t_head, cfg.loss, cfg.temperature, cfg.chunk_tokens,
-                                             scale=1.0 / len(xs), as_tensors=True)
+                                             scale=1.0 / len(xs), as_tensors=True, teacher_topk=cfg.teacher_topk)
                 del hs, ht
             loss = loss + l / len(xs)
             top1 = top1 + t / len(xs)

@@ -63,14 +63,33 @@ def _log_softmax32(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logits.to(torch.float32, copy=True).div_(temperature), dim=-1)
 
 
+def _topk_kl_value_and_grad(s_logits: torch.Tensor, t_logits: torch.Tensor, k: int, temperature: float,
+                            grad_scale: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward KL against the teacher's top-k tokens only (their probabilities renormalised), as
+    if only the teacher's top-k logits had been kept: sum_k p_k (log p_k - log q_k), gradient
+    T (q - p~) with p~ the top-k probabilities scattered into the vocabulary."""
+    T = temperature
+    vals, idx = t_logits.topk(k, dim=-1)
+    lp = _log_softmax32(vals, T)  # renormalised over the k tokens
+    ls = _log_softmax32(s_logits, T)
+    p = lp.exp()
+    per = torch.linalg.vecdot(p, lp - ls.gather(-1, idx))
+    grad = None
+    if grad_scale is not None:
+        grad = ls.exp_().scatter_add_(-1, idx, -p).mul_(T * grad_scale)
+    return per.sum() * T ** 2, grad
+
+
 def _kl_value_and_grad(s_logits: torch.Tensor, t_logits: torch.Tensor, kind: str, temperature: float,
-                       grad_scale: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       grad_scale: float | None, teacher_topk: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sum over rows of KL (forward or reverse) and its gradient w.r.t. ``s_logits``, by hand.
 
     Autograd through ``divergence`` keeps five or six fp32 [rows, V] tensors alive; the closed
     forms below need three, updated in place. ``grad_scale`` multiplies the gradient (None: no
     gradient). Forward KL: d/ds = T (q - p); reverse KL: d/ds = T q (log q - log p - KL_row).
     """
+    if teacher_topk and teacher_topk < t_logits.shape[-1]:
+        return _topk_kl_value_and_grad(s_logits, t_logits, teacher_topk, temperature, grad_scale)
     T = temperature
     ls = _log_softmax32(s_logits, T)
     lt = _log_softmax32(t_logits, T)
@@ -107,7 +126,7 @@ def chunked_loss_backward(student_hidden: torch.Tensor, teacher_hidden: torch.Te
                           teacher_head: Callable[[torch.Tensor], torch.Tensor],
                           kind: str = "kl", temperature: float = 1.0, chunk_tokens: int = 2048,
                           scale: float = 1.0, backward: bool = True,
-                          as_tensors: bool = False) -> tuple[float, float] | tuple[torch.Tensor, torch.Tensor]:
+                          as_tensors: bool = False, teacher_topk: int = 0) -> tuple[float, float] | tuple[torch.Tensor, torch.Tensor]:
     """Loss and backward over token chunks of the final hidden states.
 
     The logits of at most ``chunk_tokens`` tokens exist at any time (one fp32 copy per model),
@@ -119,10 +138,14 @@ def chunked_loss_backward(student_hidden: torch.Tensor, teacher_hidden: torch.Te
 
     KL and reverse KL use closed-form logit gradients (no autograd graph over the vocabulary,
     fewer fp32 temporaries); JSD goes through autograd. ``as_tensors`` returns 0-d device tensors
-    instead of floats: no host sync, as a CUDA graph needs.
+    instead of floats: no host sync, as a CUDA graph needs. ``teacher_topk`` > 0 (forward KL only)
+    keeps only the teacher's k most likely tokens per position (what caching top-k logits would
+    keep); top-1 agreement is still against the full teacher.
     """
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; use one of {LOSSES}")
+    if teacher_topk and kind != "kl":
+        raise ValueError("teacher_topk needs the forward KL loss (the others need the whole teacher distribution)")
     H = student_hidden.shape[-1]
     hs = student_hidden.reshape(-1, H)
     ht = teacher_hidden.reshape(-1, H)
@@ -143,7 +166,7 @@ def chunked_loss_backward(student_hidden: torch.Tensor, teacher_hidden: torch.Te
         if kind != "jsd":
             with torch.no_grad():
                 loss, grad = _kl_value_and_grad(s_logits, t_logits, kind, temperature,
-                                                scale / n if backward else None)
+                                                scale / n if backward else None, teacher_topk)
                 loss = loss / n
             del t_logits
             if backward:
