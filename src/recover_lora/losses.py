@@ -65,18 +65,30 @@ def _log_softmax32(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def _topk_kl_value_and_grad(s_logits: torch.Tensor, t_logits: torch.Tensor, k: int, temperature: float,
                             grad_scale: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Forward KL against the teacher's top-k tokens only (their probabilities renormalised), as
-    if only the teacher's top-k logits had been kept: sum_k p_k (log p_k - log q_k), gradient
-    T (q - p~) with p~ the top-k probabilities scattered into the vocabulary."""
+    """Forward KL seen through the teacher's top-k: what a cache of each position's k largest
+    teacher log-probabilities can give. The distributions are compared over k + 1 outcomes, the
+    top-k tokens and "any other token" (teacher mass p_rest = 1 - sum p_k, student mass q_rest):
+
+        sum_k p_k (log p_k - log q_k) + p_rest (log p_rest - log q_rest)
+
+    Gradient w.r.t. the student's logits: T (q_j - p_j) on the top-k, T q_j (1 - p_rest / q_rest)
+    elsewhere. (Renormalising the top-k and ignoring the rest, the obvious alternative, leaves the
+    student's tail free: on SmolLM2 it recovered far less, see BENCHMARKS.md.)
+    """
     T = temperature
     vals, idx = t_logits.topk(k, dim=-1)
-    lp = _log_softmax32(vals, T)  # renormalised over the k tokens
-    ls = _log_softmax32(s_logits, T)
+    lse = torch.logsumexp(t_logits.float() / T, dim=-1, keepdim=True)
+    lp = vals.float() / T - lse  # teacher log-probabilities of its top-k (normalised over the vocabulary)
     p = lp.exp()
-    per = torch.linalg.vecdot(p, lp - ls.gather(-1, idx))
+    p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)
+    ls = _log_softmax32(s_logits, T)
+    rest = ls.scatter(-1, idx, float("-inf"))  # student log-probs outside the teacher's top-k
+    lq_rest = torch.logsumexp(rest, dim=-1)
+    per = torch.linalg.vecdot(p, lp - ls.gather(-1, idx)) + torch.xlogy(p_rest, p_rest) - p_rest * lq_rest
     grad = None
     if grad_scale is not None:
-        grad = ls.exp_().scatter_add_(-1, idx, -p).mul_(T * grad_scale)
+        grad = ls.exp_().scatter_add_(-1, idx, -p)
+        grad.sub_(rest.sub_(lq_rest.unsqueeze(-1)).exp_().mul_(p_rest.unsqueeze(-1))).mul_(T * grad_scale)
     return per.sum() * T ** 2, grad
 
 
@@ -139,8 +151,8 @@ def chunked_loss_backward(student_hidden: torch.Tensor, teacher_hidden: torch.Te
     KL and reverse KL use closed-form logit gradients (no autograd graph over the vocabulary,
     fewer fp32 temporaries); JSD goes through autograd. ``as_tensors`` returns 0-d device tensors
     instead of floats: no host sync, as a CUDA graph needs. ``teacher_topk`` > 0 (forward KL only)
-    keeps only the teacher's k most likely tokens per position (what caching top-k logits would
-    keep); top-1 agreement is still against the full teacher.
+    sees only the teacher's k most likely tokens per position and the mass of all the others (what
+    a cache of top-k teacher log-probabilities holds); top-1 agreement is still against the full teacher.
     """
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; use one of {LOSSES}")
