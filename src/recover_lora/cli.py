@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from .utils import RecoverLoraError
@@ -225,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Library chatter that says nothing about the user's run: peft asks transformers a deprecated
+    # property on every training step, and looks for a hub config next to a local GGUF file.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")
+    warnings.filterwarnings("ignore", message="Could not find a config file in")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
