@@ -234,3 +234,28 @@ def test_pack_and_unpack_results(tmp_path):
     assert (dst / "m/d/kv/done.json").read_text() == f"content {keep.index('m/d/kv/done.json')}"
     with pytest.raises(study.RecoverLoraError, match="cannot unpack"):
         study.unpack_results(tmp_path / "nope.tar.gz", dst)
+
+
+def test_damage_overrides_per_model(study_yaml):
+    from recover_lora.degrade import degrade
+
+    d = yaml.safe_load(study_yaml.read_text())
+    d["models"]["big"] = d["models"]["tiny"]
+    d["damage_overrides"] = {"big": {"noise-all": ["noise:rel=0.05"]}}
+    study_yaml.write_text(yaml.safe_dump(d))
+    cfg = study.StudyConfig.from_yaml(study_yaml)
+    assert cfg.damage_ops("tiny", "noise-all") == ["noise:rel=0.3"]
+    assert cfg.damage_ops("big", "noise-all") == ["noise:rel=0.05"]
+    ref = tiny_model("llama", initializer_range=0.2)
+    rel = {}
+    for m in ("tiny", "big"):
+        deg = tiny_model("llama", initializer_range=0.2)
+        degrade(deg, study.degrade_config(cfg, "noise-all", m))
+        w0, w1 = ref.model.layers[0].mlp.up_proj.weight, deg.model.layers[0].mlp.up_proj.weight
+        rel[m] = ((w1 - w0).norm() / w0.norm()).item()
+    assert rel["tiny"] == pytest.approx(0.3, rel=0.05) and rel["big"] == pytest.approx(0.05, rel=0.05)
+
+    d["damage_overrides"] = {"big": {"rtn3": ["rtn:bits=3"]}}  # a damage the study does not define
+    study_yaml.write_text(yaml.safe_dump(d))
+    with pytest.raises(study.RecoverLoraError, match="damage_overrides"):
+        study.StudyConfig.from_yaml(study_yaml)

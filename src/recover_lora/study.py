@@ -57,6 +57,9 @@ class StudyConfig:
     results: str = "RESULTS.md"
     models: dict[str, str] = field(default_factory=dict)  # name -> spec (zoo name, folder, mha:SPEC)
     damages: dict[str, list] = field(default_factory=dict)  # name -> ops ("noise:rel=0.1" or dicts)
+    # model -> {damage: ops}: the same kind of damage at a strength that harms that model comparably
+    # (a 0.5B model shrugs off noise that cripples a 135M one, and a gap of one point measures nothing)
+    damage_overrides: dict[str, dict[str, list]] = field(default_factory=dict)
     damage_seed: int = 0
     recover: dict[str, Any] = field(default_factory=dict)  # RecoverConfig fields common to every run
     eval: dict[str, Any] = field(default_factory=lambda: {"tasks": list(SEVEN_TASKS), "data_dir": None,
@@ -78,6 +81,10 @@ class StudyConfig:
         if unknown:
             raise RecoverLoraError(f"unknown study keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
         cfg = cls(**d)
+        for m, over in cfg.damage_overrides.items():
+            if m not in cfg.models or not set(over or {}) <= set(cfg.damages):
+                raise RecoverLoraError(f"damage_overrides[{m!r}]: models are {list(cfg.models)}, damages "
+                                       f"{list(cfg.damages)}; it names {m!r}: {list(over or {})}")
         base = path.resolve().parent  # relative paths are relative to the YAML file
         cfg.study_dir = str(base / cfg.study_dir)
         cfg.results = str(base / cfg.results)
@@ -109,6 +116,10 @@ class StudyConfig:
                  "eval_tasks": None, "eval_data": self.eval.get("data_dir"), "eval_limit": self.eval.get("limit")}
         return RecoverConfig.from_dict(merge(merge(self.recover, over), fixed))
 
+    def damage_ops(self, model: str, damage: str) -> list:
+        """The ops of ``damage`` for ``model``: its override, else the study-wide definition."""
+        return (self.damage_overrides.get(model) or {}).get(damage, self.damages[damage])
+
     def uses_pool(self, method: str) -> bool:
         over = self.all_methods()[method]
         return "synth" not in over and over.get("method", self.recover.get("method")) != "sft-lora"
@@ -135,10 +146,11 @@ def run_dir(cfg: StudyConfig, model: str, damage: str, method: str) -> Path:
     return Path(cfg.study_dir) / slug(model) / slug(damage) / slug(method)
 
 
-def degrade_config(cfg: StudyConfig, damage: str):
+def degrade_config(cfg: StudyConfig, damage: str, model: str | None = None):
     from .degrade import DegradeConfig, op_from_dict, parse_op
 
-    ops = [parse_op(o) if isinstance(o, str) else op_from_dict(o) for o in cfg.damages[damage]]
+    spec = cfg.damage_ops(model, damage) if model is not None else cfg.damages[damage]
+    ops = [parse_op(o) if isinstance(o, str) else op_from_dict(o) for o in spec]
     return DegradeConfig(ops=ops, seed=cfg.damage_seed)
 
 
@@ -363,7 +375,7 @@ def run_study(cfg: StudyConfig, only: list[str] | None = None, dry_run: bool = F
         pool_dir = study / slug(model) / "synth"
         for damage in dict.fromkeys(r.damage for r in todo if r.model == model):
             degraded = copy.deepcopy(reference)
-            degrade(degraded, degrade_config(cfg, damage))
+            degrade(degraded, degrade_config(cfg, damage, model))
             deg_res = cached_eval(study / slug(model) / slug(damage) / "eval" / "degraded.json", lambda m=degraded: m, tokenizer,
                                   ecfg, progress)
             for run in [r for r in todo if r.model == model and r.damage == damage]:
@@ -578,7 +590,8 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
                 continue
             first = next(iter(v["runs"].values()))[1]
             tasks = first["task_order"]
-            L += [f"### {damage}: `{'; '.join(map(str, cfg['damages'][damage]))}`", "",
+            ops = ((cfg.get("damage_overrides") or {}).get(model) or {}).get(damage, cfg["damages"][damage])
+            L += [f"### {damage}: `{'; '.join(map(str, ops))}`", "",
                   "| accuracy (%) | " + " | ".join(tasks) + " | avg |", "|---|" + "---:|" * (len(tasks) + 1)]
             for who in ("reference", "degraded"):
                 L.append(f"| {who} | " + " | ".join(f"{first['tasks'][t][who]:.1f}" for t in tasks)
