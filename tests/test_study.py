@@ -150,6 +150,27 @@ def test_pool_mmlu_pools_the_subjects():
          "mmlu_b": {"acc": 0.0, "n": 3, "items": {"acc": [0, 0, 0]}}}
     p = study.pool_mmlu(r)
     assert list(p) == ["arc_easy", "mmlu"] and p["mmlu"]["acc"] == 0.25 and p["mmlu"]["n"] == 4
+    assert study.pool_mmlu(study.slim(r))["mmlu"]["items"]["acc"].tolist() == [1, 0, 0, 0]
+
+
+def test_slim_items_are_compact_and_report_the_same():
+    """The study keeps 0/1 item scores as "0110..." strings: same report, a fraction of the bytes."""
+    from recover_lora.report import compute_report
+
+    g = torch.Generator().manual_seed(0)
+
+    def res(p):
+        items = (torch.rand(500, generator=g) < p).int().tolist()
+        return {"piqa": {"acc": sum(items) / 500, "acc_norm": sum(items) / 500, "n": 500,
+                         "items": {"acc": items, "acc_norm": items, "loglikelihoods": [[0.0, 1.0]] * 500}}}
+
+    ref, deg, rec = res(0.7), res(0.5), res(0.65)
+    slim = [study.slim(r) for r in (ref, deg, rec)]
+    assert isinstance(slim[0]["piqa"]["items"]["acc"], str) and "loglikelihoods" not in slim[0]["piqa"]["items"]
+    assert len(json.dumps(slim[0])) < len(json.dumps({"piqa": {**ref["piqa"], "items": {
+        k: v for k, v in ref["piqa"]["items"].items() if k != "loglikelihoods"}}}, indent=2)) / 5
+    assert compute_report(*slim) == compute_report(ref, deg, rec)
+    assert study.slim({"t": {"items": {"acc": [0.5, 1.0]}}})["t"]["items"]["acc"] == [0.5, 1.0]  # not 0/1: as is
 
 
 def test_check_goals_pass_fail_and_missing():
@@ -259,3 +280,67 @@ def test_damage_overrides_per_model(study_yaml):
     study_yaml.write_text(yaml.safe_dump(d))
     with pytest.raises(study.RecoverLoraError, match="damage_overrides"):
         study.StudyConfig.from_yaml(study_yaml)
+
+
+def _done(folder, names):
+    return {m: json.loads((folder / m / "done.json").read_text()) for m in names}
+
+
+def test_parallel_workers_equal_one_process(study_yaml):
+    """--jobs 2: two worker processes share the runs and produce what one process does, the auto
+    runs diagnosed once before they start; an interrupted worker's run resumes at the next call."""
+    d = yaml.safe_load(study_yaml.read_text())
+    d["methods"]["auto"] = {"placement": "auto"}
+    d["sweep"] = None
+    study_yaml.write_text(yaml.safe_dump(d))
+    par = study_yaml.parent / "par.yaml"
+    par.write_text(yaml.safe_dump({**d, "study_dir": "study-par", "results": "RESULTS-par.md"}))
+    names = ["kv", "svd-only", "auto"]
+
+    assert main(["study", "--config", str(study_yaml)]) == 0
+    assert main(["study", "--config", str(par), "--jobs", "2"]) == 0
+    one = _done(study_yaml.parent / "study/tiny/noise-all", names)
+    two = _done(study_yaml.parent / "study-par/tiny/noise-all", names)
+    for m in names:
+        assert two[m]["concurrent_runs"] == 2 and one[m]["concurrent_runs"] == 1
+        assert two[m]["trainable_parameters"] == one[m]["trainable_parameters"]
+        assert two[m]["heldout"]["after"]["kl"] == pytest.approx(one[m]["heldout"]["after"]["kl"], rel=1e-4)
+        assert two[m]["gap_closed"] == pytest.approx(one[m]["gap_closed"], abs=1e-9)
+    base = study_yaml.parent / "study-par/tiny/noise-all"
+    assert len(list(base.glob("*/diagnosis/diagnosis.json"))) == 1  # one diagnosis, made before the workers
+    assert (base / "auto/diagnosis/SHARED.txt").exists() != (base / "svd-only/diagnosis/SHARED.txt").exists()
+    logs = sorted((study_yaml.parent / "study-par/logs").glob("worker-*.log"))
+    assert len(logs) == 2 and not list(base.glob("*/.claim"))
+    text = "".join(f.read_text() for f in logs)
+    assert all(text.count(f"study: tiny/noise-all/{m} done") == 1 for m in names)  # each run by one worker
+    assert "2 sharing" in (study_yaml.parent / "RESULTS-par.md").read_text()
+
+    # a worker that fails leaves its run unfinished, the others finish theirs; the next call completes it
+    (base / "kv/done.json").unlink()
+    (base / "auto/done.json").unlink()  # trained, evaluation pending
+    (base / "kv/report.json").write_text("{not json")  # the worker that takes it dies reading it
+    assert main(["study", "--config", str(par), "--jobs", "2"]) == 2
+    assert (base / "auto/done.json").exists() and not (base / "kv/done.json").exists()
+    assert not list(base.glob("*/.claim"))
+    (base / "kv/report.json").unlink()
+    assert main(["study", "--config", str(par), "--jobs", "2"]) == 0
+    assert _done(base, ["kv"])["kv"]["heldout"]["after"]["kl"] == pytest.approx(one["kv"]["heldout"]["after"]["kl"],
+                                                                                 rel=1e-4)
+
+
+def test_stop_after_starts_nothing_late_and_an_interrupt_still_packs(study_yaml, monkeypatch):
+    """--stop-after: no run starts past the deadline (the rest wait); --pack also runs when the call
+    is interrupted (SIGTERM from `timeout` arrives as KeyboardInterrupt), so finished runs come back."""
+    t = study_yaml.parent
+    assert main(["study", "--config", str(study_yaml), "--stop-after", "0", "--pack", str(t / "a.tar.gz")]) == 0
+    runs = study.plan(study.StudyConfig.from_yaml(study_yaml))
+    assert [r.status() for r in runs] == ["to do"] * 3 and (t / "a.tar.gz").exists()
+
+    assert main(["study", "--config", str(study_yaml), "--only", "tiny/*/kv"]) == 0
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(study, "run_study", interrupted)
+    assert main(["study", "--config", str(study_yaml), "--pack", str(t / "b.tar.gz")]) == 130
+    n = study.unpack_results(t / "b.tar.gz", t / "unpacked")
+    assert n > 0 and (t / "unpacked/tiny/noise-all/kv/done.json").exists()

@@ -100,6 +100,25 @@ def heldout_synth_config(cfg: RecoverConfig) -> SynthConfig:
     return s
 
 
+def make_heldout(cfg: RecoverConfig, reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 progress: bool = True) -> torch.Tensor:
+    """The held-out synthetic sequences of a run (``out_dir/heldout``; reused when complete)."""
+    held_dir = Path(cfg.out_dir) / "heldout"
+    synthesize(reference, tokenizer, heldout_synth_config(cfg), held_dir, progress=progress)
+    return load_synthetic(held_dir)
+
+
+def placement_plan(cfg: RecoverConfig, reference: PreTrainedModel, degraded: PreTrainedModel,
+                   tokenizer: PreTrainedTokenizerBase, held_ids: torch.Tensor, write: bool = True):
+    """``--placement auto``: diagnose on ``held_ids`` and plan per-module ranks, or reuse
+    ``out_dir/diagnosis/plan.json`` (a resumed run, or one given a sibling's plan)."""
+    from .placement import auto_plan
+
+    return auto_plan(reference, degraded, tokenizer, held_ids, Path(cfg.out_dir) / "diagnosis",
+                     rank=cfg.adapter.rank, alpha=cfg.adapter.alpha, budget=cfg.placement_budget,
+                     dropout=cfg.adapter.dropout, init=cfg.adapter.init, write=write)
+
+
 def plot_training(history: list[dict], evals: list[dict], before: dict, after: dict, path: str | Path) -> Path:
     """Loss curve (log scale) with held-out KL points; the file a user looks at first."""
     import matplotlib
@@ -168,9 +187,7 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
         if train_ids.max() >= vocab_size(reference):
             raise RecoverLoraError(f"{data_dir} holds token ids up to {int(train_ids.max())}, beyond this "
                                    f"model's vocabulary of {vocab_size(reference)}")
-    held_dir = out / "heldout"
-    synthesize(reference, tokenizer, heldout_synth_config(cfg), held_dir, progress=progress)
-    held_ids = load_synthetic(held_dir)
+    held_ids = make_heldout(cfg, reference, tokenizer, progress)
     synth_s = time.perf_counter() - t0
 
     # 2. student = degraded + fresh LoRA (zero B: starts equal to degraded; init svd/eora: starts
@@ -185,11 +202,9 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
         # diagnose on the held-out sequences (or reuse out/diagnosis/plan.json when resuming), then
         # attach per-module ranks within the budget
         from .diagnose import sanitize_nonfinite
-        from .placement import attach_planned_adapters, auto_plan
+        from .placement import attach_planned_adapters
 
-        plan = auto_plan(reference, degraded, tokenizer, held_ids, out / "diagnosis", rank=cfg.adapter.rank,
-                         alpha=cfg.adapter.alpha, budget=cfg.placement_budget, dropout=cfg.adapter.dropout,
-                         init=cfg.adapter.init, write=rank == 0)
+        plan = placement_plan(cfg, reference, degraded, tokenizer, held_ids, write=rank == 0)
         sanitized = sanitize_nonfinite(degraded)  # LoRA cannot cancel NaN/Inf weights; zeroed ones it can
         n_modules = len(plan.ranks)
         student = attach_planned_adapters(degraded, plan, seed=cfg.distill.seed, reference=reference,

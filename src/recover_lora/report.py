@@ -63,9 +63,17 @@ def _metric_for(task: str, entries: list[dict], metric: str) -> str:
     return metric
 
 
+def item_array(items: list | str | np.ndarray) -> np.ndarray:
+    """Per-item scores as floats, from a list or from the compact "0110..." string of 0/1 scores
+    that the study stores (a tenth of the size of a JSON list)."""
+    if isinstance(items, str):
+        return (np.frombuffer(items.encode(), dtype=np.uint8) - ord("0")).astype(np.float64)
+    return np.asarray(items, dtype=np.float64)
+
+
 def _items(entry: dict, metric: str) -> np.ndarray | None:
     items = entry.get("items", {}).get(metric)
-    return None if items is None else np.asarray(items, dtype=np.float64)
+    return None if items is None else item_array(items)
 
 
 def gap_closed(ref: float, deg: float, rec: float, eps: float = 1e-12) -> float | None:

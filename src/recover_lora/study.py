@@ -3,6 +3,7 @@
     recover-lora study --config study.yaml --dry-run                  # the plan: done / started / to do
     recover-lora study --config study.yaml --only smollm2/noise-all   # a piece (globs: '*/*/auto+svd')
     recover-lora study --config study.yaml --results-only             # RESULTS.md from finished runs
+    recover-lora study --config study.yaml --jobs 6                   # 6 runs side by side on one GPU
 
 For each model the reference is loaded once and evaluated once; for each damage the degraded
 model is made in memory (seeded, so every session makes the same one) and evaluated once; then
@@ -19,8 +20,17 @@ per model (``<model>/synth``: it depends only on the reference). Layout of ``stu
         checkpoint.pt                 while unfinished (deleted once done.json is written)
         eval/recovered.json, eval/report.{md,json,png}
         done.json                     written last: a rerun skips the run
+    queue.json, logs/worker-K.log     with --jobs: the runs handed out, each worker's log
 
 A run without done.json resumes: recover() continues from its checkpoint and reuses its data.
+
+With ``--jobs N`` the runs of one invocation go to N worker processes that share the machine's
+device: a 135M-0.5B model at a 32 x 128 batch leaves an H100 mostly idle (the step is bound by host
+overhead, BENCHMARKS.md), so runs side by side finish sooner than one after another. What runs
+share is made first, in this process: the reference and degraded evaluations, the synthetic pool,
+and the diagnosis of the auto placement (one per model and damage). Each worker then claims runs
+one at a time (an exclusive ``.claim`` file in the run folder) in plan order, loading a model only
+when it claims a run that needs it. Results are the same as one process's.
 """
 
 from __future__ import annotations
@@ -224,14 +234,20 @@ def timed(path: Path, key: str):
 
 
 def slim(results: dict) -> dict:
-    """Eval results without per-choice loglikelihoods (the report needs acc / acc_norm items only)."""
+    """Eval results without per-choice loglikelihoods: the report needs the acc / acc_norm items only,
+    kept as "0110..." strings when they are all 0/1 (``report.item_array`` reads both forms); the
+    study's result files travel back from the device and are committed, so size matters."""
     out = {}
     for t, r in results.items():
         r = dict(r)
         if "items" in r:
-            r["items"] = {k: v for k, v in r["items"].items() if k in ("acc", "acc_norm")}
+            r["items"] = {k: _compact(v) for k, v in r["items"].items() if k in ("acc", "acc_norm")}
         out[t] = r
     return out
+
+
+def _compact(items: list) -> list | str:
+    return "".join("1" if x else "0" for x in items) if all(x in (0, 1) for x in items) else items
 
 
 def cached_eval(path: Path, get_model, tokenizer, ecfg, progress: bool = True) -> dict:
@@ -290,16 +306,16 @@ def _pool_ready(pool: Path) -> bool:
 
 
 def share_plan(run: Run, rcfg: RecoverConfig) -> Path | None:
-    """Give an auto-placement run the plan of a finished sibling run (same model and damage, same
-    rank, alpha, budget and held-out data) instead of diagnosing again: the diagnosis is the same,
-    and every auto method then adapts the same modules at the same ranks. Only the sibling's
+    """Give an auto-placement run the plan of a sibling run that has one (same model and damage,
+    same rank, alpha, budget and held-out data) instead of diagnosing again: the diagnosis is the
+    same, and every auto method then adapts the same modules at the same ranks. Only the sibling's
     init and dropout are replaced by this run's. Returns the plan used, or None."""
     if rcfg.placement != "auto" or (run.dir / "diagnosis" / "plan.json").exists():
         return None
     key = _plan_key(rcfg.to_dict())
     for plan in sorted(run.dir.parent.glob("*/diagnosis/plan.json")):
-        report = plan.parent.parent / "report.json"
-        if not report.exists() or _plan_key(read_json(report).get("config", {})) != key:
+        config = plan.parent.parent / "config.json"  # recover() writes it first; plan.json once diagnosed
+        if not config.exists() or _plan_key(read_json(config)) != key:
             continue
         d = read_json(plan)
         d.update(init=rcfg.adapter.init, dropout=rcfg.adapter.dropout)
@@ -310,8 +326,25 @@ def share_plan(run: Run, rcfg: RecoverConfig) -> Path | None:
     return None
 
 
+def prepare_plan(run: Run, rcfg: RecoverConfig, reference, degraded, tokenizer, progress: bool = True) -> None:
+    """Before runs go out to parallel workers: give an auto-placement run its plan now (a
+    sibling's, else diagnose it here, as recover() would), so siblings running side by side share
+    one diagnosis instead of each making its own."""
+    from .recover import make_heldout, placement_plan
+
+    if rcfg.placement != "auto" or (run.dir / "diagnosis" / "plan.json").exists() or share_plan(run, rcfg):
+        return
+    log.info("study: %s: diagnosing for the auto placement of its siblings", run.name)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run.dir / "config.json", rcfg.to_dict())  # what share_plan matches siblings on
+    with timed(run.dir / "timing.json", "recover"):
+        placement_plan(rcfg, reference, degraded, tokenizer, make_heldout(rcfg, reference, tokenizer, progress))
+
+
 def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, ref_res: dict, deg_res: dict,
-            pool: Path | None, progress: bool = True) -> dict:
+            pool: Path | None, progress: bool = True, jobs: int = 1) -> dict:
+    """Recover (or resume), evaluate the repaired model, and write ``done.json``. ``jobs``: how many
+    runs shared the device meanwhile (recorded: their GPU minutes are wall time while sharing)."""
     rcfg = cfg.recover_config(run.model, run.damage, run.method, pool)
     timing = run.dir / "timing.json"
     if not (run.dir / "report.json").exists():
@@ -331,6 +364,7 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
             "train_tokens": rep["train_tokens"], "steps": rep["steps"],
             "synthetic_sequences": rep["synthetic_sequences"], "shared_pool": pool is not None,
             "gpu_minutes": round(secs.get("recover", 0.0) / 60, 3), "eval_minutes": round(secs.get("eval", 0.0) / 60, 3),
+            "concurrent_runs": jobs,
             "device_name": rep.get("device_name"), "heldout": rep["heldout"],
             "gap_closed": summary["average"]["gap_closed"], "recovered_points": summary["average"]["recovered_points"],
             "config": rcfg.to_dict()}
@@ -340,20 +374,163 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
     return done
 
 
-def run_study(cfg: StudyConfig, only: list[str] | None = None, dry_run: bool = False, progress: bool = True,
-              command: str | None = None) -> list[Run]:
-    """Run every selected, unfinished run (see the module docstring); then write RESULTS.md."""
+def _execute(cfg: StudyConfig, todo: list[Run], progress: bool = True, mode: str = "run", jobs: int = 1,
+             deadline: float | None = None) -> None:
+    """Go through ``todo`` (grouped by model, then damage), loading each reference and making each
+    degraded model only when a run needs it. ``mode``: ``run`` runs them all; ``prepare`` does only
+    what parallel runs share (reference and degraded evaluations, the synthetic pool, the auto
+    placement's diagnosis); ``claim`` (a worker) runs those it claims first (:func:`claim`). No run
+    starts after ``deadline`` (``time.time()``): those left wait for the next invocation."""
     import torch
 
     from .degrade import degrade
-    from .evaluate import EvalConfig
     from .load import load_model, load_tokenizer
     from .synth import synthesize
 
+    study = Path(cfg.study_dir)
+    ecfg = eval_config(cfg)
+    common = RecoverConfig.from_dict(cfg.recover)
+    model = damage = reference = degraded = None
+    for run in todo:
+        if deadline is not None and mode != "prepare" and time.time() > deadline:
+            log.info("study: --stop-after reached; %s and the runs after it are left for the next call", run.name)
+            break
+        if mode == "claim" and not claim(run):
+            continue
+        if run.model != model:
+            model, damage, reference, degraded = run.model, None, None, None
+            log.info("study: loading %s (%s)", model, cfg.models[model])
+            reference = load_model(cfg.models[model], common.load)
+            tokenizer = load_tokenizer(cfg.models[model], common.load)
+            ref_res = cached_eval(study / slug(model) / "eval" / "reference.json", lambda m=reference: m, tokenizer,
+                                  ecfg, progress)
+        if run.damage != damage:
+            damage, degraded = run.damage, None
+            degraded = copy.deepcopy(reference)
+            degrade(degraded, degrade_config(cfg, damage, model))
+            deg_res = cached_eval(study / slug(model) / slug(damage) / "eval" / "degraded.json", lambda m=degraded: m,
+                                  tokenizer, ecfg, progress)
+        pool = None
+        if cfg.uses_pool(run.method):
+            pool = study / slug(model) / "synth"
+            if not _pool_ready(pool):
+                with timed(study / slug(model) / "timing.json", "synth_pool"):
+                    synthesize(reference, tokenizer, train_synth_config(common), pool, progress=progress)
+        if mode == "prepare":
+            prepare_plan(run, cfg.recover_config(model, damage, run.method, pool), reference, degraded, tokenizer,
+                         progress)
+        else:
+            run_one(cfg, run, reference, degraded, tokenizer, ecfg, ref_res, deg_res, pool, progress, jobs)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def eval_config(cfg: StudyConfig):
+    from .evaluate import EvalConfig
+
+    return EvalConfig(tasks=cfg.eval["tasks"], data_dir=cfg.eval.get("data_dir"), limit=cfg.eval.get("limit"))
+
+
+CLAIM = ".claim"  # in a run folder while a parallel worker has it
+
+
+def claim(run: Run) -> bool:
+    """Atomically take ``run`` for this worker process; False if another worker has it or it is done."""
+    import os
+
+    if run.status() == "done":
+        return False
+    run.dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(run.dir / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.close(fd)
+    return True
+
+
+def run_workers(cfg: StudyConfig, todo: list[Run], jobs: int, progress: bool = True,
+                deadline: float | None = None) -> None:
+    """Run ``todo`` in ``jobs`` worker processes side by side on this machine (one device shared):
+    what the runs share is made first, here; each worker then claims runs one at a time, loading
+    models as it needs them, and logs to ``study_dir/logs/worker-K.log``. A run a worker was on
+    when it failed or was interrupted stays unfinished and resumes at the next invocation."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tqdm.auto import tqdm
+
+    _execute(cfg, todo, progress, mode="prepare")
+    study = Path(cfg.study_dir)
+    for run in todo:  # claims left by an earlier, interrupted invocation
+        (run.dir / CLAIM).unlink(missing_ok=True)
+    atomic_write_json(study / "queue.json", {"jobs": jobs, "deadline": deadline, "runs": [r.name for r in todo]})
+    (study / "logs").mkdir(exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))  # no CPU oversubscription
+    src = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    procs, logs = [], []
+    for k in range(jobs):
+        logs.append(open(study / "logs" / f"worker-{k}.log", "a"))
+        procs.append(subprocess.Popen([sys.executable, "-m", "recover_lora.cli", "study", "--worker", str(study)],
+                                      stdout=logs[-1], stderr=subprocess.STDOUT, env=env))
+    log.info("study: %d runs on %d workers (logs in %s)", len(todo), jobs, study / "logs")
+    bar = tqdm(total=len(todo), desc="study runs", unit="run", disable=not progress)
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(2)
+            bar.n = sum(r.status() == "done" for r in todo)
+            bar.refresh()
+    except BaseException:  # Ctrl-C / SIGTERM: let every worker save its checkpoint, then stop
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
+    finally:
+        bar.n = sum(r.status() == "done" for r in todo)
+        bar.close()
+        for f in logs:
+            f.close()
+        for run in todo:
+            (run.dir / CLAIM).unlink(missing_ok=True)
+    failed = [k for k, p in enumerate(procs) if p.returncode != 0]
+    left = [r.name for r in todo if r.status() != "done"]
+    if failed or (left and (deadline is None or time.time() < deadline)):
+        raise RecoverLoraError(f"study workers {failed} failed (see {study / 'logs'}); unfinished runs: {left}")
+
+
+def worker_main(study_dir: str | Path) -> int:
+    """``recover-lora study --worker STUDY_DIR``: one of :func:`run_workers`' processes."""
+    study = Path(study_dir)
+    cfg = StudyConfig(**read_json(study / "study.json"))
+    runs = {r.name: r for r in plan(cfg)}
+    queue = read_json(study / "queue.json")
+    _execute(cfg, [runs[n] for n in queue["runs"]], progress=False, mode="claim", jobs=queue["jobs"],
+             deadline=queue.get("deadline"))
+    return 0
+
+
+def run_study(cfg: StudyConfig, only: list[str] | None = None, dry_run: bool = False, progress: bool = True,
+              command: str | None = None, jobs: int = 1, stop_after: float | None = None) -> list[Run]:
+    """Run every selected, unfinished run (see the module docstring), ``jobs`` at a time, starting
+    none after ``stop_after`` seconds (a device lease: what is started should finish); then write
+    RESULTS.md."""
+    deadline = time.time() + stop_after if stop_after is not None else None
     runs = plan(cfg, only)
     if not runs:
         raise RecoverLoraError(f"--only {only} selects no run; models {list(cfg.models)}, damages "
                                f"{list(cfg.damages)}, methods {list(cfg.all_methods())}")
+    if jobs < 1:
+        raise RecoverLoraError(f"--jobs must be at least 1, not {jobs}")
     print(describe_plan(cfg, runs), flush=True)
     if dry_run:
         return runs
@@ -362,34 +539,11 @@ def run_study(cfg: StudyConfig, only: list[str] | None = None, dry_run: bool = F
     atomic_write_json(study / "study.json", asdict(cfg))
     with open(study / "commands.log", "a") as f:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}\t{device_name()}\t{command or 'run_study()'}\n")
-    ecfg = EvalConfig(tasks=cfg.eval["tasks"], data_dir=cfg.eval.get("data_dir"), limit=cfg.eval.get("limit"))
     todo = [r for r in runs if r.status() != "done"]
-    common = RecoverConfig.from_dict(cfg.recover)
-    for model in dict.fromkeys(r.model for r in todo):
-        spec = cfg.models[model]
-        lcfg = common.load
-        log.info("study: loading %s (%s)", model, spec)
-        reference = load_model(spec, lcfg)
-        tokenizer = load_tokenizer(spec, lcfg)
-        ref_res = cached_eval(study / slug(model) / "eval" / "reference.json", lambda m=reference: m, tokenizer, ecfg, progress)
-        pool_dir = study / slug(model) / "synth"
-        for damage in dict.fromkeys(r.damage for r in todo if r.model == model):
-            degraded = copy.deepcopy(reference)
-            degrade(degraded, degrade_config(cfg, damage, model))
-            deg_res = cached_eval(study / slug(model) / slug(damage) / "eval" / "degraded.json", lambda m=degraded: m, tokenizer,
-                                  ecfg, progress)
-            for run in [r for r in todo if r.model == model and r.damage == damage]:
-                pool = None
-                if cfg.uses_pool(run.method):
-                    pool = pool_dir
-                    if not _pool_ready(pool):
-                        with timed(study / slug(model) / "timing.json", "synth_pool"):
-                            synthesize(reference, tokenizer, train_synth_config(common), pool, progress=progress)
-                run_one(cfg, run, reference, degraded, tokenizer, ecfg, ref_res, deg_res, pool, progress)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            del degraded
-        del reference
+    if jobs > 1 and len(todo) > 1:
+        run_workers(cfg, todo, min(jobs, len(todo)), progress, deadline)
+    else:
+        _execute(cfg, todo, progress, deadline=deadline)
     write_results(cfg.study_dir, cfg.results, cfg)
     return runs
 
@@ -398,13 +552,13 @@ def run_study(cfg: StudyConfig, only: list[str] | None = None, dry_run: bool = F
 
 def pool_mmlu(results: dict) -> dict:
     """Results with the MMLU subjects pooled into one 'mmlu' task (items concatenated), in place of the first."""
-    from .report import _task_results
+    from .report import _task_results, item_array
 
     res = _task_results(results)
     subj = [t for t in res if t.startswith("mmlu_")]
     if len(subj) < 2:
         return res
-    items = {m: [x for s in subj for x in res[s]["items"][m]] for m in ("acc", "acc_norm")
+    items = {m: np.concatenate([item_array(res[s]["items"][m]) for s in subj]) for m in ("acc", "acc_norm")
              if all(m in res[s].get("items", {}) for s in subj)}
     n = sum(res[s].get("n", 0) for s in subj)
     entry = {m: float(np.mean(v)) for m, v in items.items()}
@@ -432,6 +586,12 @@ def _pts(x, ci=None) -> str:
     if x is None:
         return "n/a"
     return f"{x:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
+
+
+def _gpu_min(done: dict) -> str:
+    """GPU minutes of a run; runs that shared the device (``study --jobs``) say with how many."""
+    n = done.get("concurrent_runs", 1)
+    return f"{done['gpu_minutes']:.1f}" + (f" ({n} sharing)" if n > 1 else "")
 
 
 def _num(n) -> str:
@@ -555,7 +715,8 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
          "**avg** = unweighted mean over the tasks. *Gap closed* = (repaired - degraded) / (reference - degraded) "
          "of the average, *pts* = repaired - degraded in points; brackets are 95% paired-bootstrap CIs over items "
          "(`report.compute_report`, 1000 replicates). *GPU min* = wall time of `recover` for the run (synthesis of "
-         "its own data, training, saving; the shared per-model data pool is listed separately); *synthetic tokens* "
+         "its own data, training, saving; the shared per-model data pool is listed separately; *N sharing*: N runs "
+         "ran side by side on the device, `study --jobs N`, so this is wall time while sharing it); *synthetic tokens* "
          "= tokens distilled on.", ""]
     # goals
     L += ["## Goals", "",
@@ -610,7 +771,7 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
                           else _num(done["train_tokens"]))
                 L.append(f"| {m} | {_pts(a['recovered_points'], ci.get('recovered_points'))} | "
                          f"{_pct(a['gap_closed'], ci.get('gap_closed'))} | {wt} {_pts(rep['tasks'][wt]['recovered_points'], wci)} | "
-                         f"{_num(done['trainable_parameters'])} | {tokens} | {done['gpu_minutes']:.1f} | "
+                         f"{_num(done['trainable_parameters'])} | {tokens} | {_gpu_min(done)} | "
                          f"{kl['before']['kl']:.3f} -> {kl['after']['kl']:.3f} |")
             L.append("")
     if any(d.get("recover_method") == "sft-lora" for d in dones):
@@ -674,10 +835,18 @@ def unpack_results(archive: str | Path, study_dir: str | Path) -> int:
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("study", help="the study: models x damages x methods from a YAML file, resumable, "
                                             "summarised in RESULTS.md")
-    p.add_argument("--config", required=True, help="study YAML (see study.yaml)")
+    p.add_argument("--config", help="study YAML (see study.yaml)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # STUDY_DIR: a process of --jobs
     p.add_argument("--only", action="append", default=None, metavar="MODEL[/DAMAGE[/METHOD]]",
                    help="run only matching runs (globs; repeatable or comma-separated), e.g. smollm2/noise-all")
     p.add_argument("--dry-run", action="store_true", help="print the plan (done / started / to do) and exit")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N runs side by side in worker processes sharing this machine's device (small models "
+                        "leave a GPU mostly idle); what they share (evaluations of reference and degraded models, "
+                        "the data pool, the auto placement's diagnosis) is made first")
+    p.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
+                   help="start no run after this many seconds (the rest wait for the next call); for a time-limited "
+                        "device lease, with --pack: SIGTERM (e.g. from `timeout`) still packs what finished")
     p.add_argument("--results-only", action="store_true", help="only regenerate RESULTS.md from finished runs")
     p.add_argument("--results", default=None, help="RESULTS.md path (default: the config's `results`)")
     p.add_argument("--eval-data", default=None, metavar="DIR",
@@ -692,6 +861,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run_cli(a: argparse.Namespace) -> int:
+    if a.worker:
+        return worker_main(a.worker)
+    if not a.config:
+        raise RecoverLoraError("study needs --config STUDY.yaml")
     cfg = StudyConfig.from_yaml(a.config)
     if a.results:
         cfg.results = a.results
@@ -702,13 +875,21 @@ def run_cli(a: argparse.Namespace) -> int:
         n = unpack_results(a.unpack, cfg.study_dir)
         print(f"unpacked {n} files into {cfg.study_dir}")
         a.results_only = True
-    if a.results_only:
-        print(f"wrote {write_results(cfg.study_dir, cfg.results, cfg)}")
-    else:
-        argv = ["recover-lora", "study", "--config", a.config] + [x for o in (a.only or []) for x in ("--only", o)]
-        run_study(cfg, only, dry_run=a.dry_run, command=" ".join(shlex.quote(x) for x in argv))
-        if not a.dry_run:
-            print(f"wrote {cfg.results}")
-    if getattr(a, "pack", None) and not a.dry_run:
-        print(f"packed {pack_results(cfg.study_dir, a.pack)} files into {a.pack}")
+    from .distill import _Interrupt
+
+    try:
+        with _Interrupt():  # SIGTERM (a `timeout` around the command) ends the runs as Ctrl-C does
+            if a.results_only:
+                print(f"wrote {write_results(cfg.study_dir, cfg.results, cfg)}")
+            else:
+                argv = ["recover-lora", "study", "--config", a.config] + [x for o in (a.only or []) for x in ("--only", o)]
+                argv += ["--jobs", str(a.jobs)] if a.jobs != 1 else []
+                argv += ["--stop-after", str(a.stop_after)] if a.stop_after is not None else []
+                run_study(cfg, only, dry_run=a.dry_run, command=" ".join(shlex.quote(x) for x in argv), jobs=a.jobs,
+                          stop_after=a.stop_after)
+                if not a.dry_run:
+                    print(f"wrote {cfg.results}")
+    finally:  # whatever finished comes back, also from an interrupted or failed call
+        if getattr(a, "pack", None) and not a.dry_run and Path(cfg.study_dir).is_dir():
+            print(f"packed {pack_results(cfg.study_dir, a.pack)} files into {a.pack}")
     return 0
