@@ -210,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--eval-data", default=None, help="folder with <task>/<split>.jsonl")
     pr.add_argument("--train-splits", action="store_true", help="also the train splits (sft-lora)")
     pr.add_argument("--file", action="append", default=[], help="any other file (lands in $HOME/files)")
-    pr.add_argument("--chunk-mib", type=float, default=48.0)
+    # a call carries 64 MiB in all, the checkout (~1 MiB) included: 60 MiB folders take SmolLM2, the
+    # wheels and the evaluation data in two calls
+    pr.add_argument("--chunk-mib", type=float, default=60.0)
     pr.add_argument("--out", default=str(ROOT / ".carry"))
     pr.set_defaults(func=prepare)
     st = sub.add_parser("stash", help="collect the carried pieces and assemble what is complete (there)")
