@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 from tiny import tiny_model
 
 from recover_lora.distill import AdapterConfig, attach_adapters
-from recover_lora.svd_init import SVD_INITS, attach_with_init, input_scales, svd_init_, truncated_svd
+from recover_lora.svd_init import SVD_INITS, attach_with_init, input_moments, svd_init_, truncated_svd
 from recover_lora.utils import RecoverLoraError
 
 
@@ -34,6 +34,7 @@ def _lora_names(model):
 
 @pytest.mark.parametrize("kind,use_rslora,model", [("svd", False, "llama"), ("svd", True, "llama"),
                                                    ("eora", False, "llama"), ("eora", True, "llama"),
+                                                   ("eora-diag", False, "llama"), ("eora", False, "gemma3"),
                                                    ("svd", False, "qwen2"), ("svd", False, "gemma3")])
 def test_exact_when_difference_has_rank_at_most_r(kind, use_rslora, model):
     ref, deg = _low_rank_pair(rank=3, kind=model)
@@ -106,22 +107,49 @@ def test_bf16_base_weights_match_fp32_truncated_svd():
         assert (approx - best).norm() / best.norm() < 1e-2  # adapter weights are stored in bf16 or fp32
 
 
-def test_eora_beats_svd_on_weighted_output_error():
+def test_each_init_is_optimal_for_its_own_error():
+    """svd minimises the weight error, eora-diag the error weighted by sqrt(E[x_j^2]), eora the output
+    error E||(dW - dW_lora) x||^2 on the calibration inputs; eora reaches the Eckart-Young bound of dW R."""
     ref, deg = _low_rank_pair(rank=12)
     calib = _ids(8, 16, seed=2)
-    errs = {}
-    for kind in SVD_INITS:
-        student = attach_with_init(copy.deepcopy(deg), AdapterConfig(modules="mlp", rank=3, init=kind), ref,
-                                   calib_ids=calib)
-        names = _lora_names(student)
-        scales = input_scales(ref, names, calib)
-        total = 0.0
+    names = AdapterConfig(modules="mlp").target_modules(deg)
+    cov = input_moments(ref, names, calib, full=True)
+    diag = input_moments(ref, names, calib, full=False)
+    for n in names:  # the diagonal moments are the covariance's diagonal
+        torch.testing.assert_close(diag[n], torch.diagonal(cov[n]), rtol=1e-4, atol=1e-6)
+
+    def errors(student):
+        e = {"svd": 0.0, "eora-diag": 0.0, "eora": 0.0}
         for n in names:
             layer = student.get_base_model().get_submodule(n)
-            dw = ref.get_submodule(n).weight - layer.get_base_layer().weight
-            total += ((dw - layer.get_delta_weight("default")) * scales[n]).norm().item() ** 2
-        errs[kind] = total
-    assert errs["eora"] < errs["svd"]
+            res = ref.get_submodule(n).weight - layer.get_base_layer().weight - layer.get_delta_weight("default")
+            e["svd"] += res.square().sum().item()
+            e["eora-diag"] += (res * diag[n].sqrt()).square().sum().item()
+            e["eora"] += torch.trace(res @ cov[n] @ res.T).item()
+        return e
+
+    got = {kind: errors(attach_with_init(copy.deepcopy(deg), AdapterConfig(modules="mlp", rank=3, init=kind), ref,
+                                         calib_ids=calib)) for kind in SVD_INITS}
+    for objective in SVD_INITS:
+        best = min(got, key=lambda k: got[k][objective])
+        assert best == objective, (objective, got)
+    bound = 0.0
+    for n in names:
+        dw = ref.get_submodule(n).weight - deg.get_submodule(n).weight
+        ev, evec = torch.linalg.eigh(cov[n])
+        sv = torch.linalg.svdvals(dw @ (evec * ev.clamp_min(0).sqrt()))
+        bound += sv[3:].square().sum().item()
+    assert got["eora"]["eora"] == pytest.approx(bound, rel=1e-3)
+
+
+def test_shared_inputs_share_one_moment():
+    """q/k/v (and gate/up) read the same tensor: one covariance, computed once."""
+    ref, _ = _low_rank_pair(rank=2)
+    names = AdapterConfig(modules="attn-mlp").target_modules(ref)
+    m = input_moments(ref, names, _ids(4, 16))
+    q, k, v = (f"model.layers.0.self_attn.{x}_proj" for x in "qkv")
+    assert m[q] is m[k] is m[v] and m["model.layers.0.mlp.gate_proj"] is m["model.layers.0.mlp.up_proj"]
+    assert m[q] is not m["model.layers.0.self_attn.o_proj"] and m[q] is not m["model.layers.0.mlp.gate_proj"]
 
 
 def test_errors():
@@ -141,3 +169,27 @@ def test_lowrank_path_matches_full_on_low_rank_matrix():
     for method in ("full", "lowrank"):
         U, S, V = truncated_svd(m, 5, method)
         torch.testing.assert_close(U @ torch.diag(S) @ V.T, m, atol=1e-4, rtol=1e-4)
+
+
+def test_components_the_difference_does_not_fill_stay_trainable():
+    """An undamaged module, or ranks beyond rank(dW), keep PEFT's init (A random, B zero): same
+    function, and a gradient step moves them (B = A = 0 would never move)."""
+    ref = tiny_model("llama", initializer_range=0.2)
+    deg = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # rank-2 damage on every k/v but layer 0's k_proj
+        for name, mod in deg.named_modules():
+            if name.endswith(("k_proj", "v_proj")) and name != "model.layers.0.self_attn.k_proj":
+                o, i = mod.weight.shape
+                mod.weight += 0.05 * torch.randn(o, 2, generator=g) @ torch.randn(2, i, generator=g)
+    student = attach_with_init(deg, AdapterConfig(modules="kv", rank=4, init="svd"), ref)
+    x = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(student(x).logits, ref(x).logits, atol=1e-4, rtol=1e-4)
+    k = student.get_base_model().model.layers[0].self_attn.k_proj
+    v = student.get_base_model().model.layers[0].self_attn.v_proj
+    assert k.lora_B["default"].weight.abs().max() == 0 and k.lora_A["default"].weight.abs().min() > 0
+    assert v.lora_B["default"].weight[:, 2:].abs().max() == 0 and v.lora_A["default"].weight[2:].abs().min() > 0
+    student(x).logits.square().mean().backward()
+    assert k.lora_B["default"].weight.grad.abs().max() > 0
+    assert v.lora_B["default"].weight.grad[:, 2:].abs().max() > 0

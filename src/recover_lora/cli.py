@@ -165,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, default=None)
     g.add_argument("--dropout", type=float, default=None)
     g.add_argument("--init", default=None,
-                   help="default | gaussian | pissa | olora (PEFT's) | svd | eora (truncated SVD of "
-                        "W_ref - W_deg, eora activation-weighted; with --steps 0: training-free compensation)")
+                   help="default | gaussian | pissa | olora (PEFT's) | svd | eora | eora-diag (the best rank-r "
+                        "fix of W_ref - W_deg: of the weights, of the layer outputs on synthetic inputs, or "
+                        "weighted by input scale; with --steps 0: training-free compensation)")
     r.add_argument("--method", choices=["recover-lora", "full-kd", "sft-lora"], default=None,
                    help="recover-lora (default); full-kd: distill into all weights (LLM-QAT*); "
                         "sft-lora: supervised LoRA on the train splits of --sft-tasks")

@@ -31,11 +31,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from .degrade import select_modules
+from .svd_init import SVD_INITS  # warm starts applied after attaching
 from .utils import RecoverLoraError, atomic_write_json, log, read_json
 
 RANK_FACTORS = (0.25, 0.5, 1, 2, 4)
 FUNCTIONAL_FLOOR = 0.01  # a damaged block whose restoration shows no KL gain still scores this share
-SVD_INITS = ("svd", "eora")  # warm starts of recover_lora.svd_init, applied after attaching
 
 
 @dataclass
@@ -251,7 +251,7 @@ def attach_planned_adapters(model: nn.Module, plan: AdapterPlan, seed: int = 0, 
 
     ``plan.init`` "svd" / "eora" attaches with PEFT's default init and then sets every pair from
     the weight difference to ``reference`` (``recover_lora.svd_init.svd_init_``, which reads the
-    per-module ranks); ``calib_ids`` are the eora calibration sequences.
+    per-module ranks); the first 32 of ``calib_ids`` are the eora calibration sequences.
     """
     mods = dict(model.named_modules())
     bad = [n for n in plan.ranks if not isinstance(mods.get(n), nn.Linear)]
@@ -262,9 +262,10 @@ def attach_planned_adapters(model: nn.Module, plan: AdapterPlan, seed: int = 0, 
     if plan.init in SVD_INITS:
         if reference is None:
             raise RecoverLoraError(f"init {plan.init!r} needs the reference model")
-        from .svd_init import svd_init_
+        from .svd_init import CALIB_SEQUENCES, svd_init_
 
-        svd_init_(student, reference, kind=plan.init, calib_ids=calib_ids)
+        svd_init_(student, reference, kind=plan.init,
+                  calib_ids=calib_ids[:CALIB_SEQUENCES] if calib_ids is not None else None)
     return student
 
 

@@ -1,20 +1,20 @@
-"""Data-free warm start: each LoRA pair starts as the truncated SVD of (W_reference - W_degraded).
+"""Data-free warm start: each LoRA pair starts as the best rank-r fix of (W_reference - W_degraded).
 
 For a LoRA-wrapped linear with base weight W_deg (out x in), rank r and scaling s (alpha / r, or
-alpha / sqrt(r) with rsLoRA, read from the layer), the adapted weight is W_deg + s * B @ A. With
-dW = W_ref - W_deg = U S V^T, setting
+alpha / sqrt(r) with rsLoRA, read from the layer), the adapted weight is W_deg + s * B @ A. Let
+dW = W_ref - W_deg and R a weighting of the input dimension. The rank-r matrix closest to dW in
+the norm ||(.) R||_F is U_r U_r^T dW, where U_r holds the top-r left singular vectors of dW R;
+B and A split it, each component's norm shared evenly between them (both divided by sqrt(s)).
 
-    B = U_r sqrt(S_r) / sqrt(s),    A = sqrt(S_r) V_r^T / sqrt(s)
+- ``svd``: R = I, the truncated SVD of dW itself (Eckart-Young): exact when rank(dW) <= r; with
+  zero training steps the training-free low-rank compensation baseline (ZeroQuant-V2's LoRC).
+- ``eora``: R R^T = E[x x^T], the uncentred covariance of the layer's inputs in the *reference*
+  on a few synthetic sequences (EoRA's eigenspace projection): the rank-r fix with the smallest
+  output error E||(dW - s B A) x||^2 on such inputs. Damage in directions the inputs never take
+  costs nothing, so the rank goes where the activations are.
+- ``eora-diag``: R = diag(sqrt(E[x_j^2])), the diagonal of that covariance only (cheaper, weaker).
 
-makes s * B @ A = U_r S_r V_r^T, the best rank-r approximation of dW (Eckart-Young): exact when
-rank(dW) <= r, and with zero training steps this is the training-free low-rank compensation
-baseline (ZeroQuant-V2's LoRC). Distillation then continues from there.
-
-``eora`` is the activation-weighted variant (after EoRA, with a diagonal input covariance): the
-input dimension is weighted by d_j = sqrt(E[x_j^2]) measured on a few synthetic sequences run
-through the reference, the SVD is taken of dW diag(d), and A is unweighted by diag(d)^-1. That
-minimises the error on the layer's *outputs* for such inputs, E||(dW - s B A) x||^2, instead of
-the weight error.
+Distillation then continues from there.
 
     student = attach_with_init(degraded, AdapterConfig(init="svd", rank=16), reference)
 """
@@ -31,7 +31,8 @@ from transformers import PreTrainedModel
 
 from .utils import RecoverLoraError, log
 
-SVD_INITS = ("svd", "eora")
+SVD_INITS = ("svd", "eora", "eora-diag")
+CALIB_SEQUENCES = 32  # eora: synthetic sequences whose reference activations give the input covariance
 FULL_SVD_MAX_DIM = 8192  # exact SVD up to this min(out, in); randomized svd_lowrank above
 
 
@@ -74,21 +75,29 @@ def truncated_svd(m: torch.Tensor, r: int, method: str = "auto", niter: int = 6)
 
 
 @torch.no_grad()
-def input_scales(reference: PreTrainedModel, names: list[str], calib_ids: torch.Tensor,
-                 batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """sqrt(E[x_j^2]) of the input to each named linear of ``reference`` over ``calib_ids`` tokens
-    (the diagonal of the uncentred input covariance), in fp32."""
+def input_moments(reference: PreTrainedModel, names: list[str], calib_ids: torch.Tensor, batch_size: int = 8,
+                  full: bool = True) -> dict[str, torch.Tensor]:
+    """The uncentred second moment of the input to each named linear of ``reference`` over the
+    ``calib_ids`` tokens, in fp32: ``E[x x^T]`` (in x in) with ``full``, else its diagonal
+    ``E[x_j^2]``. Linears fed the same tensor (q/k/v, gate/up) share one matrix."""
     from .distill import hidden_states
 
     device = next(reference.parameters()).device
     sums: dict[str, torch.Tensor] = {}
+    alias: dict[str, str] = {}  # name -> the name whose sum it shares
+    seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input kept alive, first name); per batch
     count = [0]
     hooks = []
 
     def hook(name):
         def f(mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            s = (x * x).sum(0)
+            x = args[0]
+            if id(x) in seen and seen[id(x)][0] is x:
+                alias[name] = seen[id(x)][1]
+                return
+            seen[id(x)] = (x, name)
+            x = x.detach().reshape(-1, x.shape[-1]).float()
+            s = x.T @ x if full else (x * x).sum(0)
             sums[name] = sums[name] + s if name in sums else s
         return f
 
@@ -99,15 +108,31 @@ def input_scales(reference: PreTrainedModel, names: list[str], calib_ids: torch.
     try:
         for i in range(0, len(calib_ids), batch_size):
             x = calib_ids[i:i + batch_size].to(device)
+            seen.clear()
             hidden_states(reference, x)  # the decoder only: no full-vocabulary logits
             count[0] += x.numel()
     finally:
+        seen.clear()
         for h in hooks:
             h.remove()
         reference.train(was_training)
     if not count[0]:
         raise RecoverLoraError("eora init needs calibration token ids (a few synthetic sequences)")
-    return {n: (s / count[0]).sqrt() for n, s in sums.items()}
+    out = {n: v / count[0] for n, v in sums.items()}
+    out.update({n: out[a] for n, a in alias.items() if n not in out})
+    return out
+
+
+def input_scales(reference: PreTrainedModel, names: list[str], calib_ids: torch.Tensor,
+                 batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """sqrt(E[x_j^2]) of the input to each named linear (the diagonal of :func:`input_moments`)."""
+    return {n: v.sqrt() for n, v in input_moments(reference, names, calib_ids, batch_size, full=False).items()}
+
+
+def _root(cov: torch.Tensor) -> torch.Tensor:
+    """R with R R^T = cov (symmetric PSD), from its eigendecomposition."""
+    evals, evecs = torch.linalg.eigh(cov)
+    return evecs * evals.clamp_min(0).sqrt()
 
 
 @torch.no_grad()
@@ -136,11 +161,16 @@ def svd_init_(peft_model: torch.nn.Module, reference: PreTrainedModel | Mapping[
     layers = list(_lora_layers(peft_model, adapter_name))
     if not layers:
         raise RecoverLoraError(f"svd init: the model has no LoRA layer for adapter {adapter_name!r}")
-    scales = None
-    if kind == "eora":
+    weights: dict[str, torch.Tensor] = {}  # name -> R: the error is measured as ||(dW - s B A) R||
+    if kind in ("eora", "eora-diag"):
         if calib_ids is None or isinstance(reference, Mapping):
-            raise RecoverLoraError("eora init needs the reference model and calibration token ids")
-        scales = input_scales(reference, [n for n, _ in layers], calib_ids, calib_batch_size)
+            raise RecoverLoraError(f"{kind} init needs the reference model and calibration token ids")
+        moments = input_moments(reference, [n for n, _ in layers], calib_ids, calib_batch_size, full=kind == "eora")
+        roots: dict[int, torch.Tensor] = {}  # linears that share an input share one root
+        for n, m in moments.items():
+            if id(m) not in roots:
+                roots[id(m)] = _root(m) if kind == "eora" else torch.diag(m.sqrt())
+            weights[n] = roots[id(m)]
     stats: dict[str, dict] = {}
     for name, layer in layers:
         if getattr(layer, "use_dora", {}).get(adapter_name, False):
@@ -167,28 +197,33 @@ def svd_init_(peft_model: torch.nn.Module, reference: PreTrainedModel | Mapping[
         s = float(layer.scaling[adapter_name])
         out_f, in_f = dw.shape
         k = min(r, out_f, in_f)
-        if scales is not None:
-            d = scales[name].to(device)
-            d = d.clamp_min(max(d.max().item() * 1e-6, 1e-12))
-            U, S, V = truncated_svd(dw * d, k, svd_method)
-            V = V / d[:, None]  # unweight: dW ~= U S (V / d)^T
-        else:
-            U, S, V = truncated_svd(dw, k, svd_method)
-        root = S.clamp_min(0).sqrt()
+        R = weights[name].to(device) if name in weights else None
+        # The best rank-k approximation of dW in the norm ||. R|| is U_k U_k^T dW, U_k the top-k
+        # left singular vectors of dW R (R = I: the truncated SVD of dW itself)
+        U, _, _ = truncated_svd(dw @ R if R is not None else dw, k, svd_method)
+        P = U.T @ dw  # k x in
+        norms = P.norm(dim=1)
+        a = norms.clamp_min(1e-30).sqrt()  # split each component's norm evenly between B and A
+        # Components the difference does not fill (an undamaged module, rank(dW) < r, r > min(out, in))
+        # keep PEFT's default init, A random and B zero: the same function, but still trainable
+        # (B = A = 0 would get no gradient at all).
         B = torch.zeros(out_f, r, device=device)
-        A = torch.zeros(r, in_f, device=device)
-        B[:, :k] = U * root / math.sqrt(s)
-        A[:k] = (V * root).T / math.sqrt(s)
+        A = A_mod.weight.detach().float().clone()
+        live = torch.zeros(r, dtype=torch.bool, device=device)
+        live[:k] = norms > 1e-6 * dw.norm()
+        B[:, :k] = U * a / math.sqrt(s)
+        A[:k] = P / a[:, None] / math.sqrt(s)
+        B[:, ~live] = 0
+        A[~live] = A_mod.weight.detach().float()[~live]
         B_mod.weight.copy_(B.to(B_mod.weight.dtype))
         A_mod.weight.copy_(A.to(A_mod.weight.dtype))
-        approx = s * (B_mod.weight.float() @ A_mod.weight.float())
-        if scales is not None:
-            d = scales[name].to(device)
-            err = ((dw - approx) * d).norm() / max((dw * d).norm().item(), 1e-30)
+        res = dw - s * (B_mod.weight.float() @ A_mod.weight.float())
+        if R is not None:
+            res, dw_w = res @ R, dw @ R
         else:
-            err = (dw - approx).norm() / max(dw.norm().item(), 1e-30)
+            dw_w = dw
         stats[name] = {"rank": r, "rel_dw": dw.norm().item() / max(w_ref.norm().item(), 1e-30),
-                       "rel_residual": err.item()}
+                       "rel_residual": res.norm().item() / max(dw_w.norm().item(), 1e-30)}
     mean_res = sum(v["rel_residual"] for v in stats.values()) / len(stats)
     log.info("%s init of %d LoRA pairs: mean relative residual of the weight difference %.4f",
              kind, len(stats), mean_res)
@@ -196,7 +231,7 @@ def svd_init_(peft_model: torch.nn.Module, reference: PreTrainedModel | Mapping[
 
 
 def attach_with_init(model: PreTrainedModel, cfg, reference: PreTrainedModel, seed: int = 0,
-                     calib_ids: torch.Tensor | None = None, calib_sequences: int = 32) -> PeftModel:
+                     calib_ids: torch.Tensor | None = None, calib_sequences: int = CALIB_SEQUENCES) -> PeftModel:
     """``distill.attach_adapters`` that also understands ``cfg.init`` in :data:`SVD_INITS`:
     attach with PEFT's default init, then overwrite every pair with :func:`svd_init_`.
     Any other ``init`` goes to PEFT unchanged. ``calib_ids`` (eora): synthetic token ids, of
