@@ -76,7 +76,7 @@ def study_yaml(tmp_path):
         "methods": {"kv": {"adapter": {"modules": "kv"}},
                     "svd-only": {"placement": "auto", "adapter": {"init": "svd"}, "distill": {"steps": 0}}},
         "sweep": {"method": "kv", "sequences": [16]},
-        "goals": {"method": "svd-only", "presets": ["kv"], "baselines": [], "min_gap_closed": 0.9},
+        "goals": {"method": ["svd-only", "kv@16"], "presets": ["kv"], "baselines": [], "min_gap_closed": 0.9},
     }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -121,7 +121,7 @@ def test_miniature_study_runs_resumes_and_reports(study_yaml, monkeypatch, capsy
     (t / "RESULTS.md").unlink()
     assert main(["study", "--config", str(study_yaml), "--results-only"]) == 0
     res = (t / "RESULTS.md").read_text()
-    assert "## Goals" in res and "| tiny | noise-all |" in res
+    assert "## Goals" in res and "| tiny | noise-all | svd-only |" in res and "| tiny | noise-all | kv@16 |" in res
     assert any(w in res for w in ("**PASS**", "**FAIL**"))
     assert "| accuracy (%) | arc_easy | avg |" in res and "| reference |" in res and "| svd-only |" in res
     assert "| kv@16 |" in res and "## Commands" in res
@@ -233,7 +233,8 @@ def test_shipped_study_configs_resolve(name):
                 rc = cfg.recover_config(m, d, method, None)
                 rc.distill.validate()
                 assert rc.reference == cfg.models[m]
-    assert set(cfg.goals["presets"]) | set(cfg.goals["baselines"]) | {cfg.goals["method"]} <= set(cfg.all_methods())
+    assert set(cfg.goals["presets"]) | set(cfg.goals["baselines"]) | set(study.goal_methods(cfg.goals)) \
+        <= set(cfg.all_methods())
 
 
 def test_pack_and_unpack_results(tmp_path):
