@@ -98,8 +98,9 @@ class DistillConfig:
     # Under torchrun / accelerate launch: shard the decoder layers of teacher and student across
     # the ranks (FSDP2) instead of replicating the student under DDP; whole layers come back at the end.
     fsdp: bool = False
-    # > 0: distill from the teacher's k most likely tokens per position only (renormalised), which is
-    # all a cache of top-k teacher logits would hold; forward KL only. 0 = the whole vocabulary.
+    # > 0: distill from the teacher's k most likely tokens per position plus one "any other token"
+    # outcome (its tail mass), all a cache of top-k teacher log-probabilities would hold; forward KL
+    # only. 0 = the whole vocabulary.
     teacher_topk: int = 0
 
     def validate(self) -> None:
