@@ -123,12 +123,6 @@ def input_moments(reference: PreTrainedModel, names: list[str], calib_ids: torch
     return out
 
 
-def input_scales(reference: PreTrainedModel, names: list[str], calib_ids: torch.Tensor,
-                 batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """sqrt(E[x_j^2]) of the input to each named linear (the diagonal of :func:`input_moments`)."""
-    return {n: v.sqrt() for n, v in input_moments(reference, names, calib_ids, batch_size, full=False).items()}
-
-
 def _root(cov: torch.Tensor) -> torch.Tensor:
     """R with R R^T = cov (symmetric PSD), from its eigendecomposition."""
     evals, evecs = torch.linalg.eigh(cov)
@@ -145,12 +139,12 @@ def svd_init_(peft_model: torch.nn.Module, reference: PreTrainedModel | Mapping[
     ``reference``: the reference model, or its state dict; modules are matched by name (the
     name inside the base model, e.g. ``model.layers.0.self_attn.q_proj``). ``degraded_state``:
     the degraded weights by the same ``<name>.weight`` keys, when the LoRA layer's base weight is
-    not them (default: the base layer's weight). ``kind``: ``svd`` or ``eora`` (needs
-    ``calib_ids``, token ids [N, L], and a reference model). Per-module ranks (``rank_pattern``)
-    and rsLoRA scaling are read from each layer. The SVD is computed in fp32 on the base weight's
-    device; the result is cast to the LoRA weights' dtype. Returns, per module, the rank, the
-    relative norm of dW and the relative residual ||dW - s B A||_F / ||dW||_F
-    (the relative weighted residual for eora).
+    not them (default: the base layer's weight). ``kind``: ``svd``, ``eora`` or ``eora-diag``
+    (both need ``calib_ids``, token ids [N, L], and a reference model). Per-module ranks
+    (``rank_pattern``) and rsLoRA scaling are read from each layer. The SVD is computed in fp32
+    on the base weight's device; the result is cast to the LoRA weights' dtype. Returns, per
+    module, the rank, the relative norm of dW and the relative residual ||(dW - s B A) R||_F /
+    ||dW R||_F (R = I for svd).
     """
     if kind not in SVD_INITS:
         raise RecoverLoraError(f"unknown svd init {kind!r}; use one of {SVD_INITS}")
