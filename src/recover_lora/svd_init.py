@@ -163,7 +163,7 @@ def svd_init_(peft_model: torch.nn.Module, reference: PreTrainedModel | Mapping[
         roots: dict[int, torch.Tensor] = {}  # linears that share an input share one root
         for n, m in moments.items():
             if id(m) not in roots:
-                roots[id(m)] = _root(m) if kind == "eora" else torch.diag(m.sqrt())
+                roots[id(m)] = _root(m) if kind == "eora" else m.sqrt()  # eora-diag: R's diagonal
             weights[n] = roots[id(m)]
     stats: dict[str, dict] = {}
     for name, layer in layers:
@@ -192,9 +192,14 @@ def svd_init_(peft_model: torch.nn.Module, reference: PreTrainedModel | Mapping[
         out_f, in_f = dw.shape
         k = min(r, out_f, in_f)
         R = weights[name].to(device) if name in weights else None
+
+        def weigh(m: torch.Tensor) -> torch.Tensor:  # m R (R a vector: a diagonal)
+            return m if R is None else m * R if R.ndim == 1 else m @ R
+
         # The best rank-k approximation of dW in the norm ||. R|| is U_k U_k^T dW, U_k the top-k
         # left singular vectors of dW R (R = I: the truncated SVD of dW itself)
-        U, _, _ = truncated_svd(dw @ R if R is not None else dw, k, svd_method)
+        dw_w = weigh(dw)
+        U, _, _ = truncated_svd(dw_w, k, svd_method)
         P = U.T @ dw  # k x in
         norms = P.norm(dim=1)
         a = norms.clamp_min(1e-30).sqrt()  # split each component's norm evenly between B and A
@@ -202,20 +207,16 @@ def svd_init_(peft_model: torch.nn.Module, reference: PreTrainedModel | Mapping[
         # keep PEFT's default init, A random and B zero: the same function, but still trainable
         # (B = A = 0 would get no gradient at all).
         B = torch.zeros(out_f, r, device=device)
-        A = A_mod.weight.detach().float().clone()
+        A = A_mod.weight.detach().float().clone()  # PEFT's init, kept where not live
         live = torch.zeros(r, dtype=torch.bool, device=device)
         live[:k] = norms > 1e-6 * dw.norm()
         B[:, :k] = U * a / math.sqrt(s)
         A[:k] = P / a[:, None] / math.sqrt(s)
         B[:, ~live] = 0
-        A[~live] = A_mod.weight.detach().float()[~live]
+        A[~live] = A_mod.weight.detach().float()[~live]  # (A[:k] was overwritten above)
         B_mod.weight.copy_(B.to(B_mod.weight.dtype))
         A_mod.weight.copy_(A.to(A_mod.weight.dtype))
-        res = dw - s * (B_mod.weight.float() @ A_mod.weight.float())
-        if R is not None:
-            res, dw_w = res @ R, dw @ R
-        else:
-            dw_w = dw
+        res = weigh(dw - s * (B_mod.weight.float() @ A_mod.weight.float()))
         stats[name] = {"rank": r, "rel_dw": dw.norm().item() / max(w_ref.norm().item(), 1e-30),
                        "rel_residual": res.norm().item() / max(dw_w.norm().item(), 1e-30)}
     mean_res = sum(v["rel_residual"] for v in stats.values()) / len(stats)
