@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 from tiny import tiny_model
 
 from recover_lora.distill import AdapterConfig, attach_adapters
-from recover_lora.svd_init import SVD_INITS, attach_with_init, input_moments, svd_init_, truncated_svd
+from recover_lora.svd_init import EORA_SHRINK, SVD_INITS, attach_with_init, input_moments, svd_init_, truncated_svd
 from recover_lora.utils import RecoverLoraError
 
 
@@ -109,7 +109,8 @@ def test_bf16_base_weights_match_fp32_truncated_svd():
 
 def test_each_init_is_optimal_for_its_own_error():
     """svd minimises the weight error, eora-diag the error weighted by sqrt(E[x_j^2]), eora the output
-    error E||(dW - dW_lora) x||^2 on the calibration inputs; eora reaches the Eckart-Young bound of dW R."""
+    error E||(dW - dW_lora) x||^2 under the (shrunk) input covariance; eora reaches the Eckart-Young
+    bound of dW R, and at shrink 0 that of plain EoRA (the unshrunk covariance)."""
     ref, deg = _low_rank_pair(rank=12)
     calib = _ids(8, 16, seed=2)
     names = AdapterConfig(modules="mlp").target_modules(deg)
@@ -118,28 +119,44 @@ def test_each_init_is_optimal_for_its_own_error():
     for n in names:  # the diagonal moments are the covariance's diagonal
         torch.testing.assert_close(diag[n], torch.diagonal(cov[n]), rtol=1e-4, atol=1e-6)
 
+    shrunk = {n: (1 - EORA_SHRINK) * cov[n] + EORA_SHRINK * torch.diag(torch.diagonal(cov[n])) for n in names}
+
     def errors(student):
-        e = {"svd": 0.0, "eora-diag": 0.0, "eora": 0.0}
+        e = {"svd": 0.0, "eora-diag": 0.0, "eora": 0.0, "eora-plain": 0.0}
         for n in names:
             layer = student.get_base_model().get_submodule(n)
             res = ref.get_submodule(n).weight - layer.get_base_layer().weight - layer.get_delta_weight("default")
             e["svd"] += res.square().sum().item()
             e["eora-diag"] += (res * diag[n].sqrt()).square().sum().item()
-            e["eora"] += torch.trace(res @ cov[n] @ res.T).item()
+            e["eora"] += torch.trace(res @ shrunk[n] @ res.T).item()
+            e["eora-plain"] += torch.trace(res @ cov[n] @ res.T).item()
         return e
 
     got = {kind: errors(attach_with_init(copy.deepcopy(deg), AdapterConfig(modules="mlp", rank=3, init=kind), ref,
                                          calib_ids=calib)) for kind in SVD_INITS}
-    for objective in SVD_INITS:
+    for objective in SVD_INITS:  # (eora-plain is no init's objective here)
         best = min(got, key=lambda k: got[k][objective])
         assert best == objective, (objective, got)
-    bound = 0.0
-    for n in names:
-        dw = ref.get_submodule(n).weight - deg.get_submodule(n).weight
-        ev, evec = torch.linalg.eigh(cov[n])
-        sv = torch.linalg.svdvals(dw @ (evec * ev.clamp_min(0).sqrt()))
-        bound += sv[3:].square().sum().item()
-    assert got["eora"]["eora"] == pytest.approx(bound, rel=1e-3)
+    def bound(covs):
+        b = 0.0
+        for n in names:
+            dw = ref.get_submodule(n).weight - deg.get_submodule(n).weight
+            ev, evec = torch.linalg.eigh(covs[n])
+            sv = torch.linalg.svdvals(dw @ (evec * ev.clamp_min(0).sqrt()))
+            b += sv[3:].square().sum().item()
+        return b
+
+    assert got["eora"]["eora"] == pytest.approx(bound(shrunk), rel=1e-3)
+    by_shrink = {}
+    for shrink in (0.0, 1.0):
+        student = attach_with_init(copy.deepcopy(deg), AdapterConfig(modules="mlp", rank=3), ref)
+        svd_init_(student, ref, kind="eora", calib_ids=calib, shrink=shrink)
+        by_shrink[shrink] = errors(student)
+    assert by_shrink[0.0]["eora-plain"] == pytest.approx(bound(cov), rel=1e-3)  # plain EoRA: its own optimum
+    assert by_shrink[0.0]["eora-plain"] < got["eora"]["eora-plain"]
+    assert by_shrink[1.0]["eora-diag"] == pytest.approx(got["eora-diag"]["eora-diag"], rel=1e-3)  # = eora-diag
+    with pytest.raises(RecoverLoraError, match="shrink"):
+        svd_init_(student, ref, kind="eora", calib_ids=calib, shrink=1.5)
 
 
 def test_shared_inputs_share_one_moment():

@@ -26,7 +26,7 @@ import torch
 from recover_lora.degrade import DegradeConfig, degrade, parse_op
 from recover_lora.distill import AdapterConfig, DistillConfig, measure, train
 from recover_lora.load import LoadConfig, load_model, load_tokenizer
-from recover_lora.svd_init import SVD_INITS, attach_with_init
+from recover_lora.svd_init import EORA_SHRINK, SVD_INITS, attach_with_init
 from recover_lora.synth import SynthConfig, load_synthetic, synthesize
 
 
@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--modules", default="all-linear")
     p.add_argument("--inits", default=",".join(SVD_INITS))
     p.add_argument("--calib", type=int, default=32, help="calibration sequences (eora)")
+    p.add_argument("--shrink", type=float, default=EORA_SHRINK, help="eora: weight of the covariance's diagonal")
     p.add_argument("--heldout", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--steps", type=int, default=0, help="also distil each start this many steps")
@@ -56,7 +57,7 @@ def main() -> None:
                 ids[name] = load_synthetic(synthesize(ref, tok, SynthConfig(num_sequences=n, seq_len=a.seq_len,
                                                                             seed=seed), f"{d}/{name}", progress=False))
     out: dict = {"model": a.model, "lr": a.lr, "rank": a.rank, "modules": a.modules, "calib": a.calib, "heldout": a.heldout,
-                 "seq_len": a.seq_len, "steps": a.steps, "torch": torch.__version__, "results": {}}
+                 "seq_len": a.seq_len, "steps": a.steps, "shrink": a.shrink, "torch": torch.__version__, "results": {}}
     print(f"| damage | init | held-out KL at init | top-1 | seconds |"
           + (f" KL after {a.steps} steps | top-1 |" if a.steps else "") + "\n|---|---|---:|---:|---:|"
           + ("---:|---:|" if a.steps else ""))
@@ -70,7 +71,7 @@ def main() -> None:
             t0 = time.perf_counter()
             student = attach_with_init(copy.deepcopy(deg), AdapterConfig(modules=a.modules, rank=a.rank,
                                                                          alpha=2 * a.rank, init=init),
-                                       ref, calib_ids=ids["calib"], calib_sequences=a.calib)
+                                       ref, calib_ids=ids["calib"], calib_sequences=a.calib, shrink=a.shrink)
             r = {"init": measure(student, ref, ids["heldout"], 8), "seconds": round(time.perf_counter() - t0, 1)}
             line = f"| `{spec}` | {init} | {r['init']['kl']:.4f} | {100 * r['init']['top1']:.1f}% | {r['seconds']:.0f} |"
             if a.steps:
