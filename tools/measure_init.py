@@ -6,7 +6,8 @@
 Each damage is applied to a fresh copy of the reference (seed 0, as ``study.yaml``). For each
 init the same LoRA layout is attached and set from W_ref - W_deg (``svd``: truncated SVD of the
 difference; ``eora-diag``: weighted by sqrt(E[x_j^2]) of the reference's inputs; ``eora``: by the
-full input covariance, i.e. the best rank-r fix of the layer's output on the calibration tokens),
+input covariance shrunk toward its diagonal by ``--shrink`` (0: plain EoRA, the best rank-r fix of
+the layer's output on the calibration tokens; 1: eora-diag)),
 then measured on held-out synthetic sequences: KL(reference || model) per token and top-1
 agreement. ``--steps N`` also distils each start for N steps (8 x 64 tokens, ``--lr``, 2e-3) to see
 whether a better start stays ahead. Calibration, training and held-out data are separate
