@@ -34,7 +34,8 @@ def _adapter(student) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
 
 
-def _worker(rank: int, port: int, tmp: str, fsdp: bool = False, stop_after: int | None = None) -> None:
+def _worker(rank: int, port: int, tmp: str, fsdp: bool = False, stop_after: int | None = None,
+            hidden_weight: float = 0.0) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -46,7 +47,8 @@ def _worker(rank: int, port: int, tmp: str, fsdp: bool = False, stop_after: int 
             for p in student.parameters():
                 if p.requires_grad:
                     p.data.add_(torch.randn_like(p))
-        state = train(student, ref, ids, DistillConfig(**CFG, fsdp=fsdp), checkpoint=os.path.join(tmp, "ck.pt"),
+        state = train(student, ref, ids, DistillConfig(**CFG, fsdp=fsdp, hidden_weight=hidden_weight),
+                      checkpoint=os.path.join(tmp, "ck.pt"),
                       progress=False, stop_after=stop_after)
         if not fsdp:
             synthesize(ref, tiny_tokenizer(), SynthConfig(**SYNTH), os.path.join(tmp, "synth"), progress=False)
@@ -64,14 +66,15 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-def test_two_process_ddp_equals_one_process(tmp_path):
+@pytest.mark.parametrize("hidden_weight", [0.0, 0.5])  # 0.5: the layer loss's gradients are averaged too
+def test_two_process_ddp_equals_one_process(tmp_path, hidden_weight):
     torch.set_num_threads(1)
     ref, student, ids = _setup()
-    single = train(student, ref, ids, DistillConfig(**CFG), progress=False)
+    single = train(student, ref, ids, DistillConfig(**CFG, hidden_weight=hidden_weight), progress=False)
     want = _adapter(student)
     one = load_synthetic(synthesize(ref, tiny_tokenizer(), SynthConfig(**SYNTH), tmp_path / "one", progress=False))
 
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), False, None, hidden_weight), nprocs=WORLD, join=True)
 
     for r in range(WORLD):
         got = torch.load(tmp_path / f"rank{r}.pt")

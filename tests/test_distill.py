@@ -8,7 +8,7 @@ from tiny import tiny_model, tiny_tokenizer
 from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
 from recover_lora.distill import (AdapterConfig, DistillConfig, attach_adapters, batch_indices, measure,
                                   trainable_parameters, train)
-from recover_lora.losses import chunked_loss_backward, divergence, naive_loss
+from recover_lora.losses import chunked_loss_backward, divergence, hidden_match_loss, naive_loss
 from recover_lora.synth import SynthConfig, generate_shard
 from recover_lora.utils import RecoverLoraError
 
@@ -107,6 +107,41 @@ def test_teacher_topk_loss_equals_autograd_reference(temperature):
         chunked_loss_backward(hs, ht, head, head, "jsd", T, teacher_topk=k)
     with pytest.raises(RecoverLoraError, match="teacher_topk"):
         DistillConfig(loss="reverse_kl", teacher_topk=8).validate()
+
+
+def test_hidden_match_loss_by_hand_and_extra_loss_backward():
+    s = [torch.tensor([[[1.0, 0.0], [0.0, 3.0]]]), torch.tensor([[[2.0, 2.0], [0.0, 0.0]]])]
+    t = [torch.tensor([[[2.0, 0.0], [0.0, 1.0]]]), torch.tensor([[[2.0, 0.0], [0.0, 4.0]]])]
+    # layer 0: tokens 1/4 and 4/1; layer 1: tokens 4/4 and 16/16
+    assert hidden_match_loss(s, t).item() == pytest.approx(((0.25 + 4) / 2 + (1 + 1) / 2) / 2)
+    assert hidden_match_loss(t, t).item() == 0.0
+    # an extra loss rides the same backward pass as the chunked KL
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hs = torch.randn(3, 7, 16, requires_grad=True)
+    ht = torch.randn(3, 7, 16)
+    (naive_loss(head(hs), head(ht).detach()) + 0.3 * hidden_match_loss([hs * 2], [ht])).backward()
+    g_ref = hs.grad.clone()
+    hs.grad = None
+    loss, _ = chunked_loss_backward(hs, ht, head, head, chunk_tokens=5,
+                                    extra_loss=0.3 * hidden_match_loss([hs * 2], [ht]))
+    assert loss == pytest.approx(naive_loss(head(hs), head(ht)).item(), rel=1e-5)  # the KL alone
+    assert torch.allclose(hs.grad, g_ref, atol=1e-6)
+    with pytest.raises(RecoverLoraError, match="hidden_weight"):
+        DistillConfig(hidden_weight=-1).validate()
+
+
+def test_distillation_with_layer_loss_lowers_both():
+    ref, deg = _pair()
+    train_ids, held = _data(ref, 64), _data(ref, 16, seed=1)
+    student = attach_adapters(deg, AdapterConfig(rank=8))
+    before = measure(student, ref, held)
+    state = train(student, ref, train_ids, DistillConfig(steps=40, batch_size=16, lr=1e-2, warmup_steps=3,
+                                                         eval_every=0, hidden_weight=1.0), progress=False)
+    after = measure(student, ref, held)
+    assert after["kl"] < 0.7 * before["kl"], (before, after)
+    hid = [h["hidden_loss"] for h in state.history]
+    assert sum(hid[-5:]) < 0.7 * sum(hid[:5]), hid
 
 
 def test_divergences_by_hand():

@@ -112,3 +112,14 @@ def test_data_from_a_bigger_vocabulary_is_refused(folders, capsys):
                "--data", str(t / "bigdata"), "--steps", "1", "--batch-size", "4", "--device", "cpu"])
     assert rc == 2
     assert "beyond this model's vocabulary of 128" in capsys.readouterr().err
+
+
+def test_training_flags_reach_the_config():
+    from recover_lora.cli import _recover_config, build_parser
+
+    a = build_parser().parse_args(["recover", "--reference", "r", "--degraded", "d", "--out", "o",
+                                   "--hidden-weight", "50", "--teacher-topk", "64", "--lr", "5e-4"])
+    cfg = _recover_config(a)
+    assert (cfg.distill.hidden_weight, cfg.distill.teacher_topk, cfg.distill.lr) == (50.0, 64, 5e-4)
+    b = build_parser().parse_args(["recover", "--reference", "r", "--degraded", "d", "--out", "o"])
+    assert _recover_config(b).distill.hidden_weight == 0.0  # the paper's loss unless asked

@@ -91,7 +91,7 @@ def _recover_config(a: argparse.Namespace):
               grad_accum=a.grad_accum, lr=a.lr, warmup_steps=a.warmup_steps, weight_decay=a.weight_decay,
               eval_every=a.eval_every, checkpoint_every=a.checkpoint_every, seed=a.seed,
               cuda_graph=a.cuda_graph, activation_checkpointing=a.activation_checkpointing, fsdp=a.fsdp,
-              teacher_topk=a.teacher_topk)
+              teacher_topk=a.teacher_topk, hidden_weight=a.hidden_weight)
     return cfg
 
 
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "capture fails or disagrees with the eager step)")
     g.add_argument("--teacher-topk", type=int, default=None,
                    help="distill from the teacher's top-k tokens per position only (forward KL; 0 = all)")
+    g.add_argument("--hidden-weight", type=float, default=None,
+                   help="also match each intermediate layer's output to the reference's, with this weight (0 = off)")
     g.add_argument("--fsdp", action="store_true", default=None,
                    help="under torchrun / accelerate launch: shard the decoder layers of both models across the "
                         "ranks (FSDP2) instead of replicating the student under DDP")

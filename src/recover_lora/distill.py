@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 from . import graphs
 from .degrade import parse_layers, parse_modules, select_modules
-from .losses import LOSSES, chunked_loss_backward
+from .losses import LOSSES, chunked_loss_backward, hidden_match_loss
 from .synth import dist_rank_world
 from .utils import RecoverLoraError, atomic_torch_save, log
 
@@ -102,6 +102,9 @@ class DistillConfig:
     # outcome (its tail mass), all a cache of top-k teacher log-probabilities would hold; forward KL
     # only. 0 = the whole vocabulary.
     teacher_topk: int = 0
+    # > 0: also match every intermediate decoder layer's output to the teacher's (per-token relative
+    # squared error, mean over layers, losses.hidden_match_loss) with this weight; 0 = logits only.
+    hidden_weight: float = 0.0
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
@@ -112,6 +115,8 @@ class DistillConfig:
             raise RecoverLoraError("temperature and lr must be > 0")
         if self.teacher_topk < 0 or (self.teacher_topk and self.loss != "kl"):
             raise RecoverLoraError("teacher_topk must be >= 0 and needs loss 'kl'")
+        if self.hidden_weight < 0:
+            raise RecoverLoraError(f"hidden_weight must be >= 0, got {self.hidden_weight}")
         if self.cuda_graph not in ("auto", "on", "off"):
             raise RecoverLoraError(f"cuda_graph must be auto, on or off, not {self.cuda_graph!r}")
 
@@ -156,9 +161,11 @@ def _base(model: torch.nn.Module) -> PreTrainedModel:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def hidden_states(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Final (normed) hidden states: the lm_head is applied chunk by chunk in the loss."""
-    return _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
+def hidden_states(model: torch.nn.Module, ids: torch.Tensor, all_layers: bool = False):
+    """Final (normed) hidden states: the lm_head is applied chunk by chunk in the loss. With
+    ``all_layers``, the tuple (embeddings, output of layer 0, ..., of layer L-2, final normed)."""
+    out = _decoder(model)(input_ids=ids, use_cache=False, output_hidden_states=all_layers)
+    return tuple(out.hidden_states) if all_layers else out.last_hidden_state
 
 
 @torch.no_grad()
@@ -339,12 +346,12 @@ def init_distributed() -> tuple[int, int]:
 class _HiddenStates(torch.nn.Module):
     """The student as DDP sees it: token ids -> final hidden states (the loss applies the head)."""
 
-    def __init__(self, student: torch.nn.Module):
+    def __init__(self, student: torch.nn.Module, all_layers: bool = False):
         super().__init__()
-        self.student = student
+        self.student, self.all_layers = student, all_layers
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return hidden_states(self.student, ids)
+    def forward(self, ids: torch.Tensor):
+        return hidden_states(self.student, ids, self.all_layers)
 
 
 def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.Tensor, cfg: DistillConfig,
@@ -399,7 +406,7 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
 
         # Built after a resume, so every rank starts from the same (checkpointed) adapter; DDP
         # also broadcasts rank 0's parameters at construction.
-        ddp = DistributedDataParallel(_HiddenStates(student),
+        ddp = DistributedDataParallel(_HiddenStates(student, cfg.hidden_weight > 0),
                                       device_ids=[device.index] if device.type == "cuda" else None,
                                       broadcast_buffers=False, gradient_as_bucket_view=True)
     fast_casts = _autocast_on(cfg, device)
@@ -415,26 +422,35 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
         x = data[idx[rank * local_bs:(rank + 1) * local_bs].to(data.device)]
         return x.to(device, non_blocking=True)
 
-    def step(xs) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over the micro-batches ``xs``; (loss, top-1) stay on the device."""
+    layers = cfg.hidden_weight > 0
+
+    def step(xs) -> tuple[torch.Tensor, ...]:
+        """One optimizer step over the micro-batches ``xs``; (loss, top-1[, layer loss]) stay on the device."""
         opt.zero_grad(set_to_none=True)
-        loss = top1 = 0.0
+        loss = top1 = hid = 0.0
         for a, x in enumerate(xs):
             # DDP all-reduces gradients on the last micro-batch of the step only.
             sync = ddp.no_sync() if ddp is not None and a < len(xs) - 1 else contextlib.nullcontext()
             with sync, _autocast(cfg, device):
                 with torch.no_grad():
-                    ht = hidden_states(teacher, x)
-                hs = ddp(x) if ddp is not None else hidden_states(student, x)
+                    ht = hidden_states(teacher, x, layers)
+                hs = ddp(x) if ddp is not None else hidden_states(student, x, layers)
+                extra = None
+                if layers:  # intermediate layers (not the embeddings, not the final state the KL sees)
+                    h = hidden_match_loss(hs[1:-1], ht[1:-1])
+                    extra = h * (cfg.hidden_weight / len(xs))
+                    hid = hid + h.detach() / len(xs)
+                    hs, ht = hs[-1], ht[-1]
                 l, t = chunked_loss_backward(hs, ht, s_head, t_head, cfg.loss, cfg.temperature, cfg.chunk_tokens,
-                                             scale=1.0 / len(xs), as_tensors=True, teacher_topk=cfg.teacher_topk)
-                del hs, ht
+                                             scale=1.0 / len(xs), as_tensors=True, teacher_topk=cfg.teacher_topk,
+                                             extra_loss=extra)
+                del hs, ht, extra
             loss = loss + l / len(xs)
             top1 = top1 + t / len(xs)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
-        return loss, top1
+        return (loss, top1, hid) if layers else (loss, top1)
 
     student.train()
     teacher.eval()
@@ -460,11 +476,12 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
                     if graphed is None and cfg.cuda_graph == "on":
                         raise RecoverLoraError(f"cuda_graph='on' but the capture failed: {why}")
                     state.step_mode = "cuda_graph" if graphed is not None else f"eager (graph capture failed: {why})"
-                loss_t, top1_t = graphed(xs) if graphed is not None else step(xs)
+                outs = graphed(xs) if graphed is not None else step(xs)
                 if world > 1:
-                    loss_sum, top1_sum = _mean_over_ranks([loss_t, top1_t], device)
+                    means = _mean_over_ranks(list(outs), device)
                 else:
-                    loss_sum, top1_sum = float(loss_t), float(top1_t)  # the step's one host sync
+                    means = [float(o) for o in outs]  # the step's one host sync
+                loss_sum, top1_sum = means[:2]
                 lr = cfg.lr * lr_at(state.step)
                 sched.step()
                 if graphed is not None:
@@ -473,6 +490,8 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
                 state.elapsed = time.perf_counter() - t0
                 state.history.append({"step": state.step, "loss": loss_sum, "top1": top1_sum, "lr": lr,
                                       "tokens": state.step * tokens_per_step, "time": round(state.elapsed, 3)})
+                if layers:
+                    state.history[-1]["hidden_loss"] = means[2]
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.4f}", top1=f"{top1_sum:.3f}")
                 if heldout_ids is not None and cfg.eval_every and state.step % cfg.eval_every == 0 \

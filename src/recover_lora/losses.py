@@ -10,7 +10,7 @@ gradient magnitudes stay comparable across temperatures.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +138,8 @@ def chunked_loss_backward(student_hidden: torch.Tensor, teacher_hidden: torch.Te
                           teacher_head: Callable[[torch.Tensor], torch.Tensor],
                           kind: str = "kl", temperature: float = 1.0, chunk_tokens: int = 2048,
                           scale: float = 1.0, backward: bool = True,
-                          as_tensors: bool = False, teacher_topk: int = 0) -> tuple[float, float] | tuple[torch.Tensor, torch.Tensor]:
+                          as_tensors: bool = False, teacher_topk: int = 0,
+                          extra_loss: torch.Tensor | None = None) -> tuple[float, float] | tuple[torch.Tensor, torch.Tensor]:
     """Loss and backward over token chunks of the final hidden states.
 
     The logits of at most ``chunk_tokens`` tokens exist at any time (one fp32 copy per model),
@@ -153,6 +154,8 @@ def chunked_loss_backward(student_hidden: torch.Tensor, teacher_hidden: torch.Te
     instead of floats: no host sync, as a CUDA graph needs. ``teacher_topk`` > 0 (forward KL only)
     sees only the teacher's k most likely tokens per position and the mass of all the others (what
     a cache of top-k teacher log-probabilities holds); top-1 agreement is still against the full teacher.
+    ``extra_loss``: a scalar (already scaled) back-propagated in the same backward pass, e.g. the
+    intermediate-layer loss of :func:`hidden_match_loss`; it is not added to the returned loss.
     """
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; use one of {LOSSES}")
@@ -193,7 +196,21 @@ def chunked_loss_backward(student_hidden: torch.Tensor, teacher_hidden: torch.Te
         del s_logits
         total += loss.detach()
     if backward:
-        hs.backward(leaf.grad)
+        if extra_loss is not None:  # one pass through the decoder for both losses
+            torch.autograd.backward([hs, extra_loss], [leaf.grad, None])
+        else:
+            hs.backward(leaf.grad)
     if as_tensors:
         return total, agree / n
     return total.item(), agree.item() / n
+
+
+def hidden_match_loss(student_layers: Sequence[torch.Tensor], teacher_layers: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers and tokens of the relative squared error of each layer's output,
+    ||h_s - h_t||^2 / ||h_t||^2 per token: every token weighs the same, whatever its norm (the
+    first token's residual stream is orders of magnitude larger than the others')."""
+    total = torch.zeros((), device=student_layers[0].device)
+    for s, t in zip(student_layers, teacher_layers, strict=True):
+        s, t = s.float(), t.float()
+        total = total + ((s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)).mean()
+    return total / len(student_layers)
