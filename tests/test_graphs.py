@@ -50,16 +50,18 @@ def test_graph_mode_is_off_on_cpu_and_on_refuses():
         train(student, teacher, ids, _cfg(steps=2, cuda_graph="on"), progress=False)
 
 
-def test_graphed_run_equals_eager_run(emulated):
+@pytest.mark.parametrize("hidden_weight", [0.0, 2.0])  # 2.0: the layer loss is a third graph output
+def test_graphed_run_equals_eager_run(emulated, hidden_weight):
     teacher, student, ids = _setup()
-    eager = train(student, teacher, ids, _cfg(cuda_graph="off"), progress=False)
+    eager = train(student, teacher, ids, _cfg(cuda_graph="off", hidden_weight=hidden_weight), progress=False)
     want = _adapter(student)
     teacher, student, ids = _setup()
-    graphed = train(student, teacher, ids, _cfg(cuda_graph="on"), progress=False)
+    graphed = train(student, teacher, ids, _cfg(cuda_graph="on", hidden_weight=hidden_weight), progress=False)
     assert graphed.step_mode == "cuda_graph"
     # The three warm-up steps and the check replay left no trace: same losses, same adapter.
     assert [h["loss"] for h in graphed.history] == pytest.approx([h["loss"] for h in eager.history], rel=1e-5)
     assert [h["lr"] for h in graphed.history] == pytest.approx([h["lr"] for h in eager.history])
+    assert [h.get("hidden_loss") for h in graphed.history] == pytest.approx([h.get("hidden_loss") for h in eager.history])
     got = _adapter(student)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
