@@ -344,7 +344,8 @@ def init_distributed() -> tuple[int, int]:
 
 
 class _HiddenStates(torch.nn.Module):
-    """The student as DDP sees it: token ids -> final hidden states (the loss applies the head)."""
+    """The student as DDP sees it: token ids -> final hidden states (the loss applies the head), or
+    every layer's with ``all_layers`` (the layer loss)."""
 
     def __init__(self, student: torch.nn.Module, all_layers: bool = False):
         super().__init__()
