@@ -142,6 +142,10 @@ def test_distillation_with_layer_loss_lowers_both():
     assert after["kl"] < 0.7 * before["kl"], (before, after)
     hid = [h["hidden_loss"] for h in state.history]
     assert sum(hid[-5:]) < 0.7 * sum(hid[:5]), hid
+    one = tiny_model("llama", seed=0, num_hidden_layers=1)  # no intermediate layer: named, not an IndexError
+    with pytest.raises(RecoverLoraError, match="hidden_weight needs intermediate layers"):
+        train(attach_adapters(copy.deepcopy(one), AdapterConfig(rank=4)), one, train_ids,
+              DistillConfig(steps=1, batch_size=8, eval_every=0, hidden_weight=1.0), progress=False)
 
 
 def test_divergences_by_hand():

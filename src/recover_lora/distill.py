@@ -376,6 +376,9 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
     whole tensors either way, so DDP, FSDP and single-process runs resume each other's.
     """
     cfg.validate()
+    n_layers = getattr(getattr(_base(student), "config", None), "num_hidden_layers", None)
+    if cfg.hidden_weight > 0 and n_layers is not None and n_layers < 2:
+        raise RecoverLoraError(f"hidden_weight needs intermediate layers to match; the model has {n_layers} decoder layer")
     device = next(teacher.parameters()).device
     rank, world = dist_rank_world()
     if cfg.batch_size % world:
