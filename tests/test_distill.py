@@ -206,6 +206,27 @@ def test_resume_with_other_settings_refused(tmp_path):
               DistillConfig(steps=2, batch_size=8, lr=3e-3, eval_every=0), checkpoint=ck, progress=False)
 
 
+def test_checkpoint_from_before_a_new_setting_resumes_under_its_default(tmp_path):
+    # A checkpoint written before a setting existed (here: hidden_weight) resumes when the setting
+    # is left at its default, and is refused under any other value.
+    ref, deg = _pair()
+    ids = _data(ref, 16)
+    ck = tmp_path / "ck.pt"
+    cfg = DistillConfig(steps=4, batch_size=8, eval_every=0, checkpoint_every=2)
+    train(attach_adapters(copy.deepcopy(deg), AdapterConfig(rank=4)), ref, ids, cfg, checkpoint=ck,
+          progress=False, stop_after=2)
+    payload = torch.load(ck, weights_only=False)
+    del payload["config"]["hidden_weight"]
+    torch.save(payload, ck)
+    with pytest.raises(RecoverLoraError, match="other training settings.*hidden_weight"):
+        train(attach_adapters(copy.deepcopy(deg), AdapterConfig(rank=4)), ref, ids,
+              DistillConfig(steps=4, batch_size=8, eval_every=0, hidden_weight=1.0), checkpoint=ck,
+              progress=False)
+    state = train(attach_adapters(copy.deepcopy(deg), AdapterConfig(rank=4)), ref, ids, cfg, checkpoint=ck,
+                  progress=False)
+    assert state.step == 4 and len(state.history) == 4
+
+
 def test_saved_adapter_loads_with_peft(tmp_path):
     ref, deg = _pair()
     ids = _data(ref, 16)

@@ -15,7 +15,7 @@ import os
 import signal
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -293,6 +293,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt, sched, cfg: Distill
               "activation_checkpointing", "fsdp"):
         old.pop(k, None)
         new.pop(k, None)
+    # A setting added after the checkpoint was written had its default then: an older checkpoint
+    # stays resumable under the default, and only under it.
+    for f in fields(DistillConfig):
+        if f.name in new and f.name not in old and f.default is not MISSING:
+            old[f.name] = f.default
     if old != new:
         diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
         raise RecoverLoraError(f"checkpoint {path} was made with other training settings {diff}; "
