@@ -1,14 +1,26 @@
-"""Stage 7, export: fold a recovery adapter into the degraded weights, as a plain HF folder."""
+"""Stage 7, export: fold a recovery adapter into the degraded weights (a plain HF folder), or
+write it as a llama.cpp LoRA adapter (GGUF) for the quantized GGUF model it repairs.
+
+The GGUF adapter is what a damaged GGUF deployment needs: merging into the weights would mean
+quantizing again (and damaging again), while llama.cpp applies a GGUF LoRA at run time on top of
+the quantized weights (`llama-cli -m model.gguf --lora repair.gguf`). The format follows
+llama.cpp's convert_lora_to_gguf.py: general.type "adapter", adapter.type "lora", tensors
+`<base tensor>.lora_a` (rank x in) and `.lora_b` (out x rank) named as in the base GGUF.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 from pathlib import Path
 
+import numpy as np
+import torch
 from peft import PeftModel
 
-from .load import LoadConfig, load_model, load_tokenizer, save_model_dir
-from .utils import RecoverLoraError
+from .load import LoadConfig, load_model, load_tokenizer, resolve_spec, save_model_dir
+from .utils import RecoverLoraError, log
 
 
 def merge(degraded: str, adapter: str | Path, out_dir: str | Path, reference: str | None = None,
@@ -25,14 +37,144 @@ def merge(degraded: str, adapter: str | Path, out_dir: str | Path, reference: st
     return save_model_dir(merged, out_dir, tok)
 
 
+def _permute_rows(w: torch.Tensor, n_head: int, n_head_kv: int) -> torch.Tensor:
+    """The Q/K row order llama.cpp's converter gives Llama-architecture weights (rotary halves)."""
+    if n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def _lora_pairs(adapter: Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """adapter folder -> (its config, {module name: (A, B)}); anything but plain LoRA is refused."""
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = adapter / "adapter_config.json", adapter / "adapter_model.safetensors"
+    if not cfg_path.exists() or not w_path.exists():
+        raise RecoverLoraError(f"{adapter} is not a PEFT adapter folder (needs adapter_config.json and "
+                               "adapter_model.safetensors)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise RecoverLoraError(f"{adapter}: only LoRA adapters convert to GGUF, not {cfg.get('peft_type')}")
+    for key in ("use_dora", "lora_bias"):
+        if cfg.get(key):
+            raise RecoverLoraError(f"{adapter}: {key} adapters have no llama.cpp equivalent")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in load_file(str(w_path)).items():
+        for part in ("A", "B"):
+            suffix = f".lora_{part}.weight"
+            if key.endswith(suffix):
+                name = key.removeprefix("base_model.model.").removesuffix(suffix)
+                pairs.setdefault(name, {})[part] = t.float()
+                break
+        else:  # modules_to_save copies, embeddings, biases: not expressible as a llama.cpp LoRA
+            raise RecoverLoraError(f"{adapter}: tensor {key} is not a LoRA A/B matrix; GGUF LoRA cannot hold it")
+    broken = [n for n, ab in pairs.items() if len(ab) != 2]
+    if broken:
+        raise RecoverLoraError(f"{adapter}: LoRA pair incomplete for {broken[:3]}")
+    return cfg, {n: (ab["A"], ab["B"]) for n, ab in pairs.items()}
+
+
+def _lora_scale(cfg: dict, name: str, rank: int) -> float:
+    """PEFT's scaling of one module: alpha / r (alpha / sqrt(r) with rsLoRA), per-module patterns first."""
+    from peft.utils.other import get_pattern_key
+
+    r = cfg.get("rank_pattern") or {}
+    a = cfg.get("alpha_pattern") or {}
+    r_m = r.get(get_pattern_key(r.keys(), name), cfg["r"])
+    alpha = a.get(get_pattern_key(a.keys(), name), cfg["lora_alpha"])
+    if r_m != rank:
+        raise RecoverLoraError(f"{name}: adapter config says rank {r_m}, its weights have rank {rank}")
+    return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+
+
+def export_gguf_lora(adapter: str | Path, base_gguf: str | Path, out: str | Path, dtype: str = "f32") -> Path:
+    """PEFT adapter -> llama.cpp GGUF LoRA for ``base_gguf`` (the degraded GGUF model it was trained on).
+
+    Each module's PEFT scaling is folded into lora_b and adapter.lora.alpha is written as 0, which
+    llama.cpp reads as "scale 1": exact for per-module ranks (auto placement) and rsLoRA alike.
+    """
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, Gemma2TensorProcessor, LlamaTensorProcessor
+
+    adapter, base_gguf, out = Path(adapter), Path(resolve_spec(str(base_gguf))), Path(out)
+    if base_gguf.suffix != ".gguf" or not base_gguf.is_file():
+        raise RecoverLoraError(f"{base_gguf} is not a GGUF file; the GGUF adapter needs the GGUF model it applies to")
+    if dtype not in ("f32", "f16"):
+        raise RecoverLoraError(f"dtype must be f32 or f16, not {dtype!r}")
+    cfg, pairs = _lora_pairs(adapter)
+    reader = gguf.GGUFReader(str(base_gguf))
+    arch = _gguf_field(reader, "general.architecture")
+    # transformers undid exactly these row orders when it loaded the GGUF we trained on: redo them.
+    proc = TENSOR_PROCESSORS.get(arch)
+    if proc is not None and proc not in (LlamaTensorProcessor, Gemma2TensorProcessor):
+        raise RecoverLoraError(f"GGUF architecture {arch!r} rearranges weights on conversion in ways this "
+                               "exporter does not redo; supported: llama, gemma2/3, and architectures "
+                               "transformers loads unchanged (qwen2, ...)")
+    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(arch)
+    if arch_enum is None:
+        raise RecoverLoraError(f"GGUF architecture {arch!r} is unknown to the installed gguf package")
+    n_blocks = int(_gguf_field(reader, f"{arch}.block_count"))
+    n_head = _gguf_field(reader, f"{arch}.attention.head_count")
+    n_head_kv = _gguf_field(reader, f"{arch}.attention.head_count_kv", n_head)
+    names = gguf.get_tensor_name_map(arch_enum, n_blocks)
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}  # (out, in)
+
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # 0 = scale 1; PEFT's scaling is in lora_b
+    np_dtype = np.float32 if dtype == "f32" else np.float16
+    for name in sorted(pairs):
+        a, b = pairs[name]
+        target = names.get_name(name)
+        if target is None or f"{target}.weight" not in shapes:
+            raise RecoverLoraError(f"adapter module {name} has no tensor in {base_gguf.name} "
+                                   f"(mapped to {target}); is this the GGUF the adapter was trained on?")
+        if shapes[f"{target}.weight"] != (b.shape[0], a.shape[1]):
+            raise RecoverLoraError(f"{name}: adapter is {b.shape[0]} x {a.shape[1]}, {target}.weight in "
+                                   f"{base_gguf.name} is {shapes[f'{target}.weight']}")
+        b = b * _lora_scale(cfg, name, a.shape[0])
+        if proc is LlamaTensorProcessor and target.endswith((".attn_q", ".attn_k")):
+            if not isinstance(n_head, int) or not isinstance(n_head_kv, int):
+                raise RecoverLoraError(f"{arch}: per-layer head counts are not supported for Q/K adapters")
+            b = _permute_rows(b, n_head, n_head if target.endswith(".attn_q") else n_head_kv)
+        writer.add_tensor(f"{target}.weight.lora_a", a.numpy().astype(np_dtype))
+        writer.add_tensor(f"{target}.weight.lora_b", b.contiguous().numpy().astype(np_dtype))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    log.info("wrote %s: %d LoRA pairs for %s (%s)", out, len(pairs), base_gguf.name, arch)
+    return out
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("export", help="merge a recovery adapter into the degraded model")
-    p.add_argument("--degraded", required=True, help="degraded model spec")
+    p = subparsers.add_parser("export", help="merge a recovery adapter into the degraded model, or write it "
+                                             "as a llama.cpp GGUF LoRA")
+    p.add_argument("--degraded", required=True, help="degraded model spec (for --gguf-lora: its .gguf file)")
     p.add_argument("--adapter", required=True, help="adapter folder written by `recover`")
-    p.add_argument("--out", required=True, help="output folder (safetensors)")
+    p.add_argument("--out", default=None, help="merged output folder (safetensors)")
+    p.add_argument("--gguf-lora", default=None, metavar="FILE.gguf",
+                   help="write a llama.cpp LoRA adapter for the degraded GGUF (llama-cli -m D.gguf --lora FILE.gguf)")
+    p.add_argument("--gguf-dtype", default="f32", choices=("f32", "f16"))
     p.add_argument("--reference", default=None, help="reference spec (tokenizer; config for bare state dicts)")
     p.add_argument("--allow-pickle", action="store_true")
-    p.set_defaults(func=lambda a: (print(merge(a.degraded, a.adapter, a.out, a.reference,
-                                              LoadConfig(dtype="float32", device="cpu",
-                                                         allow_pickle=a.allow_pickle))), 0)[1])
+    p.set_defaults(func=_run)
     return p
+
+
+def _run(a: argparse.Namespace) -> int:
+    if not a.out and not a.gguf_lora:
+        raise RecoverLoraError("export needs --out (merged folder) and/or --gguf-lora (llama.cpp adapter)")
+    if a.gguf_lora:
+        print(export_gguf_lora(a.adapter, a.degraded, a.gguf_lora, a.gguf_dtype))
+    if a.out:
+        print(merge(a.degraded, a.adapter, a.out, a.reference,
+                    LoadConfig(dtype="float32", device="cpu", allow_pickle=a.allow_pickle)))
+    return 0
