@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     # property on every training step, and looks for a hub config next to a local GGUF file.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")
     warnings.filterwarnings("ignore", message="Could not find a config file in")
+    warnings.filterwarnings("ignore", message="Unable to fetch remote file")  # offline: same lookup
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")

@@ -173,12 +173,15 @@ class _Decoder:
         self._graph = None
         self._graph_key = None
         try:
-            self._keep_kw = "logits_to_keep" in inspect.signature(model.forward).parameters
+            params = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
-            self._keep_kw = False
+            params = {}
+        self._keep_kw = "logits_to_keep" in params
+        # transformers >= 5.24 names the cache argument `cache` (and warns on the old name)
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=pos,
+        out = self.model(input_ids=ids, **{self._cache_kw: self.cache}, cache_position=pos,
                          position_ids=pos.unsqueeze(0).expand(ids.shape[0], -1), use_cache=True,
                          **({"logits_to_keep": 1} if self._keep_kw else {}))
         return out.logits[:, -1, :]
