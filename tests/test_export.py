@@ -132,3 +132,18 @@ def test_export_cli_writes_gguf_lora(tmp_path, capsys):
     assert len(reader.tensors) == 2 * 2 * 2
     assert main(["export", "--degraded", str(tmp_path / "base.gguf"), "--adapter", str(tmp_path / "adapter")]) == 2
     assert "needs --out" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_gguf_lora_for_the_real_smollm2_file(tmp_path):
+    # The real GGUF's metadata (head counts 9/3, names) and tensors; a two-layer model of its shapes
+    # stands in for the 30-layer one, which changes nothing for the layers it has.
+    from recover_lora import zoo
+
+    path = zoo.fetch("smollm2")
+    model = tiny_model("llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                       num_key_value_heads=3, num_hidden_layers=2)
+    peft_model = _random_lora(model, r=8, lora_alpha=16, target_modules="all-linear")
+    peft_model.save_pretrained(tmp_path / "adapter")
+    out = export_gguf_lora(tmp_path / "adapter", path, tmp_path / "repair.gguf")
+    assert _check_against_peft(peft_model, out, "llama") == 2 * 7
