@@ -147,3 +147,20 @@ def test_gguf_lora_for_the_real_smollm2_file(tmp_path):
     peft_model.save_pretrained(tmp_path / "adapter")
     out = export_gguf_lora(tmp_path / "adapter", path, tmp_path / "repair.gguf")
     assert _check_against_peft(peft_model, out, "llama") == 2 * 7
+
+
+def test_recover_writes_the_gguf_lora_for_a_gguf_degraded_model(tmp_path, caplog):
+    from recover_lora.recover import _gguf_lora
+
+    model = tiny_model("llama")
+    _fake_base_gguf(tmp_path / "base.gguf", "llama", model)
+    peft_model = _random_lora(model, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert _gguf_lora(str(tmp_path / "base.gguf"), tmp_path / "adapter", tmp_path / "adapter.gguf") \
+        == tmp_path / "adapter.gguf"
+    assert _check_against_peft(peft_model, tmp_path / "adapter.gguf", "llama") == 4
+    assert _gguf_lora(str(tmp_path / "folder"), tmp_path / "adapter", tmp_path / "no.gguf") is None  # not GGUF
+    # a GGUF the adapter does not fit: the run keeps its PEFT adapter and says why there is no GGUF one
+    _fake_base_gguf(tmp_path / "other.gguf", "llama", tiny_model("llama", hidden_size=48))
+    assert _gguf_lora(str(tmp_path / "other.gguf"), tmp_path / "adapter", tmp_path / "no.gguf") is None
+    assert "no GGUF LoRA written" in caplog.text and not (tmp_path / "no.gguf").exists()

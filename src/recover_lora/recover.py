@@ -243,13 +243,16 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
         barrier()  # wait until rank 0 has written the outputs, then leave
         return {"heldout": {"before": before, "after": after}, "rank": rank}
 
-    # 4. outputs: PEFT adapter (standard format) or, for full-kd, the whole model; report and plot
+    # 4. outputs: PEFT adapter (standard format; for a GGUF degraded model also as a llama.cpp
+    # LoRA) or, for full-kd, the whole model; report and plot
+    gguf_lora = None
     if cfg.method == "full-kd":
         saved = save_model_dir(student, out / "model", tokenizer)
         tokens = state.step * cfg.distill.batch_size * cfg.distill.grad_accum * train_ids.shape[1]
     else:
         student.save_pretrained(str(out / "adapter"))
         saved = out / "adapter"
+        gguf_lora = _gguf_lora(cfg.degraded, saved, out / "adapter.gguf")
         tokens = sft["loss_tokens"] if sft else \
             state.step * cfg.distill.batch_size * cfg.distill.grad_accum * train_ids.shape[1]
     report: dict[str, Any] = {
@@ -272,6 +275,8 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
         "adapter": str(saved) if cfg.method != "full-kd" else None,
         "model": str(saved) if cfg.method == "full-kd" else None, "config": cfg.to_dict(),
     }
+    if gguf_lora:
+        report["gguf_lora"] = str(gguf_lora)
     if sft:
         report["sft"] = {k: v for k, v in sft.items() if k not in ("history", "config")}
     plot_training(state.history, state.evals, before, after, out / "loss.png")
@@ -285,6 +290,21 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
     if world > 1:
         barrier()
     return report
+
+
+def _gguf_lora(degraded: str | None, adapter: Path, out: Path) -> Path | None:
+    """A degraded GGUF file gets its repair as a llama.cpp LoRA too (export.export_gguf_lora)."""
+    from .export import export_gguf_lora
+    from .load import resolve_spec
+
+    path = Path(resolve_spec(degraded)) if degraded else None
+    if path is None or path.suffix != ".gguf" or not path.is_file():
+        return None
+    try:
+        return export_gguf_lora(adapter, path, out)
+    except RecoverLoraError as e:  # the PEFT adapter is the result; the GGUF copy is a convenience
+        log.warning("no GGUF LoRA written: %s", e)
+        return None
 
 
 def evaluate_triplet(cfg: RecoverConfig, reference: PreTrainedModel, student, tokenizer: PreTrainedTokenizerBase,
