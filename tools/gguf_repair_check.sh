@@ -52,5 +52,5 @@ ppl "$OUT/kl-repaired.log" -m "$DEG" --lora "$OUT/repair.gguf" --kl-divergence-b
 
 for which in degraded repaired; do
     echo "== $which (llama.cpp $QTYPE$([[ $which == repaired ]] && echo ' + --lora repair.gguf'))"
-    grep -E "Mean    KLD|Same top p|Mean PPL\(Q\)  |Mean PPL\(base\)" "$OUT/kl-$which.log"
+    grep -E "^(Mean    KLD|Same top p|Mean PPL\(Q\)  |Mean PPL\(base\))" "$OUT/kl-$which.log"
 done
