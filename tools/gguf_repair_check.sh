@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Repair a llama.cpp quantization of SmolLM2 and measure the repair inside llama.cpp itself.
+# Repair a llama.cpp quantization of an embedded model (MODEL, default smollm2) and measure the
+# repair inside llama.cpp itself.
 #
-#   1. llama.cpp requantizes the embedded SmolLM2 GGUF (the reference) to QTYPE: the damage is the
+#   1. llama.cpp requantizes the embedded model's GGUF (the reference) to QTYPE: the damage is the
 #      real deployment tool's own;
 #   2. recover-lora distills a LoRA repair for it (ARGS: any `recover` options);
 #   3. the adapter is exported as a GGUF LoRA and llama-perplexity measures KL divergence to the
@@ -26,10 +27,11 @@ if [[ $# -gt 0 && $1 != "--" ]]; then QTYPE=$1; shift; fi
 EVAL_DATA=${EVAL_DATA:-../shared/eval-data}
 CHUNKS=${CHUNKS:-150}
 THREADS=${THREADS:-2}
+MODEL=${MODEL:-smollm2}  # smollm2 | qwen2.5-coder-0.5b | gemma3-270m | ...
 mkdir -p "$OUT"
 
-REF=$(python -c "from recover_lora.load import resolve_spec; print(resolve_spec('smollm2'))")
-DEG="$OUT/smollm2-$QTYPE.gguf"
+REF=$(python -c "from recover_lora.load import resolve_spec; print(resolve_spec('$MODEL'))")
+DEG="$OUT/$MODEL-$QTYPE.gguf"
 [[ -f $DEG ]] || "$LLAMA_BIN/llama-quantize" --allow-requantize "$REF" "$DEG" "$QTYPE" 2 > "$OUT/quantize.log" 2>&1
 
 python - "$EVAL_DATA" "$OUT/text.txt" <<'EOF'
@@ -46,7 +48,7 @@ ppl() {  # ppl LOG [extra llama-perplexity args]
 ppl "$OUT/kl-degraded.log" -m "$DEG" --kl-divergence-base "$OUT/ref.kld" --kl-divergence
 
 # resumable: a second call picks the run up from its checkpoint
-recover-lora recover --reference smollm2 --degraded "$DEG" --out "$OUT/run" "$@"
+recover-lora recover --reference "$MODEL" --degraded "$DEG" --out "$OUT/run" "$@"
 recover-lora export --degraded "$DEG" --adapter "$OUT/run/adapter" --gguf-lora "$OUT/repair.gguf"
 ppl "$OUT/kl-repaired.log" -m "$DEG" --lora "$OUT/repair.gguf" --kl-divergence-base "$OUT/ref.kld" --kl-divergence
 
