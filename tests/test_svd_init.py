@@ -210,3 +210,34 @@ def test_components_the_difference_does_not_fill_stay_trainable():
     student(x).logits.square().mean().backward()
     assert k.lora_B["default"].weight.grad.abs().max() > 0
     assert v.lora_B["default"].weight.grad[:, 2:].abs().max() > 0
+
+
+def test_cholesky_root_gives_the_eigendecomposition_root_result(monkeypatch):
+    # eora takes the Cholesky factor as the covariance root; an eigendecomposition root must give the
+    # same adapters, and a semi-definite covariance (a dead channel) must still work, via the fallback.
+    import recover_lora.svd_init as si
+
+    pd = torch.tensor([[4.0, 2.0], [2.0, 3.0]])
+    torch.testing.assert_close(si._root(pd), torch.linalg.cholesky(pd))
+    cov = torch.eye(6)
+    cov[2, 2] = 0.0  # not positive definite: Cholesky refuses, the eigendecomposition takes over
+    r = si._root(cov)
+    torch.testing.assert_close(r @ r.T, cov)
+
+    def eigh_root(cov):
+        evals, evecs = torch.linalg.eigh(cov)
+        return evecs * evals.clamp_min(0).sqrt()
+
+    ref, deg = _low_rank_pair(rank=8)
+    calib = _ids(8, 16)
+    results = {}
+    for which in ("cholesky", "eigh"):
+        if which == "eigh":
+            monkeypatch.setattr(si, "_root", eigh_root)
+        student = attach_adapters(copy.deepcopy(deg), AdapterConfig(modules="attn-mlp", rank=4))
+        svd_init_(student, ref, kind="eora", calib_ids=calib)
+        results[which] = {n: m.lora_B["default"].weight @ m.lora_A["default"].weight
+                          for n, m in student.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert len(results["eigh"]) == 2 * 7
+    for n, d in results["eigh"].items():
+        torch.testing.assert_close(results["cholesky"][n], d, rtol=1e-3, atol=1e-5)

@@ -130,7 +130,17 @@ def input_moments(reference: PreTrainedModel, names: list[str], calib_ids: torch
 
 
 def _root(cov: torch.Tensor) -> torch.Tensor:
-    """R with R R^T = cov (symmetric PSD), from its eigendecomposition."""
+    """R with R R^T = cov (symmetric PSD).
+
+    Only R R^T enters the solution (the left singular vectors of dW R are the eigenvectors of
+    dW cov dW^T) and the residual norm, so any root serves: the Cholesky factor, about 40x faster
+    than an eigendecomposition at 4864 wide on a CPU (0.6 s vs 21 s: Qwen2.5-0.5B's MLP input).
+    A covariance that is only semi-definite (a dead input channel, plain EoRA on fewer tokens
+    than channels) takes the eigendecomposition.
+    """
+    L, info = torch.linalg.cholesky_ex(cov)
+    if int(info) == 0 and bool(torch.isfinite(L).all()):
+        return L
     evals, evecs = torch.linalg.eigh(cov)
     return evecs * evals.clamp_min(0).sqrt()
 
