@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -124,6 +125,7 @@ def export_gguf_lora(adapter: str | Path, base_gguf: str | Path, out: str | Path
     names = gguf.get_tensor_name_map(arch_enum, n_blocks)
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}  # (out, in)
 
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer narrates every file at INFO
     writer = gguf.GGUFWriter(str(out), arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
