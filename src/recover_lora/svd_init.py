@@ -133,8 +133,8 @@ def _root(cov: torch.Tensor) -> torch.Tensor:
     """R with R R^T = cov (symmetric PSD).
 
     Only R R^T enters the solution (the left singular vectors of dW R are the eigenvectors of
-    dW cov dW^T) and the residual norm, so any root serves: the Cholesky factor, about 40x faster
-    than an eigendecomposition at 4864 wide on a CPU (0.6 s vs 21 s: Qwen2.5-0.5B's MLP input).
+    dW cov dW^T) and the residual norm, so any root serves: the Cholesky factor, far cheaper than
+    an eigendecomposition (Qwen2.5-0.5B's EoRA start on a 2-core CPU: 7m35s -> 2m45s, docs/gguf_export.md).
     A covariance that is only semi-definite (a dead input channel, plain EoRA on fewer tokens
     than channels) takes the eigendecomposition.
     """
