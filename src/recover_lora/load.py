@@ -6,12 +6,16 @@ A model *spec* is one of:
 - a local Hugging Face model folder (safetensors; pickle weights only with ``allow_pickle``);
 - a ``.gguf`` file, dequantized by transformers + gguf;
 - a ``.safetensors`` (or, opted in, ``.bin``/``.pt``) state dict laid over the reference's config;
-- anything else is tried as a hub id.
+- anything else of the form ``name`` or ``org/name`` is tried as a hub id (a missing local path
+  such as ``runs/x`` or ``./x`` is refused at once).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from . import zoo
 from .utils import RecoverLoraError, log, resolve_device, resolve_dtype
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MODEL_SUFFIXES = (".gguf", ".safetensors", *PICKLE_SUFFIXES)
 
 
 @dataclass
@@ -71,8 +76,34 @@ def _strip_gguf_quant_config(model: PreTrainedModel) -> None:
         del model.config.quantization_config
 
 
+def _suffix(path: Path) -> str:
+    return path.suffix.lower()  # `model.PT` unpickles as much as `model.pt`
+
+
+def _is_local_spec(spec: str) -> bool:
+    """Whether ``spec`` can only mean a local path, so that a missing one is not asked of the hub.
+
+    Hub ids are ``name`` or ``org/name``; a path starts with ``.``, ``/`` or ``~``, has more than
+    one separator, ends in a model file suffix, or starts with a local folder (``runs/nothere``).
+    """
+    s = spec.replace(os.sep, "/")
+    return (s.startswith((".", "/", "~")) or s.count("/") > 1 or s.lower().endswith(MODEL_SUFFIXES)
+            or ("/" in s and Path(s.split("/")[0]).is_dir()))
+
+
+@contextlib.contextmanager
+def _reading(what: str, hint: str = "is it complete?") -> Iterator[None]:
+    """A library's failure to read a model (truncated file, missing weights) as an error naming it."""
+    try:
+        yield
+    except RecoverLoraError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the reader raises, the user needs the file named
+        raise RecoverLoraError(f"could not load {what} ({type(e).__name__}: {str(e)[:500]}); {hint}") from e
+
+
 def _check_not_pickle(path: Path, cfg: LoadConfig) -> None:
-    if path.suffix in PICKLE_SUFFIXES and not cfg.allow_pickle:
+    if _suffix(path) in PICKLE_SUFFIXES and not cfg.allow_pickle:
         raise RecoverLoraError(
             f"{path} is a pickle checkpoint, which can execute code when loaded; "
             "convert it to safetensors or pass --allow-pickle if you trust its source")
@@ -80,10 +111,11 @@ def _check_not_pickle(path: Path, cfg: LoadConfig) -> None:
 
 def _load_state_dict(path: Path, cfg: LoadConfig) -> dict[str, torch.Tensor]:
     _check_not_pickle(path, cfg)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    with _reading(str(path)):
+        if _suffix(path) == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     return state
@@ -101,10 +133,11 @@ def load_model(spec: str, cfg: LoadConfig | None = None, reference: PreTrainedMo
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     spec = resolve_spec(spec)
-    path = Path(spec)
+    path = Path(spec).expanduser()
     kw = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    if path.is_file() and path.suffix == ".gguf":
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kw)
+    if path.is_file() and _suffix(path) == ".gguf":
+        with _reading(str(path)):
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kw)
         _strip_gguf_quant_config(model)
     elif path.is_file():
         if reference is None:
@@ -128,17 +161,23 @@ def load_model(spec: str, cfg: LoadConfig | None = None, reference: PreTrainedMo
         if tied:
             model.tie_weights()
     elif path.is_dir():
-        if not cfg.allow_pickle and not any(path.glob("*.safetensors")) and \
-                any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
+        if not (path / "config.json").is_file():
+            raise RecoverLoraError(f"{path} is not a Hugging Face model folder: it has no config.json")
+        suffixes = {_suffix(p) for p in path.iterdir()}
+        if not suffixes & {".safetensors", *PICKLE_SUFFIXES}:
+            raise RecoverLoraError(f"{path} has a config.json but no weights (no .safetensors or .bin files)")
+        if not cfg.allow_pickle and ".safetensors" not in suffixes:
             raise RecoverLoraError(
                 f"{path} holds only pickle weights, which can execute code when loaded; "
                 "convert them to safetensors or pass --allow-pickle if you trust the source")
-        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=not cfg.allow_pickle or None, **kw)
+        with _reading(str(path), "are its weight files complete?"):
+            model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=not cfg.allow_pickle or None, **kw)
     else:
-        if spec.startswith((".", "/")) or spec.endswith((".gguf", ".safetensors", *PICKLE_SUFFIXES)):
-            raise RecoverLoraError(f"model path {spec} does not exist")
+        if _is_local_spec(spec):
+            raise RecoverLoraError(f"model {spec} not found: the path does not exist")
         log.info("loading %s from the Hugging Face hub", spec)
-        model = AutoModelForCausalLM.from_pretrained(spec, use_safetensors=not cfg.allow_pickle or None, **kw)
+        with _reading(f"{spec} from the Hugging Face hub", "is it a model id, and is the hub reachable?"):
+            model = AutoModelForCausalLM.from_pretrained(spec, use_safetensors=not cfg.allow_pickle or None, **kw)
     model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -149,11 +188,15 @@ def load_tokenizer(spec: str, cfg: LoadConfig | None = None) -> PreTrainedTokeni
     """The tokenizer always comes from the reference."""
     cfg = cfg or LoadConfig()
     spec = resolve_spec(str(spec).removeprefix("mha:"))  # a twin shares its base model's tokenizer
-    path = Path(spec)
-    if path.is_file() and path.suffix == ".gguf":
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    else:
-        tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=cfg.trust_remote_code)
+    path = Path(spec).expanduser()
+    if not path.exists() and _is_local_spec(spec):
+        raise RecoverLoraError(f"model {spec} not found: the path does not exist")
+    with _reading(f"the tokenizer of {spec}"):
+        if path.is_file() and _suffix(path) == ".gguf":
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(path) if path.exists() else spec,
+                                                trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -161,10 +204,10 @@ def load_tokenizer(spec: str, cfg: LoadConfig | None = None) -> PreTrainedTokeni
 
 def try_load_tokenizer(spec: str, cfg: LoadConfig | None = None) -> PreTrainedTokenizerBase | None:
     """The degraded model's own tokenizer, if it ships one (used only to check it matches)."""
-    path = Path(resolve_spec(spec))
+    path = Path(resolve_spec(spec)).expanduser()
     if path.is_dir() and not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
-    if path.is_file() and path.suffix != ".gguf":
+    if path.is_file() and _suffix(path) != ".gguf":
         return None
     try:
         return load_tokenizer(str(path), cfg)

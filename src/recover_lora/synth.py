@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from .load import fingerprint, needs_bos
-from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, log, read_json
+from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, log, read_json, sigterm_as_interrupt
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -91,6 +91,25 @@ def start_token_pool(tokenizer: PreTrainedTokenizerBase, model_vocab: int) -> to
     if pool.numel() == 0:
         raise RecoverLoraError("the tokenizer has no non-special tokens to start sequences from")
     return pool
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int | None, source: str) -> None:
+    """Refuse token ids that cannot index the vocabulary (``vocab_size`` None: no upper bound), naming ``source``.
+
+    Float ids would be cast silently (1.7 -> 1) and negative ones index the embedding from its end
+    or crash deep in a kernel, so they stop here, as do ids >= ``vocab_size``.
+    """
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise RecoverLoraError(f"{source} holds token ids of dtype {str(ids.dtype).removeprefix('torch.')}; "
+                               "token ids must be integers")
+    if ids.numel() == 0:
+        return
+    if ids.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        ids = ids.long()  # min/max are not implemented for these
+    if (lo := int(ids.min())) < 0:
+        raise RecoverLoraError(f"{source} holds negative token ids (minimum {lo}); token ids must be >= 0")
+    if vocab_size is not None and (hi := int(ids.max())) >= vocab_size:
+        raise RecoverLoraError(f"{source} holds token ids up to {hi}, beyond this model's vocabulary of {vocab_size}")
 
 
 def _shard_generator(seed: int, shard: int) -> torch.Generator:
@@ -388,14 +407,22 @@ def synthesize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: 
         total, done = cfg.num_sequences, cfg.num_sequences - sum(n for _, n, _ in todo)
     bar = tqdm(total=total, initial=done, desc="synthesize", unit="seq", disable=not progress or rank != 0)
     decoders: dict[int, _Decoder] = {}  # shared by all shards: one graph capture per batch size
-    for s, n, name in mine:
-        ids = generate_shard(model, tokenizer, cfg, s, n, bos, bar, decoders)
-        atomic_write_bytes(out_dir / name, save({"input_ids": ids.contiguous()}))
-        if world == 1:
-            man["shards"].append({"file": name, "num_sequences": n})
-            man["shards"].sort(key=lambda x: x["file"])
-            atomic_write_json(man_path, man)
-    bar.close()
+    try:
+        with sigterm_as_interrupt():
+            for s, n, name in mine:
+                ids = generate_shard(model, tokenizer, cfg, s, n, bos, bar, decoders)
+                atomic_write_bytes(out_dir / name, save({"input_ids": ids.contiguous()}))
+                if world == 1:
+                    man["shards"].append({"file": name, "num_sequences": n})
+                    man["shards"].sort(key=lambda x: x["file"])
+                    atomic_write_json(man_path, man)
+    except KeyboardInterrupt:
+        # Shards are written atomically (a shard file is whole or absent), so the files decide.
+        kept = cfg.num_sequences - sum(n for _, n, name in todo if not (out_dir / name).exists())
+        raise RecoverLoraError(f"synthesis interrupted after {kept} of {cfg.num_sequences} sequences; the finished "
+                               f"shards in {out_dir} are kept: run the same command again to resume") from None
+    finally:
+        bar.close()
     if world > 1:
         barrier()  # every rank's shards are on disk
         man["shards"] = sorted(man["shards"] + [{"file": name, "num_sequences": n} for _, n, name in todo],
@@ -410,7 +437,10 @@ def synthesize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: 
 
 
 def load_synthetic(path: str | Path) -> torch.Tensor:
-    """All sequences of a finished synthetic data folder, as one [N, L] int64 tensor."""
+    """All sequences of a finished synthetic data folder, as one [N, L] int64 tensor.
+
+    A shard that cannot be read or holds non-integer or negative ids is refused by name.
+    """
     path = Path(path)
     man_path = path / MANIFEST
     if not man_path.exists():
@@ -418,7 +448,15 @@ def load_synthetic(path: str | Path) -> torch.Tensor:
     man = read_json(man_path)
     if not man.get("complete"):
         raise RecoverLoraError(f"{path} is incomplete: rerun `recover-lora synth` with the same settings to finish it")
-    parts = [load_file(str(path / s["file"]))["input_ids"] for s in man["shards"]]
+    parts = []
+    for s in man["shards"]:
+        file = path / s["file"]
+        try:
+            ids = load_file(str(file))["input_ids"]
+        except Exception as e:  # noqa: BLE001 - missing, truncated, or without input_ids: name the file
+            raise RecoverLoraError(f"{file} cannot be read ({type(e).__name__}: {e})") from e
+        check_token_ids(ids, None, str(file))
+        parts.append(ids)
     return torch.cat(parts).long()
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import random
+import signal
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -20,11 +24,21 @@ class RecoverLoraError(RuntimeError):
     """An error the user can act on; the CLI prints its message without a traceback."""
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else CPU."""
-    if device == "auto":
+def resolve_device(device: str | None = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else CPU; a bad or absent device is refused by name."""
+    if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise RecoverLoraError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index is not None and dev.index >= n):
+            raise RecoverLoraError(f"device {device!r} is not available here ({n} CUDA devices); use cpu or auto")
+    elif dev.type != "cpu" and dev.type != "mps":
+        raise RecoverLoraError(f"device type {dev.type!r} is not supported; use auto, cpu or cuda")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | None = None) -> torch.dtype:
@@ -40,39 +54,87 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | None =
     return names[dtype]
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM (preemption, ``kill``, ``timeout``) raises KeyboardInterrupt, like Ctrl-C.
+
+    Python's default SIGTERM action ends the process on the spot: no ``finally`` runs and nothing
+    is said. As a KeyboardInterrupt the caller can clean up and say where it stopped. Handlers can
+    only be set in the main thread; elsewhere this does nothing. The previous handler comes back.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    prev = signal.signal(signal.SIGTERM, _raise_interrupt) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if prev is None else prev)  # None: set outside Python
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same folder and rename: a reader never sees half a file."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's 0600 would hide results from others
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a unique temp path beside ``path``; on success it replaces ``path``, on any failure
+    (full disk, Ctrl-C) it is removed. A reader never sees half a file, and two writers never
+    share a temp file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`), flushed to disk."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN and Inf as null: bare ``NaN`` is not JSON, and other tools refuse such files."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=False, default=str, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def read_json(path: str | Path) -> Any:
@@ -84,12 +146,9 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Write a matplotlib figure atomically (a reader never sees half a PNG) and close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
     finally:
         plt.close(fig)
-    return path
+    return Path(path)

