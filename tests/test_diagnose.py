@@ -9,7 +9,8 @@ from peft import PeftModel
 from tiny import tiny_model, tiny_tokenizer
 
 from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
-from recover_lora.diagnose import DiagnoseConfig, diagnose, sanitize_nonfinite, to_markdown
+from recover_lora.diagnose import DiagnoseConfig, diagnose, to_markdown
+from recover_lora.provenance import zero_nonfinite
 from recover_lora.distill import trainable_parameters
 from recover_lora.placement import (AdapterPlan, attach_planned_adapters, auto_placement, lora_parameters,
                                     preset_budget)
@@ -48,7 +49,7 @@ def test_names_planted_nan_and_ranks_its_layer_first(ref, tok):
     # the functional measurements left the degraded model exactly as it was (NaN included)
     after = _state(deg)
     assert all(torch.equal(before[k].nan_to_num(7.0), after[k].nan_to_num(7.0)) for k in before)
-    assert sanitize_nonfinite(deg) == {"model.layers.1.mlp.down_proj.weight": 1}
+    assert zero_nonfinite(deg) == {"model.layers.1.mlp.down_proj.weight": 1}
     assert torch.isfinite(deg.model.layers[1].mlp.down_proj.weight).all()
 
 

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .distill import (DistillConfig, TrainState, _autocast, _autocast_on, _base, _head, _Interrupt,
+from .distill import (DistillConfig, TrainState, _autocast, _autocast_on, _base, _head,
                       _lora_casts_off, batch_indices, hidden_states, load_checkpoint, lr_lambda,
                       save_checkpoint, trainable_parameters, train)
 from .synth import dist_rank_world
-from .utils import RecoverLoraError, log
+from .utils import RecoverLoraError, log, sigterm_as_interrupt
 
 METHODS = ("recover-lora", "full-kd", "sft-lora")
 SFT_DEFAULT_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "piqa")  # the ones with a train split
@@ -300,7 +300,7 @@ def run_sft_lora(student: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     t0 = time.perf_counter() - state.elapsed
     start = state.step
     bar = tqdm(total=steps, initial=state.step, desc="sft-lora", unit="step", disable=not progress)
-    with _Interrupt(), _lora_casts_off(student, _autocast_on(cfg, device)):
+    with sigterm_as_interrupt(), _lora_casts_off(student, _autocast_on(cfg, device)):
         try:
             while state.step < steps:
                 if stop_after is not None and state.step - start >= stop_after:
@@ -312,6 +312,9 @@ def run_sft_lora(student: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                 with _autocast(cfg, device):
                     loss_sum, k = _gold_loss(student, ids, pred)
                     loss = loss_sum / max(k, 1)
+                if not torch.isfinite(loss):  # before the step, so the weights stay as they were
+                    raise RecoverLoraError(f"the loss is not finite ({loss.item()}) at step {state.step + 1}; "
+                                           f"stopped (the checkpoint {ckpt} of an earlier step stays)")
                 loss.backward()
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

@@ -134,25 +134,6 @@ def weight_damage(reference: nn.Module, degraded: nn.Module) -> dict[str, Any]:
     return {"tensors": tensors, "modules": modules, "nonfinite": nonfinite, "layers_prefix": prefix}
 
 
-@torch.no_grad()
-def sanitize_nonfinite(model: nn.Module, value: float = 0.0) -> dict[str, int]:
-    """Replace NaN/Inf entries of every parameter by ``value`` in place; returns {tensor: count}.
-
-    An additive adapter cannot cancel a NaN or Inf weight (W + BA stays non-finite), but once the
-    entry is zeroed it is ordinary (if large) damage that distillation can compensate.
-    """
-    fixed: dict[str, int] = {}
-    for name, p in model.named_parameters():
-        bad = ~torch.isfinite(p)
-        n = int(bad.sum().item())
-        if n:
-            p.masked_fill_(bad, value)
-            fixed[name] = n
-    if fixed:
-        log.warning("replaced non-finite weights by %s: %s", value, fixed)
-    return fixed
-
-
 # ----------------------------------------------------------------------------------------------
 # Functional damage
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import contextlib
 import copy
 import math
 import os
-import signal
 import time
 import zlib
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -28,7 +27,7 @@ from . import graphs
 from .degrade import parse_layers, parse_modules, select_modules
 from .losses import LOSSES, chunked_loss_backward, hidden_match_loss
 from .synth import dist_rank_world
-from .utils import RecoverLoraError, atomic_torch_save, log
+from .utils import RecoverLoraError, atomic_torch_save, log, sigterm_as_interrupt
 
 @dataclass
 class AdapterConfig:
@@ -40,6 +39,20 @@ class AdapterConfig:
     alpha: float = 32.0
     dropout: float = 0.0
     init: str = "default"  # peft init_lora_weights: default | gaussian | pissa | olora
+
+    def validate(self) -> None:
+        from .svd_init import SVD_INITS
+
+        if self.rank < 1:
+            raise RecoverLoraError(f"adapter rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise RecoverLoraError(f"adapter alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise RecoverLoraError(f"adapter dropout must be in [0, 1), got {self.dropout}")
+        inits = ("default", "gaussian", "pissa", "olora", *SVD_INITS)
+        if self.init not in inits and not str(self.init).startswith("pissa_niter_"):
+            raise RecoverLoraError(f"unknown adapter init {self.init!r}; use one of {inits}")
+        parse_layers(self.layers)
 
     def target_modules(self, model: PreTrainedModel) -> list[str]:
         """Full names of the nn.Linear modules that get an adapter (same selection rules as degrade)."""
@@ -220,26 +233,6 @@ class TrainState:
     step_mode: str = ""  # "cuda_graph" or "eager" (with the reason the graph was not used)
 
 
-class _Interrupt:
-    """Turns SIGTERM (cluster preemption) into KeyboardInterrupt so a checkpoint is written."""
-
-    def __enter__(self):
-        self.prev = None
-        try:
-            self.prev = signal.signal(signal.SIGTERM, self._raise)
-        except ValueError:  # not the main thread
-            pass
-        return self
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        if self.prev is not None:
-            signal.signal(signal.SIGTERM, self.prev)
-
-
 def _full(t: torch.Tensor) -> torch.Tensor:
     """A whole tensor from an FSDP shard (a collective: every rank must call it), else ``t``."""
     from torch.distributed.tensor import DTensor
@@ -285,7 +278,14 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt, sched, state: Train
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, opt, sched, cfg: DistillConfig) -> TrainState:
-    ck = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save_checkpoint
+    # weights_only: a checkpoint is tensors and plain types; a planted pickle must not run code here.
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for a foreign pickle, RuntimeError/EOFError for a torn file
+        raise RecoverLoraError(f"{path} is not a recover-lora checkpoint that loads safely ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200]}); delete it to start over") from None
+    if not isinstance(ck, dict) or not {"trainable", "optimizer", "scheduler", "state", "config"} <= set(ck):
+        raise RecoverLoraError(f"{path} is not a recover-lora checkpoint; delete it to start over")
     old = dict(ck["config"])
     new = asdict(cfg)
     # Evaluation cadence may change on resume; anything that changes the math may not.
@@ -470,7 +470,7 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
     bar = tqdm(total=cfg.steps, initial=state.step, desc="distill", unit="step", disable=not progress or rank != 0)
     start_step = state.step
     t0 = time.perf_counter() - state.elapsed
-    with _Interrupt(), _lora_casts_off(student, fast_casts):
+    with sigterm_as_interrupt(), _lora_casts_off(student, fast_casts):
         try:
             while state.step < cfg.steps:
                 if stop_after is not None and state.step - start_step >= stop_after:
@@ -491,6 +491,10 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
                 else:
                     means = [float(o) for o in outs]  # the step's one host sync
                 loss_sum, top1_sum = means[:2]
+                if not math.isfinite(loss_sum):  # the step already spoiled the weights: keep the last checkpoint
+                    raise RecoverLoraError(
+                        f"the loss is not finite ({loss_sum}) at step {state.step + 1}; stopped without saving it "
+                        f"(the checkpoint {ckpt} of an earlier step stays). Lower --lr or check the models")
                 lr = cfg.lr * lr_at(state.step)
                 sched.step()
                 if graphed is not None:

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import PeftModel
 
-from .load import LoadConfig, load_model, load_tokenizer, resolve_spec, save_model_dir
+from .load import LoadConfig, check_compatible, load_model, load_tokenizer, resolve_spec, save_model_dir
 from .utils import RecoverLoraError, log
 
 
@@ -28,12 +27,17 @@ def merge(degraded: str, adapter: str | Path, out_dir: str | Path, reference: st
           cfg: LoadConfig | None = None) -> Path:
     """degraded + adapter -> merged safetensors folder (with the reference's tokenizer)."""
     cfg = cfg or LoadConfig(dtype="float32", device="cpu")
+    from .provenance import apply_adapter
+
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").exists():
         raise RecoverLoraError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
-    ref_model = load_model(reference, cfg) if reference and Path(degraded).suffix in (".safetensors", ".bin", ".pt") else None
+    bare = Path(degraded).suffix.lower() in (".safetensors", ".bin", ".pt")
+    ref_model = load_model(reference, cfg) if reference and bare else None
     model = load_model(degraded, cfg, reference=ref_model)
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    if ref_model is not None:  # the reference given for its tokenizer must pair with the model too
+        check_compatible(ref_model, model)
+    merged = apply_adapter(model, adapter).merge_and_unload()
     tok = load_tokenizer(reference or degraded, cfg)
     return save_model_dir(merged, out_dir, tok)
 

@@ -200,8 +200,8 @@ def auto_placement(diagnosis: dict[str, Any], model: nn.Module, rank: int = 16, 
     if missing:
         raise RecoverLoraError(f"the diagnosis names modules this model lacks (or not Linear): {missing[:5]}")
     if any(diagnosis["modules"][n].get("nan") or diagnosis["modules"][n].get("inf") for n in scores):
-        notes.append("NaN/Inf weights: LoRA cannot cancel them; zero or restore them before training "
-                     "(recover_lora.diagnose.sanitize_nonfinite)")
+        notes.append("NaN/Inf weights: LoRA cannot cancel them; recover zeroes them first and records that "
+                     "with the adapter (recover_lora.provenance.zero_nonfinite)")
     if diagnosis.get("other_tensors"):
         notes.append("damaged tensors outside the decoder linears (embeddings, norms, head) are not adapted: "
                      + ", ".join(list(diagnosis["other_tensors"])[:5]))

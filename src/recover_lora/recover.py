@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,10 @@ from .baselines import (METHODS, FullKDConfig, SFTConfig, degraded_view, prepare
 from .distill import (AdapterConfig, DistillConfig, TrainState, init_distributed, measure,
                       trainable_parameters, train)
 from .load import LoadConfig, fingerprint, load_pair, save_model_dir, vocab_size
+from .provenance import nonfinite_weights, write_adapter_provenance, zero_nonfinite
+from .run_dir import RunLock, check_identity, check_run_dir, run_identity, write_identity
 from .svd_init import SVD_INITS, attach_with_init
-from .synth import SynthConfig, barrier, load_synthetic, manifest, synthesize
+from .synth import SynthConfig, barrier, check_token_ids, load_synthetic, manifest, synthesize
 from .utils import RecoverLoraError, atomic_write_json, log, save_figure
 
 HELDOUT_SEED_OFFSET = 1_000_003  # held-out data never shares a seed with training data
@@ -64,13 +68,16 @@ class RecoverConfig:
         if unknown:
             raise RecoverLoraError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
         for k, typ in subs.items():
-            if k in d and isinstance(d[k], dict):
-                bad = set(d[k]) - set(typ.__dataclass_fields__)
-                if bad:
-                    raise RecoverLoraError(f"unknown keys {sorted(bad)} in '{k}'; known: {sorted(typ.__dataclass_fields__)}")
-                base = getattr(cls(), k)
-                d[k] = typ(**{**asdict(base), **d[k]})
-        return cls(**d)
+            if k not in d:
+                continue
+            if not isinstance(d[k], dict):
+                raise RecoverLoraError(f"config '{k}' must be a mapping of {typ.__name__} fields, not {d[k]!r}")
+            bad = set(d[k]) - set(typ.__dataclass_fields__)
+            if bad:
+                raise RecoverLoraError(f"unknown keys {sorted(bad)} in '{k}'; known: {sorted(typ.__dataclass_fields__)}")
+            base = getattr(cls(), k)
+            d[k] = typ(**{**asdict(base), **typed_fields(typ, d[k], k)})
+        return cls(**typed_fields(cls, {k: v for k, v in d.items() if k not in subs}), **{k: d[k] for k in subs if k in d})
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RecoverConfig":
@@ -82,6 +89,69 @@ class RecoverConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as type ``hint`` (YAML's "1e-3" string read as the float it means), or a named error."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is not type(None):
+                with contextlib.suppress(RecoverLoraError):
+                    return _coerce(value, a, where)
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, args[0], where) for v in value] if args else list(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return float(value)
+    elif hint in (int, str, bool):
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+    else:
+        return value
+    raise RecoverLoraError(f"config '{where}' must be {getattr(hint, '__name__', hint)}, not {value!r}")
+
+
+def typed_fields(cls: type, d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Check (and coerce) each value of ``d`` against the dataclass field types of ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in d.items()}
+
+
+def validate_config(cfg: RecoverConfig) -> None:
+    """Every check that needs no model, so that a bad input fails before any work is done."""
+    cfg.distill.validate()
+    cfg.adapter.validate()
+    if cfg.method not in METHODS:
+        raise RecoverLoraError(f"unknown method {cfg.method!r}; use one of {METHODS}")
+    if cfg.placement not in ("preset", "auto"):
+        raise RecoverLoraError(f"unknown placement {cfg.placement!r}; use preset or auto")
+    if cfg.heldout_sequences < 1:
+        raise RecoverLoraError(f"heldout_sequences must be >= 1, got {cfg.heldout_sequences}")
+    if cfg.placement_budget is not None and cfg.placement_budget < 1:
+        raise RecoverLoraError(f"placement_budget must be >= 1, got {cfg.placement_budget}")
+    if cfg.data and not (Path(cfg.data) / "manifest.json").exists():
+        raise RecoverLoraError(f"--data {cfg.data} is not a synthetic data folder (no manifest.json)")
+    synth = train_synth_config(cfg)
+    synth.validate()
+    if cfg.eval_tasks:  # reads and formats every item now, not after hours of training
+        from .evaluate import EvalConfig
+        from .evaluate.runner import build_requests
+
+        if cfg.eval_limit is not None and cfg.eval_limit < 1:
+            raise RecoverLoraError(f"eval_limit must be >= 1, got {cfg.eval_limit}")
+        build_requests(EvalConfig(tasks=cfg.eval_tasks, data_dir=cfg.eval_data, limit=cfg.eval_limit))
+    if cfg.method == "sft-lora":
+        from .evaluate.tasks import get_task
+
+        for t in cfg.sft.tasks:
+            get_task(t)
 
 
 def train_synth_config(cfg: RecoverConfig) -> SynthConfig:
@@ -151,23 +221,30 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
     Under ``torchrun`` / ``accelerate launch`` every rank runs this function: synthesis is
     sharded across ranks, training is data-parallel, and rank 0 alone writes the outputs.
     """
-    cfg.distill.validate()
-    if cfg.method not in METHODS:
-        raise RecoverLoraError(f"unknown method {cfg.method!r}; use one of {METHODS}")
-    if cfg.placement not in ("preset", "auto"):
-        raise RecoverLoraError(f"unknown placement {cfg.placement!r}; use preset or auto")
+    validate_config(cfg)
+    if (reference is None or degraded is None or tokenizer is None) and not cfg.degraded:
+        raise RecoverLoraError("no degraded model given")
     rank, world = init_distributed()
-    progress = progress and rank == 0
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_run_dir(out)
+    with RunLock(out) if rank == 0 else contextlib.nullcontext():  # one process a run folder
+        return _recover(cfg, reference, degraded, tokenizer, progress and rank == 0, rank, world)
+
+
+def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool, rank: int, world: int) -> dict:
+    out = Path(cfg.out_dir)
     t_start = time.perf_counter()
     if reference is None or degraded is None or tokenizer is None:
-        if not cfg.degraded:
-            raise RecoverLoraError("no degraded model given")
         pair = load_pair(cfg.reference, cfg.degraded, cfg.load)
         reference, degraded, tokenizer = pair.reference, pair.degraded, pair.tokenizer
     device = next(reference.parameters()).device
+    if nonfinite_weights(reference):
+        raise RecoverLoraError(f"the reference {cfg.reference} holds NaN/Inf weights "
+                               f"({dict(list(nonfinite_weights(reference).items())[:3])}): it cannot teach")
+    identity = run_identity(cfg, reference, degraded)
+    check_identity(out, identity)  # before anything is written
     if rank == 0:
+        write_identity(out, identity)
         atomic_write_json(out / "config.json", cfg.to_dict())
 
     # 1. synthetic data from the reference (resumable; reused when already complete)
@@ -184,15 +261,17 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
                 log.warning("%s was generated by another reference (fingerprint %s, this one %s): "
                             "distilling toward this reference on another model's text", data_dir, made_by,
                             fingerprint(reference))
-        if train_ids.max() >= vocab_size(reference):
-            raise RecoverLoraError(f"{data_dir} holds token ids up to {int(train_ids.max())}, beyond this "
-                                   f"model's vocabulary of {vocab_size(reference)}")
+        check_token_ids(train_ids, vocab_size(reference), str(data_dir))
     held_ids = make_heldout(cfg, reference, tokenizer, progress)
     synth_s = time.perf_counter() - t0
+    zeroed, raw_before = {}, None
+    if nonfinite_weights(degraded):  # LoRA cannot cancel NaN/Inf: zero them, measure and record that
+        raw_before = measure(degraded, reference, held_ids, cfg.distill.eval_batch_size, cfg.distill)
+        zeroed = zero_nonfinite(degraded)
 
     # 2. student = degraded + fresh LoRA (zero B: starts equal to degraded; init svd/eora: starts
     #    at the truncated SVD of W_ref - W_deg); full-kd: the degraded model itself, all weights
-    snapshot, plan, sanitized = None, None, {}
+    snapshot, plan = None, None
     if cfg.method == "full-kd":
         snapshot = snapshot_state(degraded) if cfg.eval_tasks and rank == 0 else None
         n_modules = 0
@@ -201,11 +280,9 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
     elif cfg.placement == "auto":
         # diagnose on the held-out sequences (or reuse out/diagnosis/plan.json when resuming), then
         # attach per-module ranks within the budget
-        from .diagnose import sanitize_nonfinite
         from .placement import attach_planned_adapters
 
         plan = placement_plan(cfg, reference, degraded, tokenizer, held_ids, write=rank == 0)
-        sanitized = sanitize_nonfinite(degraded)  # LoRA cannot cancel NaN/Inf weights; zeroed ones it can
         n_modules = len(plan.ranks)
         student = attach_planned_adapters(degraded, plan, seed=cfg.distill.seed, reference=reference,
                                           calib_ids=train_ids if train_ids is not None else held_ids)
@@ -218,6 +295,8 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
     svd_start = cfg.method != "full-kd" and cfg.adapter.init in SVD_INITS
     with student.disable_adapter() if svd_start else contextlib.nullcontext():  # "before" = the degraded model
         before = measure(student, reference, held_ids, cfg.distill.eval_batch_size, cfg.distill)
+    if raw_before is not None:  # "before" is the model as given; the zeroed one is reported beside it
+        before, zeroed_before = raw_before, before
     log.info("before: held-out KL %.4f, top-1 %.3f; %d trainable parameters", before["kl"], before["top1"], n_train)
     at_init = measure(student, reference, held_ids, cfg.distill.eval_batch_size, cfg.distill) if svd_start else None
     if at_init:
@@ -252,6 +331,8 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
     else:
         student.save_pretrained(str(out / "adapter"))
         saved = out / "adapter"
+        write_adapter_provenance(saved, student, reference=cfg.reference, degraded=_abs_spec(cfg.degraded),
+                                 degraded_fingerprint=identity["degraded_fingerprint"], zeroed_nonfinite=zeroed)
         gguf_lora = _gguf_lora(cfg.degraded, saved, out / "adapter.gguf")
         tokens = sft["loss_tokens"] if sft else \
             state.step * cfg.distill.batch_size * cfg.distill.grad_accum * train_ids.shape[1]
@@ -259,11 +340,12 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
         "reference": cfg.reference, "degraded": cfg.degraded, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "heldout": {"sequences": len(held_ids), "seq_len": held_ids.shape[1], "before": before, "after": after,
-                    **({"init": at_init} if at_init else {})},
+                    **({"init": at_init} if at_init else {}),
+                    **({"before_zeroed_nonfinite": zeroed_before} if zeroed else {})},
+        "zeroed_nonfinite": zeroed,
         "trainable_parameters": n_train, "processes": world,
         "adapter_modules": n_modules,
-        "placement": ({"kind": "auto", "diagnosis": str(out / "diagnosis"), "sanitized_nonfinite": sanitized,
-                       **plan.to_dict()} if plan is not None else
+        "placement": ({"kind": "auto", "diagnosis": str(out / "diagnosis"), **plan.to_dict()} if plan is not None else
                       {"kind": "preset", "modules": cfg.adapter.modules, "layers": cfg.adapter.layers,
                        "rank": cfg.adapter.rank}),
         "method": cfg.method, "init": cfg.adapter.init if cfg.method != "full-kd" else None,
@@ -290,6 +372,11 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
     if world > 1:
         barrier()
     return report
+
+
+def _abs_spec(spec: str | None) -> str | None:
+    """A local model path made absolute (so the record holds anywhere); names and hub ids as they are."""
+    return str(Path(spec).resolve()) if spec and Path(spec).exists() else spec
 
 
 def _gguf_lora(degraded: str | None, adapter: Path, out: Path) -> Path | None:

@@ -276,19 +276,13 @@ def device_name() -> str:
 
 def load_repaired(run: Run, rcfg: RecoverConfig, degraded):
     """The repaired model from what recover() saved: full-kd's model/, or degraded + adapter/."""
-    from peft import PeftModel
-
     from .load import load_model
 
     if rcfg.method == "full-kd":
         return load_model(str(run.dir / "model"), rcfg.load)
-    base = copy.deepcopy(degraded)
-    if rcfg.placement == "auto":  # as recover() did before attaching
-        from .diagnose import sanitize_nonfinite
-        sanitize_nonfinite(base)
-    model = PeftModel.from_pretrained(base, str(run.dir / "adapter"))
-    model.eval()
-    return model
+    from .provenance import apply_adapter
+
+    return apply_adapter(copy.deepcopy(degraded), run.dir / "adapter")  # NaN/Inf zeroed as recover() did
 
 
 def _plan_key(rc: dict) -> list:
@@ -883,10 +877,10 @@ def run_cli(a: argparse.Namespace) -> int:
         n = unpack_results(a.unpack, cfg.study_dir)
         print(f"unpacked {n} files into {cfg.study_dir}")
         a.results_only = True
-    from .distill import _Interrupt
+    from .utils import sigterm_as_interrupt
 
     try:
-        with _Interrupt():  # SIGTERM (a `timeout` around the command) ends the runs as Ctrl-C does
+        with sigterm_as_interrupt():  # SIGTERM (a `timeout` around the command) ends the runs as Ctrl-C does
             if a.results_only:
                 print(f"wrote {write_results(cfg.study_dir, cfg.results, cfg)}")
             else:

@@ -45,9 +45,8 @@ def _load(model_spec: str, adapter: str | None, args, tokenizer_spec: str | None
     if adapter:
         if not Path(adapter).exists():
             raise RecoverLoraError(f"adapter {adapter} does not exist")
-        from peft import PeftModel  # noqa: PLC0415
-        model = PeftModel.from_pretrained(model, adapter)
-        model.eval()
+        from ..provenance import apply_adapter  # noqa: PLC0415
+        model = apply_adapter(model, adapter)
     tok = load_tokenizer(tokenizer_spec or model_spec, lc)
     return model, tok
 

@@ -1,0 +1,155 @@
+"""The run folder of ``recover``: what it may hold, who holds it, and which run it belongs to.
+
+Three promises, each checked before anything is written:
+- ``--out`` is empty, new, or a recover-lora run folder: a model folder (or anything else) is
+  refused by name, never overwritten;
+- one process at a time: a second run on the same folder stops at once (an OS file lock, gone
+  when its holder dies, so a killed run leaves no stale lock);
+- a run resumes only as itself: ``run.json`` records everything that determines the result
+  (both models' fingerprints and dtype, the adapter plan, the method, the training, synthetic
+  and held-out data settings); another model or setting is refused, naming what differs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .utils import RecoverLoraError, atomic_write_json, read_json
+
+RUN_FILE = "run.json"
+# Everything recover() and the study write into a run folder (hidden temp files aside).
+RUN_ENTRIES = {RUN_FILE, "config.json", "report.json", "checkpoint.pt", "synth", "heldout", "diagnosis",
+               "adapter", "adapter.gguf", "model", "merged", "eval", "loss.png", "timing.json", "done.json",
+               "metrics.jsonl"}
+# Settings that may change on resume: they change when things are measured or written, not the result.
+_CADENCE = ("eval_every", "eval_batch_size", "checkpoint_every", "chunk_tokens", "cuda_graph",
+            "activation_checkpointing", "fsdp")
+
+
+def _is_run_config(path: Path) -> bool:
+    try:
+        d = read_json(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "degraded" in d and "distill" in d
+
+
+def check_run_dir(out: str | Path) -> None:
+    """Refuse an output folder that holds anything but a recover-lora run (nothing is written)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RecoverLoraError(f"--out {out} is a file, not a folder")
+    if not out.is_dir():
+        return
+    names = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    foreign = sorted(names - RUN_ENTRIES)
+    if foreign:
+        raise RecoverLoraError(f"--out {out} holds files that are not a recover-lora run ({', '.join(foreign[:5])}"
+                               f"{', ...' if len(foreign) > 5 else ''}); refusing to write into it: "
+                               "choose a new or empty folder")
+    if "config.json" in names and RUN_FILE not in names and not _is_run_config(out / "config.json"):
+        raise RecoverLoraError(f"--out {out} holds a config.json that is not a recover-lora run's (a model "
+                               "folder?); refusing to overwrite it: choose a new or empty folder")
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of the process that holds it."""
+
+    def __init__(self, out: str | Path):
+        self.path = Path(out) / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RecoverLoraError(f"{self.path.parent} is in use by another recover-lora process (pid {holder}); "
+                                   "wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        # Holding the lock, no writer is active here: temp files are what a killed run left behind.
+        for tmp in self.path.parent.rglob(".*.tmp*"):
+            if tmp.is_file():
+                tmp.unlink()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _config_identity(cfg) -> dict[str, Any]:
+    """The config fields that determine the result (not where outputs go or when they are measured)."""
+    from .recover import train_synth_config
+
+    distill = {k: v for k, v in asdict(cfg.distill).items() if k not in _CADENCE}
+    ident: dict[str, Any] = {"method": cfg.method, "distill": distill, "heldout_sequences": cfg.heldout_sequences,
+                             "synth": asdict(train_synth_config(cfg)), "data": cfg.data}
+    if cfg.method != "full-kd":
+        ident["adapter"] = asdict(cfg.adapter)
+        ident["placement"] = cfg.placement
+        ident["placement_budget"] = cfg.placement_budget
+    if cfg.method == "full-kd":
+        ident["full_kd"] = asdict(cfg.full_kd)
+    if cfg.method == "sft-lora":
+        ident["sft"] = asdict(cfg.sft)
+    return ident
+
+
+def run_identity(cfg, reference, degraded) -> dict[str, Any]:
+    """What makes this run this run: its config's result-determining part and both models."""
+    from .load import fingerprint
+    from .synth import manifest
+
+    ident = {"config": _config_identity(cfg), "reference_fingerprint": fingerprint(reference),
+             "degraded_fingerprint": fingerprint(degraded), "dtype": str(next(degraded.parameters()).dtype)}
+    if cfg.data:
+        man = manifest(Path(cfg.data))
+        ident["data_manifest"] = {k: man.get(k) for k in ("settings", "reference_fingerprint")}
+    return ident
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def check_identity(out: str | Path, ident: dict[str, Any]) -> None:
+    """Refuse to continue a run folder made by another run (other models or settings), by name."""
+    out = Path(out)
+    old = None
+    if (out / RUN_FILE).exists():
+        old = read_json(out / RUN_FILE).get("identity")
+    elif (out / "config.json").exists():  # a run from before run.json: its config is all there is
+        from .recover import RecoverConfig
+
+        try:
+            old = {"config": _config_identity(RecoverConfig.from_dict(read_json(out / "config.json")))}
+        except RecoverLoraError:
+            old = None
+    if old is None:
+        return
+    diffs = _diff(old, {k: ident.get(k) for k in old})
+    if diffs:
+        raise RecoverLoraError(f"{out} holds another run ({'; '.join(diffs[:6])}"
+                               f"{'; ...' if len(diffs) > 6 else ''}); resume with the same models and settings, "
+                               "or choose a new --out")
+
+
+def write_identity(out: str | Path, ident: dict[str, Any]) -> None:
+    atomic_write_json(Path(out) / RUN_FILE, {"format": "recover-lora run", "version": 1, "identity": ident})
