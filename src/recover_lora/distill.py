@@ -283,7 +283,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt, sched, cfg: Distill
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for a foreign pickle, RuntimeError/EOFError for a torn file
         raise RecoverLoraError(f"{path} is not a recover-lora checkpoint that loads safely ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:200]}); delete it to start over") from None
+                               f"{(str(e).splitlines() or [''])[0][:200]}); delete it to start over") from None
     if not isinstance(ck, dict) or not {"trainable", "optimizer", "scheduler", "state", "config"} <= set(ck):
         raise RecoverLoraError(f"{path} is not a recover-lora checkpoint; delete it to start over")
     old = dict(ck["config"])
@@ -494,7 +494,7 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
                 if not math.isfinite(loss_sum):  # the step already spoiled the weights: keep the last checkpoint
                     raise RecoverLoraError(
                         f"the loss is not finite ({loss_sum}) at step {state.step + 1}; stopped without saving it "
-                        f"(the checkpoint {ckpt} of an earlier step stays). Lower --lr or check the models")
+                        f"of an earlier step stays). Start over in a new --out with a lower --lr, or check the models")
                 lr = cfg.lr * lr_at(state.step)
                 sched.step()
                 if graphed is not None:

@@ -107,6 +107,10 @@ def export_gguf_lora(adapter: str | Path, base_gguf: str | Path, out: str | Path
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, Gemma2TensorProcessor, LlamaTensorProcessor
 
     adapter, base_gguf, out = Path(adapter), Path(resolve_spec(str(base_gguf))), Path(out)
+    side = adapter / "recover_lora.json"
+    if side.exists() and json.loads(side.read_text()).get("zeroed_nonfinite"):
+        raise RecoverLoraError(f"{adapter} was trained on the model with its NaN/Inf weights zeroed; llama.cpp "
+                               "would apply it to them as they are: export the merged model (--out) instead")
     if base_gguf.suffix != ".gguf" or not base_gguf.is_file():
         raise RecoverLoraError(f"{base_gguf} is not a GGUF file; the GGUF adapter needs the GGUF model it applies to")
     if dtype not in ("f32", "f16"):

@@ -333,7 +333,11 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
         saved = out / "adapter"
         write_adapter_provenance(saved, student, reference=cfg.reference, degraded=_abs_spec(cfg.degraded),
                                  degraded_fingerprint=identity["degraded_fingerprint"], zeroed_nonfinite=zeroed)
-        gguf_lora = _gguf_lora(cfg.degraded, saved, out / "adapter.gguf")
+        if zeroed:  # llama.cpp would apply it to the GGUF's NaN/Inf weights as they are
+            log.warning("no adapter.gguf: the degraded model's NaN/Inf weights were zeroed for training, and a "
+                        "llama.cpp LoRA cannot zero them in the GGUF; export the merged model instead")
+        else:
+            gguf_lora = _gguf_lora(cfg.degraded, saved, out / "adapter.gguf")
         tokens = sft["loss_tokens"] if sft else \
             state.step * cfg.distill.batch_size * cfg.distill.grad_accum * train_ids.shape[1]
     report: dict[str, Any] = {

@@ -12,13 +12,17 @@ Three promises, each checked before anything is written:
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .utils import RecoverLoraError, atomic_write_json, read_json
+import torch
+
+from .utils import RecoverLoraError, atomic_write_json, log, read_json
 
 RUN_FILE = "run.json"
 # Everything recover() and the study write into a run folder (hidden temp files aside).
@@ -73,6 +77,12 @@ class RunLock:
             os.close(fd)
             raise RecoverLoraError(f"{self.path.parent} is in use by another recover-lora process (pid {holder}); "
                                    "wait for it to finish or choose another --out") from None
+        except OSError as e:  # a file system without locks (NFS without lockd, Lustre without -o flock)
+            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                os.close(fd)
+                raise
+            log.warning("%s: this file system has no file locks (%s); nothing stops a second run on this "
+                        "folder", self.path.parent, e.strerror)
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
@@ -94,8 +104,10 @@ def _config_identity(cfg) -> dict[str, Any]:
     from .recover import train_synth_config
 
     distill = {k: v for k, v in asdict(cfg.distill).items() if k not in _CADENCE}
+    synth = train_synth_config(cfg)  # what the tokens depend on, not how fast they were made
     ident: dict[str, Any] = {"method": cfg.method, "distill": distill, "heldout_sequences": cfg.heldout_sequences,
-                             "synth": asdict(train_synth_config(cfg)), "data": cfg.data}
+                             "synth": {**synth.content_key(), "num_sequences": synth.num_sequences},
+                             "given_data": bool(cfg.data)}
     if cfg.method != "full-kd":
         ident["adapter"] = asdict(cfg.adapter)
         ident["placement"] = cfg.placement
@@ -109,15 +121,23 @@ def _config_identity(cfg) -> dict[str, Any]:
 
 def run_identity(cfg, reference, degraded) -> dict[str, Any]:
     """What makes this run this run: its config's result-determining part and both models."""
-    from .load import fingerprint
     from .synth import manifest
 
-    ident = {"config": _config_identity(cfg), "reference_fingerprint": fingerprint(reference),
-             "degraded_fingerprint": fingerprint(degraded), "dtype": str(next(degraded.parameters()).dtype)}
+    ident = {"config": _config_identity(cfg), "reference_fingerprint": content_hash(reference),
+             "degraded_fingerprint": content_hash(degraded), "dtype": str(next(degraded.parameters()).dtype)}
     if cfg.data:
         man = manifest(Path(cfg.data))
         ident["data_manifest"] = {k: man.get(k) for k in ("settings", "reference_fingerprint")}
     return ident
+
+
+def content_hash(model) -> str:
+    """sha256 of every weight, byte for byte: damage in a few entries (bit flips) changes it too."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -134,7 +154,10 @@ def check_identity(out: str | Path, ident: dict[str, Any]) -> None:
     out = Path(out)
     old = None
     if (out / RUN_FILE).exists():
-        old = read_json(out / RUN_FILE).get("identity")
+        try:
+            old = read_json(out / RUN_FILE)["identity"]
+        except (ValueError, KeyError, TypeError):
+            raise RecoverLoraError(f"{out / RUN_FILE} is damaged; delete the folder to start over") from None
     elif (out / "config.json").exists():  # a run from before run.json: its config is all there is
         from .recover import RecoverConfig
 
