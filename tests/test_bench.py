@@ -153,3 +153,14 @@ def test_bench_table_rows_and_goal_checks(tmp_path):
     f = tmp_path / "b.json"
     f.write_text(json.dumps(res))
     assert main(["--table", str(f)]) == 0
+
+
+def test_bench_cpu_synth_sweep(tmp_path):
+    torch.set_num_threads(1)
+    res = run_bench(BenchConfig(tiny=True, device="cpu", parts="cpu-synth", synth_len=12, cpu_batches="8,32",
+                                out=str(tmp_path / "b.json")))["cpu_synth"]
+    assert res["decode_limit_tokens_per_s"] > 0 and res["gemm_gflops"]["float32"] > 0
+    runs = res["runs"]
+    assert "old default (fp32, dynamic, batch 16)" in runs and "float32, static, batch 32" in runs
+    assert all(r["tokens_per_s"] > 0 for r in runs.values())
+    assert runs["transformers generate"]["batch"] == 256

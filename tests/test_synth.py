@@ -108,3 +108,24 @@ def test_shared_decoders_and_short_batches_give_the_same_data():
     c = generate_shard(model, tok, SynthConfig(seq_len=10, batch_size=7, cache="dynamic"), 0, 7, bos=False)
     assert torch.equal(a, b) and torch.equal(a, c)
     assert set(decoders) == {4, 3}
+
+
+def test_cpu_decodes_with_a_bf16_copy_where_the_cpu_multiplies_bf16(tmp_path, monkeypatch):
+    """auto dtype: bf16 decode copy on a bf16-capable CPU (recorded in the manifest), the model
+    itself untouched; data made that way are not mixed with fp32-decoded shards."""
+    from recover_lora import synth
+
+    model, tok = tiny_model("llama", initializer_range=0.2), tiny_tokenizer()
+    cfg = SynthConfig(num_sequences=8, seq_len=10, shard_size=4)
+    monkeypatch.setattr(synth, "cpu_has_bf16", lambda: True)
+    assert synth.decode_dtype(model, cfg) == torch.bfloat16
+    assert synth.decode_dtype(model, SynthConfig(dtype="model")) == torch.float32
+    synthesize(model, tok, cfg, tmp_path / "bf16", progress=False)
+    assert manifest(tmp_path / "bf16")["settings"]["decode_dtype"] == "bfloat16"
+    assert next(model.parameters()).dtype == torch.float32
+    monkeypatch.setattr(synth, "cpu_has_bf16", lambda: False)
+    assert synth.decode_dtype(model, cfg) == torch.float32
+    with pytest.raises(RecoverLoraError, match="other settings"):
+        synthesize(model, tok, cfg, tmp_path / "bf16", progress=False)
+    synthesize(model, tok, cfg, tmp_path / "fp32", progress=False)
+    assert "decode_dtype" not in manifest(tmp_path / "fp32")["settings"]  # fp32 keys as before

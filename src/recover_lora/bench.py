@@ -79,6 +79,7 @@ class BenchConfig:
     seed: int = 0
     time_budget: float = 540.0  # seconds; later parts are skipped once it is spent
     out: str | None = None
+    cpu_batches: str = "16,64,256,512"  # cpu-synth: decode batches swept
 
     def resolved(self, device: torch.device) -> "BenchConfig":
         c = copy.copy(self)
@@ -341,6 +342,88 @@ def bench_synth(ref32, pool, bos, cfg: BenchConfig, device: torch.device, flops:
     return data if data is not None else naive_ids
 
 
+# ---------------------------------------------------------------------------- CPU synthesis sweep
+def gemm_rate(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
+    """Dense matmul FLOP/s of this machine at ``dtype`` (the decode limit's yardstick)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return reps * 2 * n ** 3 / (time.perf_counter() - t0)
+
+
+def _time_decode(model, pool, bos, B: int, L: int, kind: str, cfg: BenchConfig) -> float:
+    prefix, n_greedy, noise = _prompts(pool, bos, B, L, cfg.top_k, cfg.seed)
+    P = prefix.shape[1]
+    with torch.inference_mode():
+        _Decoder(model, B, P + 4, kind).run(prefix, n_greedy, noise[:, :4], cfg.top_k, 1.0)  # warm-up
+        t0 = time.perf_counter()
+        _Decoder(model, B, L, kind).run(prefix, n_greedy, noise, cfg.top_k, 1.0)
+        return time.perf_counter() - t0
+
+
+def bench_cpu_synth(ref32, pool, bos, cfg: BenchConfig, flops: dict, res: dict, save=lambda: None) -> None:
+    """Synthesis on a CPU: the decode limit (2N FLOP/token at the measured fp32 gemm rate), the
+    old default (fp32, dynamic cache, batch 16), a sweep of batch x weight dtype with the static
+    cache, and transformers' generate at the new default, all in one run."""
+    from .synth import CPU_BATCH, cpu_has_bf16
+
+    L = cfg.synth_len
+    fpt = _decode_flops(flops, L)
+    dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_bf16() else [])
+    res["threads"] = torch.get_num_threads()
+    res["gemm_gflops"] = {str(d).removeprefix("torch."): round(gemm_rate(d) / 1e9, 1) for d in dtypes}
+    res["decode_limit_tokens_per_s"] = round(res["gemm_gflops"]["float32"] * 1e9 / fpt, 1)
+    res["seq_len"], res["decode_flops_per_token"] = L, fpt
+    save()
+
+    def entry(name: str, model, B: int, kind: str) -> None:
+        dt = _time_decode(model, pool, bos, B, L, kind, cfg)
+        tps = B * L / dt
+        res["runs"][name] = {"batch": B, "cache": kind, "dtype": str(next(model.parameters()).dtype),
+                             "tokens_per_s": round(tps, 1),
+                             "share_of_limit": round(tps / res["decode_limit_tokens_per_s"], 3)}
+        log.info("cpu synth %s: %.0f tokens/s", name, tps)
+        save()
+
+    res["runs"] = {}
+    entry("old default (fp32, dynamic, batch 16)", ref32, 16, "dynamic")
+    batches = [int(b) for b in cfg.cpu_batches.split(",") if b]
+    for d in dtypes:
+        model = ref32 if d == torch.float32 else copy.deepcopy(ref32).to(d)
+        for B in batches:
+            entry(f"{str(d).removeprefix('torch.')}, static, batch {B}", model, B, "static")
+    default = f"{str(dtypes[-1]).removeprefix('torch.')}, static, batch {CPU_BATCH}"
+    if default in res["runs"]:
+        res["default"] = default
+    if cfg.generate:  # transformers' generate, same weights, batch and sampling settings
+        from transformers import GenerationConfig
+
+        model = copy.deepcopy(ref32).to(dtypes[-1])
+        prefix, _, _ = _prompts(pool, bos, CPU_BATCH, L, cfg.top_k, cfg.seed)
+        mc = model.config
+        gc_ = GenerationConfig(do_sample=True, top_k=cfg.top_k, top_p=1.0, temperature=1.0,
+                               max_new_tokens=L - prefix.shape[1], min_new_tokens=L - prefix.shape[1],
+                               cache_implementation="static", eos_token_id=mc.eos_token_id,
+                               pad_token_id=mc.pad_token_id if mc.pad_token_id is not None else 0)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model.generate(input_ids=prefix, attention_mask=torch.ones_like(prefix), generation_config=gc_)
+            dt = time.perf_counter() - t0
+        res["runs"]["transformers generate"] = {"batch": CPU_BATCH, "cache": "static",
+                                                "dtype": str(dtypes[-1]), "tokens_per_s": round(out.numel() / dt, 1),
+                                                "share_of_limit": round(out.numel() / dt / res["decode_limit_tokens_per_s"], 3)}
+        save()
+    runs = res["runs"]
+    if "default" in res:
+        best = runs[res["default"]]["tokens_per_s"]
+        res["default_vs_old_default"] = round(best / runs["old default (fp32, dynamic, batch 16)"]["tokens_per_s"], 2)
+        if "transformers generate" in runs:
+            res["default_vs_generate"] = round(best / runs["transformers generate"]["tokens_per_s"], 2)
+
+
 # --------------------------------------------------------------------------------- distillation
 def _load_trainable(student, state: dict[str, torch.Tensor]) -> None:
     params = dict(student.named_parameters())
@@ -503,8 +586,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     cfg = cfg.resolved(device)
     parts = {p.strip() for p in cfg.parts.split(",") if p.strip()}
-    if not parts <= {"synth", "distill"}:
-        raise RecoverLoraError(f"unknown bench parts {sorted(parts - {'synth', 'distill'})}; use synth,distill")
+    if not parts <= {"synth", "distill", "cpu-synth"}:
+        raise RecoverLoraError(f"unknown bench parts {sorted(parts - {'synth', 'distill', 'cpu-synth'})}; "
+                               "use synth, distill or cpu-synth")
     import transformers
 
     result: dict[str, Any] = {
@@ -532,6 +616,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     save()
 
     data = None
+    if "cpu-synth" in parts:
+        result["cpu_synth"] = {}
+        bench_cpu_synth(ref32, pool, bos, cfg, flops, result["cpu_synth"], save)
     if "synth" in parts:
         result["synth"] = {}
         data = bench_synth(ref32, pool, bos, cfg, device, flops, deadline, result["synth"], save)
@@ -686,6 +773,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peak-tflops", type=float, default=d.peak_tflops, help="bf16 dense peak (H100 SXM: 989)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--time-budget", type=float, default=d.time_budget, help="seconds; later parts are skipped")
+    p.add_argument("--cpu-batches", default=d.cpu_batches, help="--parts cpu-synth: decode batches swept")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--table", nargs="+", default=None, metavar="JSON",
                    help="print the markdown table and goal checks of earlier bench JSON files (runs nothing)")

@@ -41,7 +41,7 @@ def demo_recover_config(cfg: DemoConfig, on_gpu: bool) -> RecoverConfig:
         heldout = 64
     else:
         steps = cfg.steps or 50
-        synth = SynthConfig(num_sequences=256, seq_len=64, seed=cfg.seed, batch_size=64)
+        synth = SynthConfig(num_sequences=256, seq_len=64, seed=cfg.seed)  # CPU defaults: bf16, batch 256
         distill = DistillConfig(steps=steps, batch_size=8, lr=2e-3, warmup_steps=5, seed=cfg.seed,
                                 eval_every=0, checkpoint_every=10)
         heldout = 24

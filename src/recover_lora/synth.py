@@ -11,6 +11,7 @@ and ``i``, so an interrupted run resumes by generating the missing shards, with 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import zlib
@@ -40,10 +41,13 @@ class SynthConfig:
     top_k: int = 50
     temperature: float = 1.0
     seed: int = 0
-    batch_size: int = 0  # 0 = auto: 16 on CPU, 1024 on GPU
+    batch_size: int = 0  # 0 = auto: CPU_BATCH on CPU, 1024 on GPU
     shard_size: int = 4096  # sequences per shard file
     add_bos: bool | None = None  # None = decide from the model (Gemma: yes)
-    cache: str = "auto"  # "dynamic" | "static" | "auto" (static + CUDA graphs on GPU)
+    cache: str = "auto"  # "dynamic" | "static" | "auto" (static; + CUDA graphs on GPU)
+    # Weights the reference decodes with: "auto" = bf16 on a CPU with native bf16 matmuls (3x its
+    # fp32 rate, BENCHMARKS.md), else as loaded; "model" = as loaded; or float32 / bfloat16.
+    dtype: str = "auto"
 
     def validate(self) -> None:
         if self.num_sequences < 1 or self.seq_len < 2:
@@ -54,11 +58,13 @@ class SynthConfig:
             raise RecoverLoraError("top_k must be >= 1 and temperature > 0")
         if self.cache not in ("auto", "dynamic", "static"):
             raise RecoverLoraError(f"unknown cache {self.cache!r}; use auto, dynamic or static")
+        if self.dtype not in ("auto", "model", "float32", "bfloat16"):
+            raise RecoverLoraError(f"unknown synth dtype {self.dtype!r}; use auto, model, float32 or bfloat16")
 
     def content_key(self) -> dict:
         """Settings that change the generated tokens (batch size and cache type do not)."""
         d = asdict(self)
-        for k in ("batch_size", "cache", "num_sequences"):
+        for k in ("batch_size", "cache", "num_sequences", "dtype"):  # dtype: the resolved one is keyed
             d.pop(k)
         return d
 
@@ -174,7 +180,7 @@ class _Decoder:
         self.model, self.batch, self.length = model, batch, length
         self.device = next(model.parameters()).device
         if kind == "auto":
-            kind = "static" if self.device.type == "cuda" else "dynamic"
+            kind = "static"  # on CPU too: 552 vs 459 tokens/s at batch 256 (bf16 SmolLM2, BENCHMARKS.md)
         self.kind = kind
         self.cache = None
         if kind == "static":
@@ -310,6 +316,27 @@ class _Decoder:
         return out.cpu()
 
 
+CPU_BATCH = 256  # decode batch on CPU: the measured knee on SmolLM2 (BENCHMARKS.md, CPU section)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): otherwise bf16 is emulated, and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def decode_dtype(model: PreTrainedModel, cfg: SynthConfig) -> torch.dtype:
+    """The weight dtype synthesis decodes with (see ``SynthConfig.dtype``)."""
+    own = next(model.parameters()).dtype
+    if cfg.dtype == "auto":
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        return torch.bfloat16 if on_cpu and own == torch.float32 and cpu_has_bf16() else own
+    return own if cfg.dtype == "model" else getattr(torch, cfg.dtype)
+
+
 def generate_shard(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: SynthConfig,
                    shard: int, n: int, bos: bool, progress: tqdm | None = None,
                    decoders: dict[int, _Decoder] | None = None) -> torch.Tensor:
@@ -329,7 +356,7 @@ def generate_shard(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, c
         raise RecoverLoraError(f"seq_len {cfg.seq_len} is shorter than the prefix")
     noise = torch.rand(n, max(steps, 0), cfg.top_k, generator=g)
     on_gpu = next(model.parameters()).device.type == "cuda"
-    bs = cfg.batch_size or (1024 if on_gpu else 16)
+    bs = cfg.batch_size or (1024 if on_gpu else CPU_BATCH)
     out = []
     decoders = {} if decoders is None else decoders
     for i in range(0, n, bs):
@@ -366,7 +393,10 @@ def synthesize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: 
     if bos and tokenizer.bos_token_id is None:
         raise RecoverLoraError("add_bos is set but the tokenizer has no BOS token")
     fp = fingerprint(model)
+    dtype = decode_dtype(model, cfg)
     key = {**cfg.content_key(), "add_bos": bos}
+    if dtype != next(model.parameters()).dtype:  # decoded by a copy in another dtype: other tokens
+        key["decode_dtype"] = str(dtype).removeprefix("torch.")
     n_shards = math.ceil(cfg.num_sequences / cfg.shard_size)
     man_path = out_dir / MANIFEST
     if man_path.exists():
@@ -407,6 +437,8 @@ def synthesize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: 
         total, done = cfg.num_sequences, cfg.num_sequences - sum(n for _, n, _ in todo)
     bar = tqdm(total=total, initial=done, desc="synthesize", unit="seq", disable=not progress or rank != 0)
     decoders: dict[int, _Decoder] = {}  # shared by all shards: one graph capture per batch size
+    if mine and dtype != next(model.parameters()).dtype:  # a decode copy; the model itself stays as it is
+        model = copy.deepcopy(model).to(dtype)
     try:
         with sigterm_as_interrupt():
             for s, n, name in mine:
