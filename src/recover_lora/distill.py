@@ -277,6 +277,12 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt, sched, state: Train
     atomic_torch_save(checkpoint_payload(model, opt, sched, state, cfg), path)
 
 
+# Settings that may change on resume (when things are measured or written, how memory is spent);
+# anything that changes the math may not.
+CADENCE_FIELDS = ("eval_every", "eval_batch_size", "checkpoint_every", "chunk_tokens", "cuda_graph",
+                  "activation_checkpointing", "fsdp")
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, opt, sched, cfg: DistillConfig) -> TrainState:
     # weights_only: a checkpoint is tensors and plain types; a planted pickle must not run code here.
     try:
@@ -288,9 +294,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt, sched, cfg: Distill
         raise RecoverLoraError(f"{path} is not a recover-lora checkpoint; delete it to start over")
     old = dict(ck["config"])
     new = asdict(cfg)
-    # Evaluation cadence may change on resume; anything that changes the math may not.
-    for k in ("eval_every", "eval_batch_size", "checkpoint_every", "chunk_tokens", "cuda_graph",
-              "activation_checkpointing", "fsdp"):
+    for k in CADENCE_FIELDS:
         old.pop(k, None)
         new.pop(k, None)
     # A setting added after the checkpoint was written had its default then: an older checkpoint

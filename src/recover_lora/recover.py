@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .baselines import (METHODS, FullKDConfig, SFTConfig, degraded_view, prepare_full_kd, run_full_kd,
                         run_sft_lora, snapshot_state)
-from .distill import (AdapterConfig, DistillConfig, TrainState, init_distributed, measure,
+from .distill import (CADENCE_FIELDS, AdapterConfig, DistillConfig, TrainState, init_distributed, measure,
                       trainable_parameters, train)
 from .load import LoadConfig, fingerprint, load_pair, save_model_dir, vocab_size
 from .provenance import nonfinite_weights, write_adapter_provenance, zero_nonfinite
@@ -163,6 +163,24 @@ def train_synth_config(cfg: RecoverConfig) -> SynthConfig:
     return s
 
 
+def config_identity(cfg: RecoverConfig) -> dict[str, Any]:
+    """The config fields that determine the result (not where outputs go or when they are measured)."""
+    distill = {k: v for k, v in asdict(cfg.distill).items() if k not in CADENCE_FIELDS}
+    synth = train_synth_config(cfg)  # what the tokens depend on, not how fast they were made
+    ident: dict[str, Any] = {"method": cfg.method, "distill": distill, "heldout_sequences": cfg.heldout_sequences,
+                             "synth": {**synth.content_key(), "num_sequences": synth.num_sequences},
+                             "given_data": bool(cfg.data)}
+    if cfg.method != "full-kd":
+        ident["adapter"] = asdict(cfg.adapter)
+        ident["placement"] = cfg.placement
+        ident["placement_budget"] = cfg.placement_budget
+    if cfg.method == "full-kd":
+        ident["full_kd"] = asdict(cfg.full_kd)
+    if cfg.method == "sft-lora":
+        ident["sft"] = asdict(cfg.sft)
+    return ident
+
+
 def heldout_synth_config(cfg: RecoverConfig) -> SynthConfig:
     s = train_synth_config(cfg)
     s.num_sequences = cfg.heldout_sequences
@@ -238,11 +256,11 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
         pair = load_pair(cfg.reference, cfg.degraded, cfg.load)
         reference, degraded, tokenizer = pair.reference, pair.degraded, pair.tokenizer
     device = next(reference.parameters()).device
-    if nonfinite_weights(reference):
+    if bad := nonfinite_weights(reference):
         raise RecoverLoraError(f"the reference {cfg.reference} holds NaN/Inf weights "
-                               f"({dict(list(nonfinite_weights(reference).items())[:3])}): it cannot teach")
-    identity = run_identity(cfg, reference, degraded)
-    check_identity(out, identity)  # before anything is written
+                               f"({dict(list(bad.items())[:3])}): it cannot teach")
+    identity = run_identity(config_identity(cfg), reference, degraded, cfg.data)
+    check_identity(out, identity, lambda old: config_identity(RecoverConfig.from_dict(old)))  # before any write
     if rank == 0:
         write_identity(out, identity)
         atomic_write_json(out / "config.json", cfg.to_dict())

@@ -16,12 +16,12 @@ import errno
 import fcntl
 import hashlib
 import os
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from .synth import manifest
 from .utils import RecoverLoraError, atomic_write_json, log, read_json
 
 RUN_FILE = "run.json"
@@ -29,9 +29,7 @@ RUN_FILE = "run.json"
 RUN_ENTRIES = {RUN_FILE, "config.json", "report.json", "checkpoint.pt", "synth", "heldout", "diagnosis",
                "adapter", "adapter.gguf", "model", "merged", "eval", "loss.png", "timing.json", "done.json",
                "metrics.jsonl"}
-# Settings that may change on resume: they change when things are measured or written, not the result.
-_CADENCE = ("eval_every", "eval_batch_size", "checkpoint_every", "chunk_tokens", "cuda_graph",
-            "activation_checkpointing", "fsdp")
+
 
 
 def _is_run_config(path: Path) -> bool:
@@ -99,34 +97,13 @@ class RunLock:
             self.fd = None
 
 
-def _config_identity(cfg) -> dict[str, Any]:
-    """The config fields that determine the result (not where outputs go or when they are measured)."""
-    from .recover import train_synth_config
-
-    distill = {k: v for k, v in asdict(cfg.distill).items() if k not in _CADENCE}
-    synth = train_synth_config(cfg)  # what the tokens depend on, not how fast they were made
-    ident: dict[str, Any] = {"method": cfg.method, "distill": distill, "heldout_sequences": cfg.heldout_sequences,
-                             "synth": {**synth.content_key(), "num_sequences": synth.num_sequences},
-                             "given_data": bool(cfg.data)}
-    if cfg.method != "full-kd":
-        ident["adapter"] = asdict(cfg.adapter)
-        ident["placement"] = cfg.placement
-        ident["placement_budget"] = cfg.placement_budget
-    if cfg.method == "full-kd":
-        ident["full_kd"] = asdict(cfg.full_kd)
-    if cfg.method == "sft-lora":
-        ident["sft"] = asdict(cfg.sft)
-    return ident
-
-
-def run_identity(cfg, reference, degraded) -> dict[str, Any]:
-    """What makes this run this run: its config's result-determining part and both models."""
-    from .synth import manifest
-
-    ident = {"config": _config_identity(cfg), "reference_fingerprint": content_hash(reference),
+def run_identity(config: dict[str, Any], reference, degraded, data: str | None = None) -> dict[str, Any]:
+    """What makes this run this run: ``config`` (its result-determining settings), both models and
+    the given data folder's manifest."""
+    ident = {"config": config, "reference_fingerprint": content_hash(reference),
              "degraded_fingerprint": content_hash(degraded), "dtype": str(next(degraded.parameters()).dtype)}
-    if cfg.data:
-        man = manifest(Path(cfg.data))
+    if data:
+        man = manifest(Path(data))
         ident["data_manifest"] = {k: man.get(k) for k in ("settings", "reference_fingerprint")}
     return ident
 
@@ -149,8 +126,10 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def check_identity(out: str | Path, ident: dict[str, Any]) -> None:
-    """Refuse to continue a run folder made by another run (other models or settings), by name."""
+def check_identity(out: str | Path, ident: dict[str, Any],
+                   legacy: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    """Refuse to continue a run folder made by another run (other models or settings), by name.
+    ``legacy`` maps the ``config.json`` of a run from before ``run.json`` to its config identity."""
     out = Path(out)
     old = None
     if (out / RUN_FILE).exists():
@@ -158,11 +137,9 @@ def check_identity(out: str | Path, ident: dict[str, Any]) -> None:
             old = read_json(out / RUN_FILE)["identity"]
         except (ValueError, KeyError, TypeError):
             raise RecoverLoraError(f"{out / RUN_FILE} is damaged; delete the folder to start over") from None
-    elif (out / "config.json").exists():  # a run from before run.json: its config is all there is
-        from .recover import RecoverConfig
-
+    elif legacy is not None and (out / "config.json").exists():  # before run.json: its config is all there is
         try:
-            old = {"config": _config_identity(RecoverConfig.from_dict(read_json(out / "config.json")))}
+            old = {"config": legacy(read_json(out / "config.json"))}
         except RecoverLoraError:
             old = None
     if old is None:
