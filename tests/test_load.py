@@ -116,3 +116,33 @@ def test_needs_bos():
     tok = tiny_tokenizer()
     assert needs_bos(tok, tiny_model("gemma3").config)  # Gemma: always
     assert not needs_bos(tok, tiny_model("llama").config)  # follows the tokenizer, which adds none
+
+
+def test_converted_gguf_loads_the_same_model_and_tokenizer(tmp_path, monkeypatch):
+    """The dense form kept after the first load of a GGUF file gives the same weights, bit for bit,
+    and the same tokenizer (ids, special tokens, BOS rule) as transformers' GGUF reader."""
+    from pathlib import Path
+
+    from recover_lora import load, zoo
+
+    gguf = Path(zoo.fetch("smollm2"))
+    monkeypatch.setenv("RECOVER_LORA_GGUF_CACHE", "0")
+    direct, tok0 = load_model(str(gguf), CPU), load.load_tokenizer(str(gguf), CPU)
+    monkeypatch.setenv("RECOVER_LORA_GGUF_CACHE", "1")
+    conv = tmp_path / "conv"
+    monkeypatch.setattr(load, "gguf_converted_dir", lambda p: conv)
+    first = load_model(str(gguf), CPU)  # converts and keeps it
+    assert (conv / "DONE").exists() and (conv / "model.safetensors").exists()
+    again, tok1 = load_model(str(gguf), CPU), load.load_tokenizer(str(gguf), CPU)
+    sd0 = direct.state_dict()
+    for m in (first, again):
+        sd = m.state_dict()
+        assert sd.keys() == sd0.keys() and all(torch.equal(sd[k], sd0[k]) for k in sd0)
+    assert again.config.to_dict() == direct.config.to_dict()
+    text = ["Hello world", " The quick brown fox", "Question: 2+2?\nAnswer: 4<|endoftext|>"]
+    assert tok1(text)["input_ids"] == tok0(text)["input_ids"]
+    assert (tok1.bos_token_id, tok1.eos_token_id, tok1.pad_token_id) == (tok0.bos_token_id, tok0.eos_token_id,
+                                                                         tok0.pad_token_id)
+    assert load.needs_bos(tok1, again.config) == load.needs_bos(tok0, direct.config)
+    bf16 = load_model(str(gguf), LoadConfig(device="cpu", dtype="bfloat16"))
+    assert bf16.dtype == torch.bfloat16

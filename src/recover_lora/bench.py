@@ -80,6 +80,9 @@ class BenchConfig:
     time_budget: float = 540.0  # seconds; later parts are skipped once it is spent
     out: str | None = None
     cpu_batches: str = "16,64,256,512"  # cpu-synth: decode batches swept
+    eval_data: str | None = None  # cpu-eval: the benchmark folder (<dir>/<task>/<split>.jsonl)
+    lmeval_python: str | None = None  # cpu-eval: a Python with lm-eval 0.4.13
+    eval_limit: int = 100  # cpu-eval: items per task
 
     def resolved(self, device: torch.device) -> "BenchConfig":
         c = copy.copy(self)
@@ -586,9 +589,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     cfg = cfg.resolved(device)
     parts = {p.strip() for p in cfg.parts.split(",") if p.strip()}
-    if not parts <= {"synth", "distill", "cpu-synth"}:
-        raise RecoverLoraError(f"unknown bench parts {sorted(parts - {'synth', 'distill', 'cpu-synth'})}; "
-                               "use synth, distill or cpu-synth")
+    known = {"synth", "distill", "cpu-synth", "cpu-eval"}
+    if not parts <= known:
+        raise RecoverLoraError(f"unknown bench parts {sorted(parts - known)}; use {', '.join(sorted(known))}")
     import transformers
 
     result: dict[str, Any] = {
@@ -607,6 +610,14 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         if cfg.out:
             atomic_write_json(cfg.out, result)
 
+    if "cpu-eval" in parts:  # separate processes, timed before this one loads anything
+        from .bench_eval import bench_cpu_eval
+
+        result["cpu_eval"] = {}
+        bench_cpu_eval(cfg.model, cfg.eval_data, cfg.lmeval_python, cfg.eval_limit, result["cpu_eval"], save)
+        if not parts - {"cpu-eval"}:
+            save()
+            return result
     t0 = time.perf_counter()
     ref32, pool, bos = _load(cfg)
     result["load_s"] = round(time.perf_counter() - t0, 2)
@@ -750,7 +761,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=d.model, help="model spec (smollm2, gemma3-270m, folder, .gguf, ...)")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead (CPU smoke run)")
     p.add_argument("--device", default=d.device)
-    p.add_argument("--parts", default=d.parts, help="synth,distill (default both)")
+    p.add_argument("--parts", default=d.parts, help="synth,distill (default both), cpu-synth, cpu-eval")
     p.add_argument("--synth-batch", type=int, default=d.synth_batch, help="sequences decoded at once (0: 1024 on GPU)")
     p.add_argument("--synth-len", type=int, default=d.synth_len)
     p.add_argument("--synth-graphs", default=d.synth_graphs,
@@ -774,6 +785,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--time-budget", type=float, default=d.time_budget, help="seconds; later parts are skipped")
     p.add_argument("--cpu-batches", default=d.cpu_batches, help="--parts cpu-synth: decode batches swept")
+    p.add_argument("--eval-data", default=None, metavar="DIR", help="--parts cpu-eval: the benchmark folder")
+    p.add_argument("--lmeval-python", default=None, help="--parts cpu-eval: a Python with lm-eval 0.4.13")
+    p.add_argument("--eval-limit", type=int, default=d.eval_limit, help="--parts cpu-eval: items per task")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--table", nargs="+", default=None, metavar="JSON",
                    help="print the markdown table and goal checks of earlier bench JSON files (runs nothing)")

@@ -121,6 +121,58 @@ def _load_state_dict(path: Path, cfg: LoadConfig) -> dict[str, torch.Tensor]:
     return state
 
 
+def gguf_converted_dir(path: Path) -> Path | None:
+    """Where the dense form of a GGUF file is kept once converted: transformers' GGUF reader spends
+    ~15 s a load parsing metadata (SmolLM2 on 2 CPU cores); the safetensors form loads in under one.
+    Keyed by the file's name, size and modification time and by the transformers version; None when
+    ``RECOVER_LORA_GGUF_CACHE=0``."""
+    import hashlib
+    import os
+
+    import transformers
+
+    if os.environ.get("RECOVER_LORA_GGUF_CACHE", "1") == "0":
+        return None
+    from .zoo import cache_dir
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode())
+    return cache_dir() / "converted" / f"{path.stem}-{key.hexdigest()[:16]}"
+
+
+def _load_gguf(path: Path, kw: dict) -> PreTrainedModel:
+    """A GGUF file's model, dequantized; from its converted form when there is one, else converted
+    now (float32, atomically; a failure to write the cache only costs the next load its speed)."""
+    import os
+    import shutil
+    import tempfile
+
+    conv = gguf_converted_dir(path)
+    if conv is not None and (conv / "DONE").exists():
+        with _reading(str(conv), f"delete {conv} to convert {path.name} again"):
+            model = AutoModelForCausalLM.from_pretrained(str(conv), use_safetensors=True, **kw)
+        # the config as the GGUF reader gives it (adapters record _name_or_path as their base model)
+        model.config._name_or_path, model.config.architectures = str(path.parent), None
+        return model
+    with _reading(str(path)):
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     **{**kw, "dtype": torch.float32})
+    _strip_gguf_quant_config(model)
+    if conv is not None:
+        try:
+            conv.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{conv.name}.", dir=conv.parent))
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            tok.save_pretrained(tmp)
+            (tmp / "DONE").write_text(f"{path}\n")
+            os.replace(tmp, conv) if not conv.exists() else shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as e:
+            log.warning("could not keep the converted form of %s in %s (%s); the next load converts again",
+                        path.name, conv, e)
+    return model.to(kw["dtype"]) if kw.get("dtype") is not None else model
+
+
 def load_model(spec: str, cfg: LoadConfig | None = None, reference: PreTrainedModel | None = None) -> PreTrainedModel:
     """Load a causal LM for inference, in eval mode, on ``cfg.device``.
 
@@ -136,9 +188,7 @@ def load_model(spec: str, cfg: LoadConfig | None = None, reference: PreTrainedMo
     path = Path(spec).expanduser()
     kw = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     if path.is_file() and _suffix(path) == ".gguf":
-        with _reading(str(path)):
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kw)
-        _strip_gguf_quant_config(model)
+        model = _load_gguf(path, kw)
     elif path.is_file():
         if reference is None:
             raise RecoverLoraError(f"{path} is a bare state dict: it needs the reference model's config")
@@ -192,7 +242,10 @@ def load_tokenizer(spec: str, cfg: LoadConfig | None = None) -> PreTrainedTokeni
     if not path.exists() and _is_local_spec(spec):
         raise RecoverLoraError(f"model {spec} not found: the path does not exist")
     with _reading(f"the tokenizer of {spec}"):
-        if path.is_file() and _suffix(path) == ".gguf":
+        conv = gguf_converted_dir(path) if path.is_file() and _suffix(path) == ".gguf" else None
+        if conv is not None and (conv / "DONE").exists():
+            tok = AutoTokenizer.from_pretrained(str(conv))
+        elif path.is_file() and _suffix(path) == ".gguf":
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         else:
             tok = AutoTokenizer.from_pretrained(str(path) if path.exists() else spec,

@@ -25,6 +25,9 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto = bf16 on GPU, fp32 on CPU")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-share-context", dest="share_context", action="store_false",
+                   help="one forward row per choice, as lm-eval's hf backend (default: the choices of a "
+                        "question share one pass over their common prefix; same per-item results)")
 
 
 def _eval_config(args, tasks=None):
@@ -33,7 +36,7 @@ def _eval_config(args, tasks=None):
         raise RecoverLoraError("--limit must be positive")
     return EvalConfig(tasks=tasks or args.tasks, data_dir=args.data_dir, source=args.source, limit=args.limit,
                       num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-                      max_batch_tokens=args.max_batch_tokens)
+                      max_batch_tokens=args.max_batch_tokens, share_context=getattr(args, "share_context", True))
 
 
 def _load(model_spec: str, adapter: str | None, args, tokenizer_spec: str | None = None):

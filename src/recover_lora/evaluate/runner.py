@@ -27,6 +27,8 @@ class EvalConfig:
     seed: few-shot sampling seed (lm-eval's fewshot_random_seed, 1234).
     add_bos: None = lm-eval's rule (``load.needs_bos``), or force True/False.
     keep_items: include per-item lists (needed by ``report`` for bootstrap CIs).
+    share_context: score the choices of a question in one pass over their common prefix (same
+        per-item results; False: one row per choice, as lm-eval's ``hf`` backend runs them).
     """
 
     tasks: list[str] | str = field(default_factory=lambda: ["hellaswag"])
@@ -39,6 +41,7 @@ class EvalConfig:
     seed: int = FEWSHOT_SEED
     add_bos: bool | None = None
     keep_items: bool = True
+    share_context: bool = True
 
 
 def _metrics(task, forms: list[Formatted], lls: list[float], greedy: list[bool]) -> dict:
@@ -82,11 +85,14 @@ def build_requests(cfg: EvalConfig) -> dict[str, dict]:
     return out
 
 
-def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = True) -> dict:
+def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = True, reference=None) -> dict:
     """Score ``model`` on ``cfg.tasks``; returns ``{task: {acc, [acc_norm], n, split, source, items}}``.
 
     ``items`` holds per-document lists (``acc``, ``acc_norm``, ``pred``, ``pred_norm``, ``gold``,
     ``loglikelihoods``) in dataset order. All tasks' requests are scored in one batched pass.
+    ``reference``: also the answer-token KL to it, KL(reference || model) averaged over the tokens
+    of all the choices of an item (``items["answer_kl"]``; the task's mean as ``answer_kl``): a
+    measure of a repair that resolves differences accuracy on a few hundred items cannot.
     """
     from ..load import needs_bos  # noqa: PLC0415
 
@@ -96,10 +102,12 @@ def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = T
     add_bos = needs_bos(tokenizer, model.config) if cfg.add_bos is None else cfg.add_bos
     pairs: list[tuple[str, str]] = []
     spans: dict[str, tuple[int, int]] = {}
+    groups: list[tuple[str, int]] = []  # the question of each request: its choices share one pass
     for name, b in built.items():
         start = len(pairs)
-        for f in b["forms"]:
+        for j, f in enumerate(b["forms"]):
             pairs.extend(zip(f.contexts, f.continuations))
+            groups.extend([(name, j)] * len(f.contexts))
         spans[name] = (start, len(pairs))
     requests = encode_pairs(tokenizer, pairs, add_bos)
     t1 = time.time()
@@ -108,7 +116,8 @@ def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = T
     try:
         res = score(model, requests, batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,
                     progress=progress, pad_id=tokenizer.pad_token_id or 0,
-                    desc=f"eval {','.join(built)}")
+                    desc=f"eval {','.join(built)}", groups=groups,
+                    share_context=cfg.share_context, reference=reference)
     finally:
         if was_training:
             model.train()
@@ -119,6 +128,13 @@ def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = T
         lls = [r[0] for r in res[s:e]]
         greedy = [r[1] for r in res[s:e]]
         m = _metrics(b["task"], b["forms"], lls, greedy)
+        if reference is not None:
+            kl = np.array([r[2] for r in res[s:e]])
+            nt = np.array([r[3] for r in res[s:e]])
+            bounds = np.cumsum([0] + [len(f.choices) for f in b["forms"]])
+            item_kl = [float(kl[a:z].sum() / nt[a:z].sum()) for a, z in zip(bounds[:-1], bounds[1:])]
+            m["answer_kl"] = float(np.mean(item_kl))
+            m["items"]["answer_kl"] = item_kl
         m["split"] = b["split"].split
         m["source"] = b["split"].origin
         m["num_fewshot"] = cfg.num_fewshot

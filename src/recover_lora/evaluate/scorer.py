@@ -88,15 +88,106 @@ def _device_of(model) -> torch.device:
         return torch.device("cpu")
 
 
+def _window(model) -> int | None:
+    """Sliding-window length of the model's local attention layers (Gemma), if any."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    w = getattr(cfg, "sliding_window", None)
+    return w if isinstance(w, int) and w > 0 else None
+
+
+def _common_prefix(seqs: list[tuple[int, ...]]) -> int:
+    n = min(len(x) for x in seqs)
+    first = seqs[0]
+    for i in range(n):
+        if any(x[i] != first[i] for x in seqs[1:]):
+            return i
+    return n
+
+
+def _rows(requests, max_length: int, share: bool, window: int | None, groups: Sequence | None = None):
+    """Requests -> model input rows. A row is a prefix and zero or more tails packed behind it: the
+    requests of one group (the choices of one question; by default those with the same context)
+    share one pass over their longest common token prefix, and each request's remaining tokens form
+    its own tail (own positions, attending to the prefix and itself). Model inputs are lm-eval's,
+    ``(ctx + cont)[-(max_length + 1):][:-1]``. Returns ``rows`` [(prefix, [tails], packable)] and,
+    per request, (row, tail index or -1, first needed position, its target ids). Rows that are not
+    packable (no sharing asked for, or longer than a sliding window) run alone, as lm-eval runs them."""
+    inps = []
+    for ctx, cont in requests:
+        if len(ctx) == 0 or len(cont) == 0:
+            raise ValueError("context and continuation must both be non-empty token lists")
+        if len(cont) > max_length:
+            raise ValueError(f"continuation of {len(cont)} tokens exceeds the model's {max_length}")
+        inps.append(tuple((list(ctx) + list(cont))[-(max_length + 1):][:-1]))
+    members: dict = {}
+    for i, (ctx, _) in enumerate(requests):
+        # Packing changes nothing a causal model computes, unless a sliding window would cut a
+        # long input differently from lm-eval's single row: such requests keep their own row.
+        packed = share and (window is None or len(inps[i]) <= window)
+        key = ("g", groups[i] if groups is not None else tuple(ctx)) if packed else ("own", inps[i])
+        members.setdefault(key, []).append(i)
+    rows: list[tuple[tuple[int, ...], list[tuple[int, ...]], bool]] = []
+    where: list = [None] * len(requests)
+    for key, idx in members.items():
+        if key[0] == "own":
+            rows.append((key[1], [], False))
+            for i in idx:
+                where[i] = (len(rows) - 1, -1, len(inps[i]) - len(requests[i][1]), list(requests[i][1]))
+            continue
+        L = _common_prefix([inps[i] for i in idx])
+        # a needed position inside the prefix is shared; keep at least the context's last token there
+        L = min(L, min(len(inps[i]) - len(requests[i][1]) + 1 for i in idx))
+        prefix, tails, index = inps[idx[0]][:L], [], {}
+        rows.append((prefix, tails, True))
+        for i in idx:
+            tail = inps[i][L:]
+            t = -1
+            if tail:
+                t = index.get(tail)
+                if t is None:
+                    t = index[tail] = len(tails)
+                    tails.append(tail)
+            where[i] = (len(rows) - 1, t, len(inps[i]) - len(requests[i][1]), list(requests[i][1]))
+    return rows, where
+
+
+def _bins(rows, packable: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: packable rows into bins of at most ``capacity`` tokens (a bin is one
+    model input row holding several questions, each attending only to itself), so that padding,
+    not the model, stops being most of the work on short items."""
+    width = {r: len(rows[r][0]) + sum(len(t) for t in rows[r][1]) for r in packable}
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for r in sorted(packable, key=lambda r: (-width[r], rows[r][0])):
+        for k, f in enumerate(free):
+            if width[r] <= f:
+                bins[k].append(r)
+                free[k] -= width[r]
+                break
+        else:
+            bins.append([r])
+            free.append(capacity - width[r])
+    return bins
+
+
 @torch.inference_mode()
 def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int | None = None,
           max_batch_tokens: int | None = None, max_length: int | None = None, progress: bool = False,
-          pad_id: int = 0, desc: str = "scoring") -> list[tuple[float, bool]]:
+          pad_id: int = 0, desc: str = "scoring", share_context: bool = True,
+          reference=None, groups: Sequence | None = None) -> list[tuple[float, bool]] | list[tuple[float, bool, float, int]]:
     """(log-likelihood, is_greedy) of each (context ids, continuation ids) request.
 
-    ``batch_size``: at most this many distinct sequences per forward (None: no cap besides the
-    token budget). ``max_batch_tokens``: cap on padded tokens per forward (default 32768 on
-    CUDA, 4096 on CPU). Results do not depend on the request order.
+    ``batch_size``: at most this many input rows per forward (None: no cap besides the token budget).
+    ``max_batch_tokens``: cap on padded tokens per forward (default 32768 on CUDA, 4096 on CPU).
+    ``share_context``: the choices of a question share one pass over their common prefix, their
+    remaining tokens packed behind it (own positions, a block attention mask), and several
+    questions share an input row; False: one row per request, as lm-eval's ``hf`` backend.
+    ``groups``: a key per request (its question); the requests of a group share their longest
+    common token prefix (default: requests with the same context).
+    ``reference``: also run this model on the same rows and return, per request, the summed
+    KL(reference || model) over its continuation tokens and their count (the answer-token KL).
+    Results do not depend on the request order or on the batching.
     """
     if not requests:
         return []
@@ -104,104 +195,143 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
     max_length = max_length or model_max_length(model)
     if max_batch_tokens is None:
         max_batch_tokens = 32768 if device.type == "cuda" else 4096
-    # ---- requests -> unique rows (model inputs)
-    row_of: dict[tuple[int, ...], int] = {}
-    rows: list[tuple[int, ...]] = []
-    row_keep: list[int] = []  # continuation positions needed (max over its requests)
-    req_row = np.empty(len(requests), dtype=np.int64)
-    req_targets: list[Sequence[int]] = []
-    for i, (ctx, cont) in enumerate(requests):
-        if len(ctx) == 0 or len(cont) == 0:
-            raise ValueError("context and continuation must both be non-empty token lists")
-        if len(cont) > max_length:
-            raise ValueError(f"continuation of {len(cont)} tokens exceeds the model's {max_length}")
-        inp = tuple((list(ctx) + list(cont))[-(max_length + 1):][:-1])
-        r = row_of.get(inp)
-        if r is None:
-            r = row_of[inp] = len(rows)
-            rows.append(inp)
-            row_keep.append(len(cont))
-        else:
-            row_keep[r] = max(row_keep[r], len(cont))
-        req_row[i] = r
-        req_targets.append(cont)
-    order = sorted(range(len(rows)), key=lambda r: (-len(rows[r]), rows[r]))
-    # requests of each row
+    rows, where = _rows(requests, max_length, share_context, _window(model), groups)
+    width = [len(p) + sum(len(t) for t in tails) for p, tails, _ in rows]
     by_row: list[list[int]] = [[] for _ in rows]
-    for i, r in enumerate(req_row):
-        by_row[r].append(i)
-    # ---- batches
+    for i, w in enumerate(where):
+        by_row[w[0]].append(i)
+    packable = [r for r in range(len(rows)) if rows[r][2]]
+    capacity = max([256] + [width[r] for r in packable])
+    # input lines: ("packed", [rows]) under a block mask, or ("own", [row]) under the plain causal mask
+    lines = [("packed", b) for b in _bins(rows, packable, capacity)]
+    lines += [("own", [r]) for r in range(len(rows)) if not rows[r][2]]
+    lw = [sum(width[r] for r in rs) for _, rs in lines]
+    order = sorted(range(len(lines)), key=lambda k: (lines[k][0], -lw[k]))  # longest first: an overrun shows at once
     batches: list[list[int]] = []
     cur: list[int] = []
-    for r in order:
-        width = len(rows[cur[0]]) if cur else len(rows[r])
-        if cur and ((batch_size and len(cur) >= batch_size) or (len(cur) + 1) * width > max_batch_tokens):
+    for k in order:
+        w = lw[cur[0]] if cur else lw[k]
+        if cur and ((batch_size and len(cur) >= batch_size) or (len(cur) + 1) * w > max_batch_tokens
+                    or lines[cur[0]][0] != lines[k][0]):
             batches.append(cur)
             cur = []
-        cur.append(r)
+        cur.append(k)
     if cur:
         batches.append(cur)
 
-    ll = torch.zeros(len(requests), dtype=torch.float64)
-    greedy = torch.zeros(len(requests), dtype=torch.bool)
-    use_mask = True
+    n = len(requests)
+    ll = torch.zeros(n, dtype=torch.float64)
+    greedy = torch.zeros(n, dtype=torch.bool)
+    kl = torch.zeros(n, dtype=torch.float64)
+    ntok = torch.tensor([len(c) for _, _, _, c in where], dtype=torch.int64)
+    state = {"use_mask": True}
     bar = None
     if progress:
         from tqdm.auto import tqdm  # noqa: PLC0415
-        bar = tqdm(total=len(requests), desc=desc, unit="req", dynamic_ncols=True)
+        bar = tqdm(total=n, desc=desc, unit="req", dynamic_ncols=True)
     for batch in batches:
-        width = len(rows[batch[0]])
-        ids = np.full((len(batch), width), pad_id, dtype=np.int64)
-        keep = np.zeros((len(batch), width), dtype=bool)
-        for b, r in enumerate(batch):
-            row = rows[r]
-            ids[b, :len(row)] = row
-            keep[b, len(row) - row_keep[r]:len(row)] = True
-        # flat index (in the kept-position order: batch-major, then position) of each position
-        flat = np.cumsum(keep.reshape(-1)).reshape(keep.shape) - 1
-        sel_pos: list[np.ndarray] = []
-        sel_tgt: list[np.ndarray] = []
-        sel_req: list[np.ndarray] = []
+        T = lw[batch[0]]
+        B = len(batch)
+        ids = np.full((B, T), pad_id, dtype=np.int64)
+        keep = np.zeros((B, T), dtype=bool)
+        unit = np.full((B, T), -1, dtype=np.int64)  # which row (question) a position belongs to; -1 padding
+        sub = np.zeros((B, T), dtype=np.int64)  # 0 its prefix, t+1 its tail t
+        pos = np.zeros((B, T), dtype=np.int64)
+        need: list[np.ndarray] = []
         req_ids: list[int] = []
-        for b, r in enumerate(batch):
-            n = len(rows[r])
-            for i in by_row[r]:
-                tgt = np.asarray(req_targets[i], dtype=np.int64)
-                k = len(tgt)
-                sel_pos.append(flat[b, n - k:n])
-                sel_tgt.append(tgt)
-                sel_req.append(np.full(k, len(req_ids), dtype=np.int64))
-                req_ids.append(i)
-        input_ids = torch.from_numpy(ids).to(device)
+        for b, k in enumerate(batch):
+            o = 0
+            for r in lines[k][1]:
+                prefix, tails, _ = rows[r]
+                P = len(prefix)
+                ids[b, o:o + P], unit[b, o:o + P], pos[b, o:o + P] = prefix, r, np.arange(P)
+                s, starts = o + P, []
+                for t, tail in enumerate(tails):
+                    e = s + len(tail)
+                    ids[b, s:e], unit[b, s:e], sub[b, s:e] = tail, r, t + 1
+                    pos[b, s:e] = np.arange(P, P + len(tail))
+                    starts.append(s)
+                    s = e
+                for i in by_row[r]:
+                    _, t, first, cont = where[i]
+                    # input positions first .. first+k-1 predict the continuation; those past the
+                    # prefix live in the request's tail
+                    q = first + np.arange(len(cont))
+                    p = np.where(q < P, o + q, (starts[t] if t >= 0 else 0) + q - P)
+                    keep[b, p] = True
+                    need.append(b * T + p)
+                    req_ids.append(i)
+                o = s
+        flat = np.cumsum(keep.reshape(-1)) - 1  # index of a kept position among the kept ones
+        sel_pos = [flat[x] for x in need]
+        sel_tgt = [np.asarray(where[i][3], dtype=np.int64) for i in req_ids]
+        sel_req = [np.full(len(x), j, dtype=np.int64) for j, x in enumerate(need)]
+        inputs = {"input_ids": torch.from_numpy(ids).to(device)}
+        if lines[batch[0]][0] == "packed":
+            inputs["position_ids"] = torch.from_numpy(pos).to(device)
+            inputs["attention_mask"] = _block_mask(unit, sub, model, device)
         keep_t = torch.from_numpy(keep).to(device)
-        logits = None
-        if use_mask:
-            try:
-                logits = model(input_ids=input_ids, logits_to_keep=keep_t, use_cache=False).logits
-                if logits.ndim != 2:
-                    logits = None
-                    use_mask = False
-            except (TypeError, IndexError) as e:
-                log.debug("logits_to_keep mask unsupported (%s); computing all logits", e)
-                use_mask = False
-        if logits is None:
-            logits = model(input_ids=input_ids, use_cache=False).logits[keep_t]
-        pos = torch.from_numpy(np.concatenate(sel_pos)).to(device)
+        logits = _kept_logits(model, inputs, keep_t, state).float()
+        p = torch.from_numpy(np.concatenate(sel_pos)).to(device)
         tgt = torch.from_numpy(np.concatenate(sel_tgt)).to(device)
-        seg = torch.from_numpy(np.concatenate(sel_req)).to(device)
-        lp_all = torch.log_softmax(logits.float(), dim=-1)
-        del logits
-        lp = lp_all[pos, tgt]
-        miss = (lp_all[pos].argmax(dim=-1) != tgt).to(torch.int64)
-        del lp_all
+        segr = torch.from_numpy(np.concatenate(sel_req)).to(device)
         n_req = len(req_ids)
-        sums = torch.zeros(n_req, dtype=torch.float64, device=device).index_add_(0, seg, lp.double())
-        misses = torch.zeros(n_req, dtype=torch.int64, device=device).index_add_(0, seg, miss)
         idx = torch.as_tensor(req_ids, dtype=torch.long)
+        # log p(target) = logit - logsumexp: no [positions x vocabulary] log-softmax is written
+        lse = torch.logsumexp(logits, dim=-1)
+        lp = logits[p, tgt] - lse[p]
+        miss = (logits.argmax(dim=-1)[p] != tgt).to(torch.int64)
+        if reference is not None:
+            lq = logits.sub_(lse[:, None])
+            lr = torch.log_softmax(_kept_logits(reference, inputs, keep_t, state).float(), dim=-1)
+            pos_kl = (lr.exp() * (lr - lq)).sum(-1)  # KL(reference || model) per kept position
+            del lr, lq
+            kl[idx] = torch.zeros(n_req, dtype=torch.float64, device=device).index_add_(
+                0, segr, pos_kl[p].double()).cpu()
+        del logits
+        sums = torch.zeros(n_req, dtype=torch.float64, device=device).index_add_(0, segr, lp.double())
+        misses = torch.zeros(n_req, dtype=torch.int64, device=device).index_add_(0, segr, miss)
         ll[idx] = sums.cpu()
         greedy[idx] = (misses == 0).cpu()
         if bar is not None:
             bar.update(n_req)
     if bar is not None:
         bar.close()
+    if reference is not None:
+        return [(float(a), bool(g), float(k), int(c))
+                for a, g, k, c in zip(ll.tolist(), greedy.tolist(), kl.tolist(), ntok.tolist())]
     return [(float(a), bool(g)) for a, g in zip(ll.tolist(), greedy.tolist())]
+
+
+def _block_mask(unit: np.ndarray, sub: np.ndarray, model, device) -> torch.Tensor:
+    """Additive 4D mask [B, 1, T, T]: a position sees the earlier positions of its own question's
+    prefix and of its own tail; padding sees itself only (so no row is all -inf)."""
+    u, s = torch.from_numpy(unit), torch.from_numpy(sub)
+    T = u.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    allowed = causal & (u[:, :, None] == u[:, None, :]) & (u[:, :, None] >= 0)
+    allowed &= (s[:, None, :] == 0) | (s[:, None, :] == s[:, :, None])
+    allowed |= torch.eye(T, dtype=torch.bool)
+    dtype = next(model.parameters()).dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None].to(device)
+
+
+def _kept_logits(model, inputs: dict, keep: torch.Tensor, state: dict) -> torch.Tensor:
+    """Logits at the kept positions, in (row, position) order. Only those positions go through the
+    LM head where the model takes a ``logits_to_keep`` mask."""
+    logits = None
+    if state["use_mask"]:
+        try:
+            logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+            if logits.ndim != 2:
+                logits = None
+                state["use_mask"] = False
+        except (TypeError, IndexError) as e:
+            log.debug("logits_to_keep mask unsupported (%s); computing all logits", e)
+            state["use_mask"] = False
+    if logits is None:
+        logits = model(**inputs, use_cache=False).logits[keep]
+    return logits
