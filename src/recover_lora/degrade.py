@@ -9,7 +9,9 @@ Ops (each a typed dataclass):
   optional per-tensor scale);
 - :class:`BitflipOp` flip exactly N distinct random bits (or ``rate`` x eligible bits) of the
   stored values, optionally only sign / exponent / mantissa bits;
-- :class:`PruneOp`  magnitude pruning to a sparsity per tensor, or an N:M pattern (e.g. 2:4).
+- :class:`PruneOp`  magnitude pruning to a sparsity per tensor, or an N:M pattern (e.g. 2:4);
+- :class:`GgufOp`   llama.cpp's own block quantization (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and back, by
+  gguf-py's port of ggml's reference quantizers: what ``llama-quantize`` writes without an imatrix.
 
 Ops touch only the ``weight`` of the chosen modules (never biases or norms). Randomness comes from
 CPU ``torch.Generator`` objects seeded from a stable hash of (seed, op index, module name), so the
@@ -22,6 +24,7 @@ Compact spec strings (CLI ``--damage``), several joined with ``;`` or given as r
     dtype:fp8,scale=tensor                   (fp16 | bf16 | fp8 | fp8_e5m2)
     bitflip:n=10,bits=exponent               (or rate=1e-6; bits=all|sign|exponent|mantissa)
     prune:sparsity=0.5    prune:nm=2:4
+    gguf:Q4_0                                (Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0)
     ...,modules=q_proj+v_proj,layers=0-5,10  (per-op targets; ``re:REGEX`` for a regex)
 """
 
@@ -304,7 +307,25 @@ class PruneOp(DamageOp):
                 raise RecoverLoraError(f"prune nm must be N:M with 0 <= N <= M, got {self.nm}")
 
 
-OP_TYPES: dict[str, type[DamageOp]] = {c.kind: c for c in (NoiseOp, RtnOp, DtypeOp, BitflipOp, PruneOp)}
+# llama.cpp block formats gguf-py can write (its numpy port of ggml's reference quantizers, what
+# `llama-quantize` does without an importance matrix); the K-quants need llama.cpp itself.
+GGUF_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+
+@dataclass
+class GgufOp(DamageOp):
+    kind: ClassVar[str] = "gguf"
+    type: str = "Q4_0"
+
+    def validate(self) -> None:
+        t = str(self.type).upper()
+        if t not in GGUF_TYPES:
+            raise RecoverLoraError(f"gguf type must be one of {', '.join(GGUF_TYPES)}, got {self.type!r} "
+                                   "(K-quants: requantize with llama.cpp's llama-quantize and load the .gguf)")
+        self.type = t
+
+
+OP_TYPES: dict[str, type[DamageOp]] = {c.kind: c for c in (NoiseOp, RtnOp, DtypeOp, BitflipOp, PruneOp, GgufOp)}
 
 
 def op_from_dict(d: dict[str, Any]) -> DamageOp:
@@ -355,6 +376,7 @@ _KEY_ALIASES = {
     "dtype": {"format": "format", "fmt": "format", "to": "format", "scale": "per_tensor_scale"},
     "bitflip": {"n": "n", "rate": "rate", "bits": "bits", "field": "bits"},
     "prune": {"sparsity": "sparsity", "s": "sparsity", "nm": "nm"},
+    "gguf": {"type": "type", "q": "type", "format": "type"},
 }
 
 
@@ -393,6 +415,8 @@ def parse_op(spec: str) -> DamageOp:
             low = tok.lower()
             if kind == "dtype" and low in DTYPE_FORMATS and "format" not in kw:
                 kw["format"] = low
+            elif kind == "gguf" and "type" not in kw and last_list_key is None:
+                kw["type"] = tok.upper()
             elif kind == "rtn" and low in ("sym", "asym", "symmetric", "asymmetric"):
                 kw["symmetric"] = low.startswith("sym")
             elif kind == "dtype" and last_list_key is None and "format" not in kw:
@@ -431,6 +455,8 @@ def parse_op(spec: str) -> DamageOp:
             if value.lower() not in DTYPE_FORMATS:
                 raise RecoverLoraError(f"unknown dtype format in damage token {tok!r}; use fp16, bf16, fp8, fp8_e5m2")
             kw[name] = value.lower()
+        elif name == "type":
+            kw[name] = value.upper()
         elif name == "bits":  # bitflip field
             value = {"exp": "exponent", "man": "mantissa", "mant": "mantissa"}.get(value.lower(), value.lower())
             if value not in BIT_FIELDS:
@@ -535,6 +561,23 @@ def _apply_rtn(w: torch.Tensor, op: RtnOp) -> None:
     if main < cols:  # a short last group
         out[:, main:] = _rtn_groups(x[:, main:], op.bits, op.symmetric)
     w.copy_(out.reshape(w.shape).to(w.dtype))
+
+
+def _apply_gguf(w: torch.Tensor, op: GgufOp, name: str) -> None:
+    """Quantize to a llama.cpp block format and back, row by row along the input dimension (the
+    layout GGUF stores a linear weight in)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+    from gguf.constants import GGML_QUANT_SIZES
+
+    qtype = GGMLQuantizationType[op.type]
+    block = GGML_QUANT_SIZES[qtype][0]
+    if w.dim() != 2 or w.shape[1] % block:
+        raise RecoverLoraError(f"gguf:{op.type} quantizes blocks of {block} inputs; {name} has shape "
+                               f"{tuple(w.shape)} (llama.cpp would fall back to another type for it)")
+    x = w.detach().float().cpu().numpy().astype(np.float32)
+    out = quants.dequantize(quants.quantize(x, qtype), qtype).reshape(x.shape)
+    w.copy_(torch.from_numpy(np.ascontiguousarray(out)).to(device=w.device, dtype=w.dtype))
 
 
 def _apply_dtype(w: torch.Tensor, op: DtypeOp) -> None:
@@ -788,6 +831,8 @@ def degrade(model: nn.Module, cfg: DegradeConfig) -> DamageRecord:
                 extra["flips"] = int(positions.numel())
             elif isinstance(op, PruneOp):
                 _apply_prune(w, op)
+            elif isinstance(op, GgufOp):
+                _apply_gguf(w, op, name)
                 extra["sparsity"] = (w == 0).sum().item() / max(1, w.numel())
             m = _measure(before, w, orig_norm if before is orig else None)
             op_entries[i][name] = {"rel_l2": m["rel_l2"], "max_abs": m["max_abs"], "numel": m["numel"], **extra,
