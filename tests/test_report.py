@@ -84,3 +84,33 @@ def test_report_errors():
         compute_report(REF, {"c": REF["a"]}, REC)
     with pytest.raises(RecoverLoraError, match="different numbers of items"):
         compute_report(REF, {**DEG, "a": _res([1, 0])}, REC)
+
+
+def test_resolved_average_leaves_out_tasks_whose_gap_is_noise():
+    """Only tasks whose reference - degraded CI excludes zero enter the resolved average."""
+    def res(a, b):
+        return {"big": {"acc": a / 400, "n": 400, "items": {"acc": [1] * a + [0] * (400 - a)}},
+                "tiny": {"acc": b / 400, "n": 400, "items": {"acc": [1] * b + [0] * (400 - b)}}}
+
+    rep = compute_report(res(300, 200), res(200, 199), res(290, 230))
+    assert rep["tasks"]["big"]["resolved"] and not rep["tasks"]["tiny"]["resolved"]
+    assert rep["unresolved"] == ["tiny"] and rep["resolved_average"]["tasks"] == ["big"]
+    assert rep["resolved_average"]["gap_closed"] == pytest.approx(0.9)  # (290-200)/(300-200), "tiny" not in it
+    lo, hi = rep["resolved_average"]["ci"]["gap_closed"]
+    assert lo < 0.9 < hi
+
+
+def test_agreement_and_answer_kl_by_hand():
+    from recover_lora.report import compute_measures
+
+    ref = {"arc_easy": {"acc": 0.5, "acc_norm": 0.5, "n": 4, "items": {"pred": [0, 1, 2, 3], "pred_norm": [0, 1, 2, 3]}},
+           "boolq": {"acc": 0.5, "n": 2, "items": {"pred": [0, 1], "pred_norm": [0, 0]}}}
+    mod = {"arc_easy": {"acc": 0.5, "acc_norm": 0.5, "n": 4,
+                        "items": {"pred": [0, 0, 0, 0], "pred_norm": "0123", "answer_kl": [0.1, 0.2, 0.3, 0.4]}},
+           "boolq": {"acc": 0.5, "n": 2, "items": {"pred": [0, 0], "pred_norm": [1, 1], "answer_kl": [1.0, 0.0]}}}
+    m = compute_measures(ref, mod)
+    assert m["tasks"]["arc_easy"]["agreement"] == 1.0  # acc_norm task: pred_norm agrees everywhere
+    assert m["tasks"]["boolq"]["agreement"] == 0.5  # acc task: pred
+    assert m["tasks"]["arc_easy"]["answer_kl"] == pytest.approx(0.25) and m["tasks"]["boolq"]["answer_kl"] == 0.5
+    assert m["average"]["agreement"] == 0.75 and m["average"]["answer_kl"] == pytest.approx(0.375)
+    assert m["average"]["agreement_ci"][0] <= 0.75 <= m["average"]["agreement_ci"][1]

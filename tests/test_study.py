@@ -123,9 +123,9 @@ def test_miniature_study_runs_resumes_and_reports(study_yaml, monkeypatch, capsy
     res = (t / "RESULTS.md").read_text()
     assert "## Goals" in res and "| tiny | noise-all | svd-only |" in res and "| tiny | noise-all | kv@16 |" in res
     assert any(w in res for w in ("**PASS**", "**FAIL**"))
-    assert "| accuracy (%) | arc_easy | avg |" in res and "| reference |" in res and "| svd-only |" in res
-    assert "| kv@16 |" in res and "## Commands" in res
-    assert (t / "results" / "tiny-gap-closed.png").stat().st_size > 0
+    assert "| accuracy (%) | " in res and "arc_easy" in res and "| reference |" in res and "| svd-only |" in res
+    assert "| kv@16 |" in res and "## Commands" in res and "| degraded | " in res and "answer-token KL" in res
+    assert (t / "results" / "tiny-heldout-kl.png").stat().st_size > 0
 
     # the device round trip: pack the small files, unpack them into a fresh folder, same RESULTS.md
     assert main(["study", "--config", str(study_yaml), "--results-only", "--pack", str(t / "p.tar.gz")]) == 0
@@ -176,20 +176,29 @@ def test_slim_items_are_compact_and_report_the_same():
 def test_check_goals_pass_fail_and_missing():
     from recover_lora.report import compute_report
 
-    def res(ones, n=40):
+    def res(ones, n=200):
         return {"arc_easy": {"acc": ones / n, "n": n, "items": {"acc": [1] * ones + [0] * (n - ones)}}}
 
-    ref, deg = res(40), res(20)
-    runs = {m: ({}, compute_report(ref, deg, res(k))) for m, k in
-            [("auto+svd", 39), ("kv", 30), ("attn-mlp", 36), ("full-kd", 25), ("svd-only", 5)]}
+    ref, deg = res(160), res(100)  # a resolved gap of 30 points
+    def run(k, kl, akl):
+        return {"done": {"heldout": {"before": {"kl": 1.0}, "after": {"kl": kl}}}, "acc_tier": True,
+                "report": compute_report(ref, deg, res(k)), "measures": {"average": {"answer_kl": akl}}}
+
+    runs = {"auto+svd": run(158, 0.05, 0.02), "kv": run(130, 0.4, 0.1), "attn-mlp": run(150, 0.2, 0.05),
+            "full-kd": run(120, 0.3, 0.08), "svd-only": run(60, 0.6, 0.3)}
     goals = {"method": "auto+svd", "presets": ["kv", "attn-mlp"], "baselines": ["full-kd", "svd-only"],
              "min_gap_closed": 0.9}
     g = study.check_goals(runs, goals)
-    assert g["gap"][0] == g["presets"][0] == g["baselines"][0] == "PASS"
+    assert g["kl"] == ("PASS", "95%") and g["gap"][0] == g["presets"][0] == g["baselines"][0] == "PASS"
+    assert "arc_easy" in g["gap"][1]
     assert g["no_worse"][0] == "FAIL" and "svd-only: arc_easy" in g["no_worse"][1]
-    assert study.check_goals(runs, {**goals, "min_gap_closed": 0.97})["gap"][0] == "FAIL"
+    assert study.check_goals(runs, {**goals, "min_gap_closed": 0.97})["kl"][0] == "FAIL"
+    runs["full-kd"]["measures"]["average"]["answer_kl"] = 0.01  # full-kd closer on the benchmarks' answers
+    assert study.check_goals(runs, goals)["baselines"][0] == "FAIL"
     del runs["full-kd"]
     assert study.check_goals(runs, goals)["baselines"] == ("n/a", "missing full-kd")
+    runs["auto+svd"]["report"] = compute_report(ref, ref, res(160))  # no gap: nothing resolved
+    assert study.check_goals(runs, goals)["gap"][0] == "n/a"
 
 
 def test_auto_runs_share_one_diagnosis(study_yaml, monkeypatch):
@@ -345,3 +354,37 @@ def test_stop_after_starts_nothing_late_and_an_interrupt_still_packs(study_yaml,
     assert main(["study", "--config", str(study_yaml), "--pack", str(t / "b.tar.gz")]) == 130
     n = study.unpack_results(t / "b.tar.gz", t / "unpacked")
     assert n > 0 and (t / "unpacked/tiny/noise-all/kv/done.json").exists()
+
+
+def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml):
+    """A plan picks runs per model; every run gets agreement and answer-token KL on the measures'
+    items, headline methods accuracy on more items; small files land in the mirror as runs finish."""
+    d = yaml.safe_load(study_yaml.read_text())
+    d["damages"]["noise-kv"] = ["noise:rel=0.5,modules=kv"]
+    d["eval"].update(limit=12, answer_kl=True)
+    d.update(accuracy={"limit": 24, "methods": ["kv"]}, mirror="mirror", sweep=None,
+             plan={"tiny": [{"damages": ["noise-kv"], "methods": ["svd-only"]},
+                            {"damages": ["noise-all", "noise-kv"], "methods": ["kv"]}]},
+             goals={"method": "kv", "presets": [], "baselines": ["svd-only"], "min_gap_closed": 0.9})
+    study_yaml.write_text(yaml.safe_dump(d))
+    cfg = study.StudyConfig.from_yaml(study_yaml)
+    assert [r.name for r in study.plan(cfg)] == ["tiny/noise-kv/svd-only", "tiny/noise-kv/kv", "tiny/noise-all/kv"]
+    assert main(["study", "--config", str(study_yaml)]) == 0
+    t = study_yaml.parent
+    base = t / "study/tiny"
+    deg = json.loads((base / "noise-kv/eval/degraded.json").read_text())["results"]["arc_easy"]
+    assert len(deg["items"]["answer_kl"]) == 12 and deg["answer_kl"] > 0 and len(deg["items"]["pred"]) == 12
+    ref = json.loads((base / "eval/reference.json").read_text())["results"]["arc_easy"]
+    assert "answer_kl" not in ref and json.loads((base / "eval/reference-accuracy.json").read_text())["results"][
+        "arc_easy"]["n"] == 24
+    assert (base / "noise-kv/kv/eval/recovered-accuracy.json").exists()
+    assert not (base / "noise-kv/svd-only/eval/recovered-accuracy.json").exists()
+    done = json.loads((base / "noise-kv/kv/done.json").read_text())
+    assert done["accuracy_items"] == "accuracy" and 0 <= done["agreement"] <= 1 and done["answer_kl"] >= 0
+    assert json.loads((base / "noise-kv/svd-only/done.json").read_text())["accuracy_items"] == "measures"
+    mirror = t / "mirror/tiny"
+    assert (mirror / "noise-kv/kv/done.json").read_bytes() == (base / "noise-kv/kv/done.json").read_bytes()
+    assert (mirror / "noise-all/eval/degraded.json").exists() and not list(mirror.rglob("*.safetensors"))
+    res = (t / "RESULTS.md").read_text()
+    assert "Accuracy (%), items: arc_easy 24" in res and "| tiny | noise-kv | kv |" in res
+    assert "| tiny | noise-all | kv |" in res and "svd-only" in res.split("## tiny")[1]
