@@ -234,11 +234,9 @@ def plan(cfg: StudyConfig, only: list[str] | None = None) -> list[Run]:
             for d in sel.get("damages") or cfg.damages:
                 for k in sel.get("methods") or cfg.all_methods():
                     runs.setdefault(f"{m}/{d}/{k}", Run(m, d, k, run_dir(cfg, m, d, k)))
-    # grouped by model, then damage (one degraded model made at a time), in the plan's order
-    order = {d: i for i, d in enumerate(dict.fromkeys(r.damage for r in runs.values()))}
-    models = list(cfg.models)
-    out = sorted(runs.values(), key=lambda r: (models.index(r.model), order[r.damage]))
-    return [r for r in out if _selected(r, only)]
+    # model by model, block by block, damage by damage (one degraded model made at a time): a
+    # plan's first block lands complete before its later ones (a sweep) start
+    return [r for r in runs.values() if _selected(r, only)]
 
 
 def describe_plan(cfg: StudyConfig, runs: list[Run]) -> str:
