@@ -114,3 +114,25 @@ def test_agreement_and_answer_kl_by_hand():
     assert m["tasks"]["arc_easy"]["answer_kl"] == pytest.approx(0.25) and m["tasks"]["boolq"]["answer_kl"] == 0.5
     assert m["average"]["agreement"] == 0.75 and m["average"]["answer_kl"] == pytest.approx(0.375)
     assert m["average"]["agreement_ci"][0] <= 0.75 <= m["average"]["agreement_ci"][1]
+
+
+def test_measures_markdown_shows_accuracy_only_where_resolved():
+    from recover_lora.report import compute_measures, measures_markdown
+
+    def res(a, b, kl=None):
+        r = {"big": {"acc": a / 400, "n": 400, "items": {"acc": [1] * a + [0] * (400 - a),
+                                                         "pred": [0] * a + [1] * (400 - a)}},
+             "tiny": {"acc": b / 400, "n": 400, "items": {"acc": [1] * b + [0] * (400 - b),
+                                                          "pred": [0] * b + [1] * (400 - b)}}}
+        if kl is not None:
+            for t in r.values():
+                t["items"]["answer_kl"] = [kl] * 400
+        return r
+
+    ref, deg, rec = res(300, 200), res(200, 199, 0.4), res(290, 230, 0.1)
+    rep = compute_report(ref, deg, rec)
+    md = measures_markdown({"degraded": compute_measures(ref, deg), "recovered": compute_measures(ref, rec)}, rep)
+    assert "| picks the reference's choice | 87.4%" in md  # (300 + 399) / 800
+    assert "| answer-token KL to the reference (nats) | 0.400" in md and "| 0.100" in md
+    assert "| big | 400 | 75.0 | 50.0 | 72.5 | 90.0%" in md
+    assert "does not resolve the damage on tiny" in md and "| tiny |" not in md

@@ -73,7 +73,10 @@ def _recover_config(a: argparse.Namespace):
 
     cfg = RecoverConfig.from_yaml(a.config) if a.config else RecoverConfig()
     _override(cfg, reference=a.reference, degraded=a.degraded, out_dir=a.out, data=a.data,
-              heldout_sequences=a.heldout, merge=a.merge, eval_data=a.eval_data, eval_limit=a.eval_limit)
+              heldout_sequences=a.heldout, merge=a.merge, eval_data=a.eval_data, eval_limit=a.eval_limit,
+              time_budget=getattr(a, "time_budget", None))
+    # what a time budget must not resize: the shapes given on the command line
+    cfg._explicit = {k for k, v in (("batch_size", a.batch_size), ("seq_len", a.seq_len)) if v is not None}
     if a.eval:
         cfg.eval_tasks = [t for t in a.eval.split(",") if t]
     _apply_load(cfg.load, a)
@@ -152,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="output folder (default runs/recover)")
     r.add_argument("--config", default=None, help="YAML with RecoverConfig fields; flags override it")
     r.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    r.add_argument("--time-budget", default=None, metavar="DURATION",
+                   help="on a CPU: size the steps (and batch and length, unless given) so the run fits, e.g. 15m, "
+                        "1h, 900 (without it a CPU run prints its estimated cost before starting)")
     r.add_argument("--data", default=None, help="existing synthetic data folder (default: generate into OUT/synth)")
     r.add_argument("--heldout", type=int, default=None, help="held-out synthetic sequences for KL/top-1")
     r.add_argument("--merge", action="store_true", default=None, help="also write OUT/merged")
@@ -221,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="output folder (default runs/demo)")
     d.add_argument("--model", default=None, help="embedded model (default smollm2)")
     d.add_argument("--eval-data", default=None, help="benchmark folder: adds ARC-Easy and PIQA accuracy")
-    d.add_argument("--eval-limit", type=int, default=None, help="items per task (default 50 on CPU, all on GPU)")
+    d.add_argument("--eval-limit", type=int, default=None, help="items per task (default 100 on CPU, all on GPU)")
     d.add_argument("--steps", type=int, default=None)
     d.add_argument("--device", default=None)
     d.set_defaults(func=cmd_demo)

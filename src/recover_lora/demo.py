@@ -29,7 +29,7 @@ class DemoConfig:
     device: str = "auto"
     steps: int | None = None  # None: 50 on CPU, 600 on GPU
     eval_data: str | None = None
-    eval_limit: int | None = None  # None: 50 items per task on CPU, all on GPU
+    eval_limit: int | None = None  # None: 100 items per task on CPU, all on GPU
     eval_tasks: tuple[str, ...] = ("arc_easy", "piqa")
 
 
@@ -50,7 +50,7 @@ def demo_recover_config(cfg: DemoConfig, on_gpu: bool) -> RecoverConfig:
                          adapter=AdapterConfig(modules="all-linear", rank=16, alpha=32),
                          distill=distill, load=LoadConfig(dtype="auto", device=cfg.device),
                          eval_tasks=list(cfg.eval_tasks) if cfg.eval_data else None, eval_data=cfg.eval_data,
-                         eval_limit=cfg.eval_limit if cfg.eval_limit is not None else (None if on_gpu else 50))
+                         eval_limit=cfg.eval_limit if cfg.eval_limit is not None else (None if on_gpu else 100))
 
 
 def run_demo(cfg: DemoConfig | None = None) -> dict:

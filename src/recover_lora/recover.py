@@ -10,6 +10,7 @@ the synthetic data that is there and resumes training from the last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import types
 import typing
@@ -57,6 +58,8 @@ class RecoverConfig:
     method: str = "recover-lora"  # recover-lora | full-kd (all weights, LLM-QAT*) | sft-lora (labeled train splits)
     full_kd: FullKDConfig = field(default_factory=FullKDConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    # seconds (or "15m"): size steps (and on a CPU batch and length) so the run fits; see budget.py
+    time_budget: float | str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RecoverConfig":
@@ -136,6 +139,10 @@ def validate_config(cfg: RecoverConfig) -> None:
         raise RecoverLoraError(f"heldout_sequences must be >= 1, got {cfg.heldout_sequences}")
     if cfg.placement_budget is not None and cfg.placement_budget < 1:
         raise RecoverLoraError(f"placement_budget must be >= 1, got {cfg.placement_budget}")
+    if cfg.time_budget is not None:
+        from .budget import parse_duration
+
+        cfg.time_budget = parse_duration(cfg.time_budget)
     if cfg.data and not (Path(cfg.data) / "manifest.json").exists():
         raise RecoverLoraError(f"--data {cfg.data} is not a synthetic data folder (no manifest.json)")
     synth = train_synth_config(cfg)
@@ -259,6 +266,7 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
     if bad := nonfinite_weights(reference):
         raise RecoverLoraError(f"the reference {cfg.reference} holds NaN/Inf weights "
                                f"({dict(list(bad.items())[:3])}): it cannot teach")
+    sized = plan_cost(cfg, reference, device, out, rank == 0)
     identity = run_identity(config_identity(cfg), reference, degraded, cfg.data)
     check_identity(out, identity, lambda old: config_identity(RecoverConfig.from_dict(old)))  # before any write
     if rank == 0:
@@ -379,6 +387,8 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
         "adapter": str(saved) if cfg.method != "full-kd" else None,
         "model": str(saved) if cfg.method == "full-kd" else None, "config": cfg.to_dict(),
     }
+    if sized:
+        report["cost_estimate"] = sized
     if gguf_lora:
         report["gguf_lora"] = str(gguf_lora)
     if sft:
@@ -394,6 +404,40 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
     if world > 1:
         barrier()
     return report
+
+
+def plan_cost(cfg: RecoverConfig, reference: PreTrainedModel, device: torch.device, out: Path,
+              speak: bool = True) -> dict | None:
+    """On a CPU: size the run to ``cfg.time_budget`` (kept in ``out/budget.json``, so that a resumed
+    run keeps the sizes it started with), or print what the run will cost before any work. A GPU
+    keeps the configured, paper-sized run. Returns the sizing and estimate recorded in the report."""
+    from . import budget
+
+    if device.type != "cpu":
+        if cfg.time_budget is not None:
+            raise RecoverLoraError("--time-budget sizes CPU runs (its rates are a CPU's); on a GPU set --steps")
+        return None
+    path = out / "budget.json"
+    if cfg.time_budget is not None:
+        old = json.loads(path.read_text()) if path.exists() else None
+        if old and old.get("budget_s") == cfg.time_budget:
+            cfg.distill.steps, cfg.distill.batch_size = old["steps"], old["batch_size"]
+            cfg.synth.seq_len, cfg.distill.warmup_steps = old["seq_len"], old["warmup_steps"]
+            cfg.synth.num_sequences = 0
+            sized = old
+        else:
+            sized = budget.size_to_budget(cfg, reference, cfg.time_budget, getattr(cfg, "_explicit", set()))
+            if speak:
+                atomic_write_json(path, sized)
+        if speak:
+            print(f"recover: a {budget._hms(cfg.time_budget)} budget on this CPU: {sized['steps']} steps of "
+                  f"{sized['batch_size']} x {sized['seq_len']} tokens, about {budget._hms(sized['estimate']['total_s'])} "
+                  "(estimate; budget.json)", flush=True)
+        return sized
+    est = budget.estimate(cfg, reference)
+    if speak:
+        print(f"recover on a CPU: {budget.describe(cfg, est)}", flush=True)
+    return {"estimate": est.to_dict()}
 
 
 def _abs_spec(spec: str | None) -> str | None:
@@ -422,11 +466,17 @@ def evaluate_triplet(cfg: RecoverConfig, reference: PreTrainedModel, student, to
     from .evaluate import EvalConfig, evaluate
     from .report import build_report
 
+    from .report import compute_measures, measures_markdown
+
     ecfg = EvalConfig(tasks=cfg.eval_tasks, data_dir=cfg.eval_data, limit=cfg.eval_limit)
     results = {"reference": evaluate(reference, tokenizer, ecfg, progress=progress)}
     with degraded_view(student, snapshot):  # adapters off, or full-kd's pre-training weights
-        results["degraded"] = evaluate(student, tokenizer, ecfg, progress=progress)
-    results["recovered"] = evaluate(student, tokenizer, ecfg, progress=progress)
+        results["degraded"] = evaluate(student, tokenizer, ecfg, progress=progress, reference=reference)
+    results["recovered"] = evaluate(student, tokenizer, ecfg, progress=progress, reference=reference)
     for name, res in results.items():
         atomic_write_json(out / "eval" / f"{name}.json", res)
-    return build_report(results["reference"], results["degraded"], results["recovered"], out / "eval")
+    rep = build_report(results["reference"], results["degraded"], results["recovered"], out / "eval")
+    measures = {k: compute_measures(results["reference"], results[k]) for k in ("degraded", "recovered")}
+    md = measures_markdown(measures, rep)
+    atomic_write_json(out / "eval" / "measures.json", measures)
+    return {**rep, "measures": measures, "markdown": md}

@@ -285,3 +285,42 @@ def build_report(reference_results, degraded_results, recovered_results, out_dir
     rep = {**rep, "markdown": md, "files": files}
     atomic_write_json(out / "report.json", rep)
     return rep
+
+
+def measures_markdown(measures: dict, rep: dict | None = None) -> str:
+    """The table a small evaluation can resolve: agreement with the reference's choices and the
+    answer-token KL, degraded vs recovered (95% bootstrap CIs); then accuracy, but only for the
+    tasks whose reference - degraded gap the items resolve (the others named, with their CI)."""
+    deg, rec = measures["degraded"], measures["recovered"]
+    tasks = deg["task_order"]
+    n = ", ".join(f"{t} {deg['tasks'][t]['n']}" for t in tasks)
+    L = [f"Against the reference, on {n} items:", "",
+         "| measure | degraded | recovered |", "|---|---:|---:|"]
+    for key, name, pct in (("agreement", "picks the reference's choice", True),
+                           ("answer_kl", "answer-token KL to the reference (nats)", False)):
+        def f(m, key=key, pct=pct):
+            v, ci = m["average"][key], m["average"][f"{key}_ci"]
+            if v is None:
+                return "n/a"
+            return (f"{100 * v:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if pct else
+                    f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]") if ci else (f"{100 * v:.1f}%" if pct else f"{v:.3f}")
+        L.append(f"| {name} | {f(deg)} | {f(rec)} |")
+    if rep is None:
+        return "\n".join(L) + "\n"
+    resolved = [t for t in rep["task_order"] if rep["tasks"][t].get("resolved")]
+    L.append("")
+    if resolved:
+        L += ["Accuracy (%) where the items resolve the damage (CI of reference - degraded excludes 0):", "",
+              "| task | n | reference | degraded | recovered | gap closed |", "|---|---:|---:|---:|---:|---:|"]
+        for t in resolved:
+            r = rep["tasks"][t]
+            ci = (r.get("ci") or {}).get("gap_closed")
+            L.append(f"| {t} | {r['n']} | {r['reference']:.1f} | {r['degraded']:.1f} | {r['recovered']:.1f} | "
+                     f"{_fmt(r['gap_closed'], ci, pct=True)} |")
+    others = [t for t in rep["task_order"] if t not in resolved]
+    if others:
+        L += ["" if resolved else "", "Accuracy does not resolve the damage on " + ", ".join(
+            f"{t} (reference - degraded {_fmt(rep['tasks'][t]['drop'], (rep['tasks'][t].get('ci') or {}).get('drop'))} "
+            f"points on {rep['tasks'][t]['n']} items)" for t in others)
+            + ": not shown; more items (--eval-limit) would measure it."]
+    return "\n".join(L) + "\n"

@@ -27,7 +27,7 @@ from .utils import RecoverLoraError, atomic_write_json, log, read_json
 RUN_FILE = "run.json"
 # Everything recover() and the study write into a run folder (hidden temp files aside).
 RUN_ENTRIES = {RUN_FILE, "config.json", "report.json", "checkpoint.pt", "synth", "heldout", "diagnosis",
-               "adapter", "adapter.gguf", "model", "merged", "eval", "loss.png", "timing.json", "done.json",
+               "adapter", "adapter.gguf", "model", "merged", "eval", "loss.png", "budget.json", "timing.json", "done.json",
                "metrics.jsonl"}
 
 
