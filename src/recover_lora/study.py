@@ -257,13 +257,16 @@ def describe_plan(cfg: StudyConfig, runs: list[Run]) -> str:
 
 @contextlib.contextmanager
 def timed(path: Path, key: str):
-    """Add the wall seconds of the block to ``path[key]`` (also when it is interrupted)."""
-    t0 = time.perf_counter()
+    """Add the wall seconds of the block to ``path[key]``, and this process's CPU seconds (all its
+    threads) to ``path[key + "_cpu"]``, also when it is interrupted. On a CPU the CPU seconds are the
+    cost: they do not count time the process waited (paused, or sharing the machine)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         yield
     finally:
         d = read_json(path) if path.exists() else {}
         d[key] = round(d.get(key, 0.0) + time.perf_counter() - t0, 3)
+        d[f"{key}_cpu"] = round(d.get(f"{key}_cpu", 0.0) + time.process_time() - c0, 3)
         atomic_write_json(path, d)
 
 
@@ -416,6 +419,8 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
             "train_tokens": rep["train_tokens"], "steps": rep["steps"],
             "synthetic_sequences": rep["synthetic_sequences"], "shared_pool": pool is not None,
             "gpu_minutes": round(secs.get("recover", 0.0) / 60, 3), "eval_minutes": round(secs.get("eval", 0.0) / 60, 3),
+            "cpu_minutes": {"recover": round(secs.get("recover_cpu", 0.0) / 60, 3),
+                            "eval": round(secs.get("eval_cpu", 0.0) / 60, 3)},
             "concurrent_runs": jobs,
             "device_name": rep.get("device_name"), "heldout": rep["heldout"],
             "gap_closed": summary["average"]["gap_closed"], "recovered_points": summary["average"]["recovered_points"],
@@ -701,6 +706,15 @@ def _gpu_min(done: dict) -> str:
     return f"{done['gpu_minutes']:.1f}" + (f" ({n} sharing)" if n > 1 else "")
 
 
+def _minutes(done: dict) -> str:
+    """train + eval minutes of a run: CPU minutes (all threads) on a CPU, wall minutes on a GPU."""
+    cpu = done.get("cpu_minutes")
+    if cpu and done.get("device_name") == "cpu":
+        n = done.get("concurrent_runs", 1)
+        return f"{cpu['recover']:.1f} + {cpu['eval']:.1f} CPU" + (f" ({n} sharing)" if n > 1 else "")
+    return f"{_gpu_min(done)} + {done.get('eval_minutes', 0):.1f}"
+
+
 def _num(n) -> str:
     if n is None:
         return "n/a"
@@ -878,7 +892,8 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
          "task for the reference, the degraded model and the headline methods: a task's gap is *resolved* when the "
          "95% paired-bootstrap CI of reference - degraded excludes zero; *gap closed* = (repaired - degraded) / "
          "(reference - degraded) of the mean over the resolved tasks only (the others are named, not averaged in). "
-         "*min*: wall minutes of `recover` (data of its own, training, saving) and of its evaluations; "
+         "*minutes*: of `recover` (data of its own, training, saving) and of the run's evaluations; on a CPU "
+         "the process's CPU minutes (all threads; time spent waiting does not count), on a GPU wall minutes; "
          "*synthetic tokens*: tokens distilled on.", ""]
     names = goal_methods(goals)
     L += ["## Goals", "",
@@ -917,7 +932,7 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
             ops = ((cfg.get("damage_overrides") or {}).get(model) or {}).get(damage, cfg["damages"][damage])
             L += [f"### {damage}: `{'; '.join(map(str, ops))}`", "",
                   "| method | held-out KL: before -> after (removed) | held-out top-1 | agreement with the reference | "
-                  "answer-token KL | trainable params | synthetic tokens | min (train + eval) |",
+                  "answer-token KL | trainable params | synthetic tokens | minutes (train + eval) |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
             dm = v["deg_measures"]["average"]
             first = next(iter(v["runs"].values()), None)
@@ -933,7 +948,7 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
                 L.append(f"| {m} | {h['before']['kl']:.3f} -> {h['after']['kl']:.3f} ({_pct(kl_closed(done))}) | "
                          f"{_m(h['after'].get('top1'), pct=True)} | {_m(ms['agreement'], ms['agreement_ci'], pct=True)} | "
                          f"{_m(ms['answer_kl'], ms['answer_kl_ci'])} | {_num(done['trainable_parameters'])} | {tokens} | "
-                         f"{_gpu_min(done)} + {done.get('eval_minutes', 0):.1f} |")
+                         f"{_minutes(done)} |")
             L.append("")
             acc_runs = {m: r for m, r in v["runs"].items() if r["acc_tier"]}
             shown = acc_runs or v["runs"]
