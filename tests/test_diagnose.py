@@ -137,3 +137,54 @@ def test_cli_writes_table_json_png(ref, tok, tmp_path):
     md = (out / "diagnosis.md").read_text()
     assert "| 2 |" in md and "Recommended placement" in md
     assert (out / "diagnosis.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
+def test_restorations_start_at_the_restored_layer_and_equal_the_full_forward(kind):
+    """diagnose runs a restoration of layer i from the degraded model's input to layer i (the layers
+    before it are unchanged): the same KL as the full forward, on each architecture (Gemma's and
+    Qwen's per-layer attention types follow the cut)."""
+    import copy
+
+    from recover_lora.degrade import DegradeConfig, degrade, parse_op
+    from recover_lora.diagnose import _KL, _restored
+    from tiny import tiny_model
+
+    ref = tiny_model(kind, num_hidden_layers=4, initializer_range=0.2,
+                     **({"layer_types": ["sliding_attention", "full_attention"] * 2} if kind == "gemma3" else {}))
+    deg = copy.deepcopy(ref)
+    degrade(deg, DegradeConfig(ops=[parse_op("noise:rel=0.3")]))
+    ids = torch.randint(4, 100, (6, 24), generator=torch.Generator().manual_seed(0))
+    kl = _KL(ref, ids, batch_size=4, chunk_tokens=0)
+    kl.keep_inputs()
+    base = kl(deg)
+    assert base == kl(deg)  # the recording pass is an ordinary pass
+    names = lambda i: [n for n, _ in deg.named_parameters() if f"layers.{i}." in n]  # noqa: E731
+    for i in range(4):
+        fast = _restored(deg, ref, names(i), lambda: kl(deg, start=i))
+        full = _restored(deg, ref, names(i), lambda: kl(deg))
+        assert fast["kl"] == pytest.approx(full["kl"], rel=1e-5, abs=1e-7) and fast["kl"] < base["kl"]
+        assert fast["top1"] == pytest.approx(full["top1"])
+    if kind == "gemma3":
+        assert ref.config.layer_types == deg.config.layer_types == ["sliding_attention", "full_attention"] * 2
+
+
+def test_cached_reference_probabilities_give_the_same_kl(monkeypatch):
+    """The pass that reads the reference's cached probabilities equals the chunked full-vocabulary KL."""
+    import copy
+
+    from recover_lora import diagnose as dg
+    from recover_lora.degrade import DegradeConfig, degrade, parse_op
+    from tiny import tiny_model
+
+    ref = tiny_model("llama", initializer_range=0.2)
+    deg = copy.deepcopy(ref)
+    degrade(deg, DegradeConfig(ops=[parse_op("noise:rel=0.3")]))
+    ids = torch.randint(4, 100, (5, 20), generator=torch.Generator().manual_seed(1))
+    cached = dg._KL(ref, ids, batch_size=2, chunk_tokens=0)
+    monkeypatch.setattr(dg, "CACHE_BYTES", 0)
+    plain = dg._KL(ref, ids, batch_size=2, chunk_tokens=0)
+    assert cached.t_cache is not None and plain.t_cache is None
+    a, b = cached(deg), plain(deg)
+    assert a["kl"] == pytest.approx(b["kl"], rel=1e-5) and a["top1"] == b["top1"] and a["kl"] > 0
+    assert cached(ref)["kl"] == pytest.approx(0.0, abs=1e-6)

@@ -149,8 +149,52 @@ def heldout_sequences(reference: PreTrainedModel, tokenizer: PreTrainedTokenizer
     return generate_shard(reference, tokenizer, scfg, 0, n, needs_bos(tokenizer, reference.config)).long()
 
 
+CACHE_BYTES = 1.5e9  # the reference's probabilities kept in memory up to this size (SmolLM2, 2048 tokens: 0.4 GB)
+
+
+def _kl_from_cache(hs: torch.Tensor, s_head, pt: torch.Tensor, neg_ent: torch.Tensor, mass: torch.Tensor,
+                   t_arg: torch.Tensor, chunk: int = 512) -> tuple[float, float]:
+    """Mean KL(reference || model) and top-1 agreement per token from the reference's cached
+    probabilities p, its per-row sum p log p and sum p: KL = sum p log p - (sum p s' - lse(s') sum p)
+    with s' the student's logits less their row maximum (small where p is large, so the fp32 row
+    sums stay exact to ~1e-5; rows are totalled in fp64). No log-softmax of the student is written."""
+    h = hs.reshape(-1, hs.shape[-1])
+    kl, agree = 0.0, 0
+    for i in range(0, h.shape[0], chunk):
+        s = s_head(h[i:i + chunk]).float()
+        top, arg = s.max(dim=-1, keepdim=True)
+        s = s.sub_(top)
+        cross = (pt[i:i + chunk] * s).sum(-1) - torch.logsumexp(s, dim=-1) * mass[i:i + chunk]
+        kl += float((neg_ent[i:i + chunk].double() - cross.double()).sum())
+        agree += int((arg.squeeze(-1) == t_arg[i:i + chunk]).sum())
+    n = h.shape[0]
+    return kl / n, agree / n
+
+
+def suffix_hidden(model: PreTrainedModel, h_in: torch.Tensor, start: int) -> torch.Tensor:
+    """Final (normed) hidden states computed from ``h_in``, the input of decoder layer ``start``,
+    through layers ``start``.. only: what the full forward gives when layers before ``start`` are
+    unchanged. (The decoder runs with its layer list, and the per-layer attention types Gemma and
+    Qwen index by position, cut to the suffix; ``inputs_embeds`` stands in for the prefix's output.)"""
+    from .distill import _decoder
+
+    dec = _decoder(model)
+    layers, types = dec.layers, getattr(dec.config, "layer_types", None)
+    try:
+        dec.layers = nn.ModuleList(list(layers)[start:])
+        if types is not None:
+            dec.config.layer_types = list(types)[start:]
+        return dec(inputs_embeds=h_in, use_cache=False).last_hidden_state
+    finally:
+        dec.layers = layers
+        if types is not None:
+            dec.config.layer_types = types
+
+
 class _KL:
-    """KL(reference || model) on fixed ids, the reference's final hidden states computed once."""
+    """KL(reference || model) on fixed ids, the reference's final hidden states computed once.
+    ``keep_inputs()`` records the model's input to every decoder layer on its next call; a later call
+    with ``start=i`` (only layers >= i changed since) runs from there: on average half the layers."""
 
     def __init__(self, reference: PreTrainedModel, ids: torch.Tensor, batch_size: int, chunk_tokens: int):
         from .distill import DistillConfig, _autocast, _head, hidden_states
@@ -162,18 +206,53 @@ class _KL:
         with torch.no_grad(), _autocast(self.dcfg, self.device):
             self.t_hidden = [hidden_states(reference, x) for x in self.batches]
         self.calls = 0
+        # The reference's distribution is the same on every pass: keep its probabilities (and its
+        # negative entropy and argmax) when they fit, so a pass costs the student's head alone.
+        vocab = reference.get_output_embeddings().weight.shape[0]
+        self.t_cache = None
+        if ids.numel() * vocab * 4 <= CACHE_BYTES:
+            self.t_cache = []
+            with torch.no_grad():
+                for ht in self.t_hidden:
+                    lt = torch.log_softmax(self.t_head(ht.reshape(-1, ht.shape[-1])).float(), dim=-1)
+                    pt = lt.exp()
+                    self.t_cache.append((pt, (pt * lt).sum(-1), pt.sum(-1), lt.argmax(-1)))
+                    del lt
+        self.layer_inputs: list[tuple[torch.Tensor, ...]] | None = None
+        self._keep = False
+
+    def keep_inputs(self) -> None:
+        self._keep = True
 
     @torch.no_grad()
-    def __call__(self, model: PreTrainedModel) -> dict[str, Any]:
+    def __call__(self, model: PreTrainedModel, start: int | None = None) -> dict[str, Any]:
         from .distill import _autocast, _head, hidden_states
         from .losses import chunked_loss_backward
 
         self.calls += 1
         kl_sum, agree_sum, n = 0.0, 0.0, 0
         s_head = _head(model)
-        for x, ht in zip(self.batches, self.t_hidden):
+        keep, self._keep = self._keep, False
+        if keep:
+            self.layer_inputs = []
+        for b, (x, ht) in enumerate(zip(self.batches, self.t_hidden)):
             with _autocast(self.dcfg, self.device):
-                hs = hidden_states(model, x)
+                if keep:
+                    hs_all = hidden_states(model, x, all_layers=True)
+                    self.layer_inputs.append(hs_all[:-1])  # embeddings, outputs of layers 0 .. L-2
+                    hs = hs_all[-1]
+                elif start is not None and self.layer_inputs is not None:
+                    hs = suffix_hidden(model, self.layer_inputs[b][start], start)
+                else:
+                    hs = hidden_states(model, x)
+            if self.t_cache is not None:
+                kl, agree = _kl_from_cache(hs, s_head, *self.t_cache[b])
+                k = x.numel()
+                kl_sum += kl * k
+                agree_sum += agree * k
+                n += k
+                continue
+            with _autocast(self.dcfg, self.device):
                 kl, agree = chunked_loss_backward(hs, ht, s_head, self.t_head, "kl", 1.0, self.dcfg.chunk_tokens,
                                                   backward=False)
             k = x.numel()
@@ -182,6 +261,13 @@ class _KL:
             n += k
         kl = kl_sum / n
         return {"kl": _finite_or_none(kl), "finite": math.isfinite(kl), "top1": agree_sum / n}
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="diagnose: restore each layer", unit="pass", disable=not enabled,
+                dynamic_ncols=True)
 
 
 @torch.no_grad()
@@ -219,7 +305,8 @@ def _num(x: float) -> float | str:
 
 
 def diagnose(reference: PreTrainedModel, degraded: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
-             cfg: DiagnoseConfig | None = None, heldout_ids: torch.Tensor | None = None) -> dict[str, Any]:
+             cfg: DiagnoseConfig | None = None, heldout_ids: torch.Tensor | None = None,
+             progress: bool = False) -> dict[str, Any]:
     """Weight and functional damage per layer and module, and a recommended adapter placement.
 
     ``degraded`` is modified during the functional measurements and restored exactly afterwards.
@@ -277,7 +364,11 @@ def diagnose(reference: PreTrainedModel, degraded: PreTrainedModel, tokenizer: P
         degraded.eval()
         try:
             kl = _KL(reference, ids, cfg.batch_size, cfg.chunk_tokens)
+            kl.keep_inputs()  # restoring layer i changes nothing before it: later passes start at i
             base = kl(degraded)
+            todo = sum(1 + len([g for g, ns in layer_params[L["layer"]].items() if damaged(ns)]) * cfg.per_group
+                       for L in layers if L["damaged"])
+            bar = _progress(todo, progress)
             functional = {"sequences": len(ids), "seq_len": ids.shape[1], "base": base}
             for L in layers:
                 i = L["layer"]
@@ -286,16 +377,21 @@ def diagnose(reference: PreTrainedModel, degraded: PreTrainedModel, tokenizer: P
                     L["restore"] = dict(base)  # nothing to restore: the same model
                     L["kl_reduction"] = 0.0
                     continue
-                L["restore"] = _restored(degraded, reference, names, lambda: kl(degraded))
+                L["restore"] = _restored(degraded, reference, names, lambda: kl(degraded, start=i))
                 L["kl_reduction"] = _reduction(base, L["restore"])
+                bar.update(1)
                 dgroups = [g for g, ns in layer_params[i].items() if damaged(ns)]
                 for g in dgroups:
                     G = L["groups"][g]
                     if len(dgroups) == 1:  # restoring the one damaged block = restoring the layer
                         G["restore"], G["kl_reduction"] = L["restore"], L["kl_reduction"]
                     elif cfg.per_group:
-                        G["restore"] = _restored(degraded, reference, layer_params[i][g], lambda: kl(degraded))
+                        G["restore"] = _restored(degraded, reference, layer_params[i][g],
+                                                 lambda: kl(degraded, start=i))
                         G["kl_reduction"] = _reduction(base, G["restore"])
+                    if cfg.per_group:
+                        bar.update(1)
+            bar.close()
             if outside_damaged:
                 r = _restored(degraded, reference, outside, lambda: kl(degraded))
                 functional["outside_layers"] = {"tensors": outside_damaged, "restore": r,
@@ -507,7 +603,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--degraded", required=True, help="degraded model spec")
     p.add_argument("--out", required=True, help="output folder (diagnosis.json/.md/.png, plan.json)")
     p.add_argument("--sequences", type=int, default=16, help="synthetic held-out sequences")
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per held-out sequence (default 128 on a GPU, 64 on a CPU: the diagnosis runs "
+                        "about three forwards a layer)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rank", type=int, default=16, help="base LoRA rank of the recommendation")
@@ -529,7 +627,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run_cli(args: argparse.Namespace) -> int:
     from .load import LoadConfig, load_pair
 
-    cfg = DiagnoseConfig(sequences=args.sequences, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+    from .utils import resolve_device
+
+    seq_len = args.seq_len or (128 if resolve_device(args.device).type == "cuda" else 64)
+    cfg = DiagnoseConfig(sequences=args.sequences, seq_len=seq_len, batch_size=args.batch_size, seed=args.seed,
                          rank=args.rank, alpha=args.alpha, budget=args.budget, temper=args.temper,
                          functional=not args.no_functional,
                          per_group=not args.no_per_group)
@@ -538,7 +639,7 @@ def run_cli(args: argparse.Namespace) -> int:
                       allow_pickle=args.allow_pickle)
     print(f"loading {args.reference} and {args.degraded} ...", flush=True)
     pair = load_pair(args.reference, args.degraded, lcfg)
-    diag = diagnose(pair.reference, pair.degraded, pair.tokenizer, cfg)
+    diag = diagnose(pair.reference, pair.degraded, pair.tokenizer, cfg, progress=True)
     diag["reference"], diag["degraded"] = str(args.reference), str(args.degraded)
     paths = write_diagnosis(diag, args.out)
     for n, e in diag["nonfinite"].items():

@@ -319,7 +319,7 @@ def measures_markdown(measures: dict, rep: dict | None = None) -> str:
                      f"{_fmt(r['gap_closed'], ci, pct=True)} |")
     others = [t for t in rep["task_order"] if t not in resolved]
     if others:
-        L += ["" if resolved else "", "Accuracy does not resolve the damage on " + ", ".join(
+        L += ([""] if resolved else []) + ["Accuracy does not resolve the damage on " + ", ".join(
             f"{t} (reference - degraded {_fmt(rep['tasks'][t]['drop'], (rep['tasks'][t].get('ci') or {}).get('drop'))} "
             f"points on {rep['tasks'][t]['n']} items)" for t in others)
             + ": not shown; more items (--eval-limit) would measure it."]
