@@ -388,3 +388,13 @@ def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml):
     res = (t / "RESULTS.md").read_text()
     assert "Accuracy (%), items: arc_easy 24" in res and "| tiny | noise-kv | kv |" in res
     assert "| tiny | noise-all | kv |" in res and "svd-only" in res.split("## tiny")[1]
+    # a fresh checkout: the study folder is gone, the mirror is committed; nothing runs again
+    import shutil
+    shutil.rmtree(t / "study")
+    real = study.run_recover
+    study.run_recover = lambda *a, **k: pytest.fail("a finished run ran again")
+    try:
+        assert main(["study", "--config", str(study_yaml)]) == 0
+    finally:
+        study.run_recover = real
+    assert (base / "noise-kv/kv/done.json").exists() and (t / "RESULTS.md").read_text() == res

@@ -520,6 +520,27 @@ def accuracy_config(cfg: StudyConfig):
 MIRROR_MAX_BYTES = 4_000_000
 
 
+def seed_from_mirror(cfg: StudyConfig) -> int:
+    """On a fresh checkout (or machine), bring the mirrored result files back into the study folder
+    before running, so that finished runs and cached evaluations are not redone. Files already in
+    the study folder win. Returns the number of files copied."""
+    import shutil
+
+    if not cfg.mirror or not Path(cfg.mirror).is_dir():
+        return 0
+    src, root = Path(cfg.mirror), Path(cfg.study_dir)
+    n = 0
+    for f in _small_files(src):
+        t = root / f.relative_to(src)
+        if not t.exists():
+            t.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, t)
+            n += 1
+    if n:
+        log.info("study: %d result files brought back from %s", n, src)
+    return n
+
+
 def mirror_results(cfg: StudyConfig) -> int:
     """Copy the small result files of the study folder (what :func:`pack_results` packs) to
     ``cfg.mirror``, a folder in the repository, so each finished piece can be committed at once.
@@ -647,6 +668,8 @@ def run_study(cfg: StudyConfig, only: list[str] | None = None, dry_run: bool = F
         return runs
     study = Path(cfg.study_dir)
     study.mkdir(parents=True, exist_ok=True)
+    if seed_from_mirror(cfg):
+        runs = plan(cfg, only)
     atomic_write_json(study / "study.json", asdict(cfg))
     with open(study / "commands.log", "a") as f:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}\t{device_name()}\t{command or 'run_study()'}\n")
