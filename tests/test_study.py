@@ -398,3 +398,26 @@ def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml):
     finally:
         study.run_recover = real
     assert (base / "noise-kv/kv/done.json").exists() and (t / "RESULTS.md").read_text() == res
+
+
+def test_a_failing_run_is_recorded_and_the_others_go_on(study_yaml, monkeypatch, capsys):
+    """Days of unattended runs: one run that raises is recorded in failed.json, the rest finish,
+    the call ends with an error naming it, and the next call tries it again."""
+    real = study.run_recover
+
+    def flaky(cfg, *a, **k):
+        if cfg.out_dir.endswith("/kv"):
+            raise RuntimeError("out of memory (planted)")
+        return real(cfg, *a, **k)
+
+    monkeypatch.setattr(study, "run_recover", flaky)
+    assert main(["study", "--config", str(study_yaml)]) == 2
+    base = study_yaml.parent / "study/tiny/noise-all"
+    assert "planted" in json.loads((base / "kv/failed.json").read_text())["error"]
+    assert (base / "svd-only/done.json").exists() and (base / "kv-16/done.json").exists()
+    assert "1 run(s) failed" in capsys.readouterr().err
+    assert main(["study", "--config", str(study_yaml), "--dry-run"]) == 0
+    assert "failed: RuntimeError: out of memory (planted)" in capsys.readouterr().out
+    monkeypatch.setattr(study, "run_recover", real)
+    assert main(["study", "--config", str(study_yaml)]) == 0
+    assert (base / "kv/done.json").exists() and not (base / "kv/failed.json").exists()

@@ -204,6 +204,8 @@ class Run:
     def status(self) -> str:
         if (self.dir / "done.json").exists():
             return "done"
+        if (self.dir / "failed.json").exists():
+            return f"failed: {read_json(self.dir / 'failed.json').get('error', '?')[:120]} (tried again next call)"
         if (self.dir / "report.json").exists():
             return "trained, evaluation pending"
         if (self.dir / "checkpoint.pt").exists():
@@ -496,8 +498,18 @@ def _execute(cfg: StudyConfig, todo: list[Run], progress: bool = True, mode: str
             prepare_plan(run, cfg.recover_config(model, damage, run.method, pool), reference, degraded, tokenizer,
                          progress)
         else:
-            run_one(cfg, run, reference, degraded, tokenizer, ecfg, ref_res, deg_res, pool, progress, jobs,
-                    acfg, ref_acc, deg_acc)
+            (run.dir / FAILED).unlink(missing_ok=True)  # a failed run is tried again at each invocation
+            try:
+                run_one(cfg, run, reference, degraded, tokenizer, ecfg, ref_res, deg_res, pool, progress, jobs,
+                        acfg, ref_acc, deg_acc)
+            except Exception as e:  # noqa: BLE001 - any error of one run (a bug in one method too)
+                # one bad run must not stop days of unattended runs: record it, go on with the next
+                import traceback
+
+                log.error("study: %s failed (%s: %s); going on with the next run", run.name, type(e).__name__, e)
+                run.dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(run.dir / FAILED, {"error": f"{type(e).__name__}: {e}",
+                                                     "traceback": traceback.format_exc()[-4000:]})
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -564,6 +576,7 @@ def mirror_results(cfg: StudyConfig) -> int:
 
 
 CLAIM = ".claim"  # in a run folder while a parallel worker has it
+FAILED = "failed.json"  # in a run folder whose last attempt raised: the error, tried again next time
 
 
 def claim(run: Run) -> bool:
@@ -679,6 +692,11 @@ def run_study(cfg: StudyConfig, only: list[str] | None = None, dry_run: bool = F
     else:
         _execute(cfg, todo, progress, deadline=deadline)
     write_results(cfg.study_dir, cfg.results, cfg)
+    mirror_results(cfg)
+    failed = [r.name for r in runs if (r.dir / FAILED).exists()]
+    if failed:
+        raise RecoverLoraError(f"{len(failed)} run(s) failed, the others went on: {', '.join(failed)} "
+                               f"(errors in each run's {FAILED}; the next call tries them again)")
     return runs
 
 
