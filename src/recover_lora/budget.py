@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,17 +63,11 @@ def flop_params(model) -> int:
 
 
 def gemm_rate(n: int = 1536, reps: int = 3, trials: int = 3) -> float:
-    """fp32 dense matmul FLOP/s on this CPU, the best of a few short trials (about half a second:
-    on a shared or virtual machine single trials vary by 20%)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = 0.0
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = max(best, reps * 2 * n ** 3 / (time.perf_counter() - t0))
-    return best
+    """fp32 dense matmul FLOP/s on this CPU (``bench.gemm_rate``), the best of a few short trials
+    (about half a second: on a shared or virtual machine single trials vary by 20%)."""
+    from .bench import gemm_rate as one_trial
+
+    return max(one_trial(torch.float32, n, reps) for _ in range(trials))
 
 
 @dataclass
