@@ -354,3 +354,34 @@ def test_questions_share_their_common_prefix(kind):
     for (a, ga), r in zip(out, reqs):
         ref, gref = _naive(model, *r)
         assert a == pytest.approx(ref, abs=1e-4) and ga == gref
+
+
+@pytest.mark.parametrize("kind,over", [("llama", {}), ("gemma3", {"final_logit_softcapping": 5.0})])
+def test_kept_reference_answers_give_the_same_kl(kind, over, tmp_path):
+    """The reference's answers kept once (its LM-head inputs at the answer tokens) give the KL of
+    running it beside, on a subset of the requests too, after a save/load; a request not kept is refused."""
+    from recover_lora.evaluate.refcache import ReferenceAnswers
+
+    model, ref = tiny_model(kind, seed=0, **over), tiny_model(kind, seed=1, **over)
+    g = np.random.default_rng(3)
+    reqs = []
+    for _ in range(6):
+        ctx = g.integers(4, 100, size=int(g.integers(1, 20))).tolist()
+        reqs += [(ctx, g.integers(4, 100, size=int(g.integers(1, 5))).tolist()) for _ in range(3)]
+    reqs.append(reqs[0])  # a duplicate is kept once
+    cache, ref_res = ReferenceAnswers.build(ref, reqs, progress=False, max_batch_tokens=64)
+    assert ref_res == score(ref, reqs, max_batch_tokens=64)
+    assert len(cache) == len(reqs) - 1 and cache.hidden.shape[0] == sum(len(c) for _, c in reqs[:-1])
+    live = score(model, reqs, reference=ref)
+    kept = score(model, reqs, reference=cache, max_batch_tokens=100)
+    for (ll, gr, kl, n), (ll2, gr2, kl2, n2) in zip(live, kept):
+        assert kl > 1e-4 and kl2 == pytest.approx(kl, rel=1e-4, abs=1e-6)
+        assert (ll2, gr2, n2) == (pytest.approx(ll, abs=1e-5), gr, n)
+    cache.save(tmp_path / "answers.pt")
+    back = ReferenceAnswers.load(tmp_path / "answers.pt", ref)
+    sub = reqs[5:11]
+    assert [r[2] for r in score(model, sub, reference=back)] == pytest.approx([r[2] for r in live[5:11]], rel=1e-4)
+    with pytest.raises(ValueError, match="not among the reference's kept answers"):
+        score(model, reqs + [([1, 2], [3])], reference=back)
+    with pytest.raises(RecoverLoraError, match="another reference"):
+        ReferenceAnswers.load(tmp_path / "answers.pt", model)

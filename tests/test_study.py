@@ -379,6 +379,11 @@ def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml):
         "arc_easy"]["n"] == 24
     assert (base / "noise-kv/kv/eval/recovered-accuracy.json").exists()
     assert not (base / "noise-kv/svd-only/eval/recovered-accuracy.json").exists()
+    # the headline rows are evaluated once, on the accuracy items; their measures are its first items
+    for f in ("eval/reference.json", "noise-kv/eval/degraded.json", "noise-kv/kv/eval/recovered.json"):
+        assert json.loads((base / f).read_text())["derived_from"].endswith("accuracy.json"), f
+    assert "derived_from" not in json.loads((base / "noise-kv/svd-only/eval/recovered.json").read_text())
+    assert (base / "eval" / study.REF_ANSWERS).exists()
     done = json.loads((base / "noise-kv/kv/done.json").read_text())
     assert done["accuracy_items"] == "accuracy" and 0 <= done["agreement"] <= 1 and done["answer_kl"] >= 0
     assert json.loads((base / "noise-kv/svd-only/done.json").read_text())["accuracy_items"] == "measures"
@@ -421,3 +426,34 @@ def test_a_failing_run_is_recorded_and_the_others_go_on(study_yaml, monkeypatch,
     monkeypatch.setattr(study, "run_recover", real)
     assert main(["study", "--config", str(study_yaml)]) == 0
     assert (base / "kv/done.json").exists() and not (base / "kv/failed.json").exists()
+
+
+def test_measures_from_kept_answers_and_accuracy_items_equal_a_direct_evaluation(study_yaml):
+    """The degraded model's measures as the study makes them (the first items of its accuracy
+    evaluation, the answer-token KL from the reference's kept answers) equal an evaluation of
+    those items with the reference run beside it."""
+    import copy
+
+    from recover_lora.degrade import degrade
+    from recover_lora.evaluate import evaluate
+    from recover_lora.load import load_model, load_tokenizer
+
+    d = yaml.safe_load(study_yaml.read_text())
+    d["eval"].update(limit=10, answer_kl=True)
+    d.update(accuracy={"limit": 24, "methods": ["kv"]}, sweep=None, plan={"tiny": {"damages": ["noise-all"],
+                                                                                    "methods": ["svd-only"]}})
+    study_yaml.write_text(yaml.safe_dump(d))
+    assert main(["study", "--config", str(study_yaml)]) == 0
+    cfg = study.StudyConfig.from_yaml(study_yaml)
+    made = json.loads((study_yaml.parent / "study/tiny/noise-all/eval/degraded.json").read_text())
+    assert made["derived_from"] == "degraded-accuracy.json"
+    ref = load_model(cfg.models["tiny"], study.RecoverConfig.from_dict(cfg.recover).load)
+    tok = load_tokenizer(cfg.models["tiny"], study.RecoverConfig.from_dict(cfg.recover).load)
+    deg = copy.deepcopy(ref)
+    degrade(deg, study.degrade_config(cfg, "noise-all", "tiny"))
+    direct = study.slim(evaluate(deg, tok, study.eval_config(cfg), progress=False, reference=ref))["arc_easy"]
+    got = made["results"]["arc_easy"]
+    assert got["n"] == direct["n"] == 10 and got["acc"] == direct["acc"]
+    assert got["items"]["pred"] == direct["items"]["pred"] and got["items"]["acc"] == direct["items"]["acc"]
+    assert got["items"]["answer_kl"] == pytest.approx(direct["items"]["answer_kl"], rel=1e-3)
+    assert got["answer_kl"] == pytest.approx(direct["answer_kl"], rel=1e-3) and got["answer_kl"] > 1e-3

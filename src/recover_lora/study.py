@@ -293,23 +293,93 @@ def _compact(items: list) -> list | str:
     return "".join(str(int(x)) for x in items) if ok else items
 
 
-def cached_eval(path: Path, get_model, tokenizer, ecfg, progress: bool = True, reference=None) -> dict:
-    """Evaluate once: reuse ``path`` when it was made with the same evaluation settings, else
-    evaluate ``get_model()`` (called only then) and write it. ``reference``: add the answer-token
-    KL to it."""
-    from .evaluate import evaluate
+def _eval_key(ecfg, answer_kl: bool) -> dict:
     from .evaluate.runner import config_dict
 
-    key = {**config_dict(ecfg), "answer_kl": reference is not None}
+    return {**config_dict(ecfg), "answer_kl": answer_kl}
+
+
+def _serves(have: dict | None, want: dict) -> bool:
+    """An evaluation made with ``have`` settings answers a request for ``want`` ones: the same, or
+    with the answer-token KL where it is not asked for."""
+    if not have:
+        return False
+    return have == want or (have.get("answer_kl") and not want["answer_kl"] and {**have, "answer_kl": False} == want)
+
+
+def _have(path: Path, key: dict) -> bool:
+    return path.exists() and _serves(read_json(path).get("config"), key)
+
+
+def first_items(results: dict, limit: int | None) -> dict:
+    """The results of the first ``limit`` items of each task (slimmed results): what an evaluation
+    with ``limit`` gives, since a limit takes each task's first documents in dataset order."""
+    from .report import item_array
+
+    out = {}
+    for t, r in results.items():
+        r = dict(r)
+        items = {k: v[:limit] for k, v in r.get("items", {}).items()}
+        r["items"] = items
+        r["n"] = min(r.get("n", 0), limit) if limit is not None else r.get("n", 0)
+        for m in ("acc", "acc_norm", "answer_kl"):
+            if m in items:
+                r[m] = float(np.mean(item_array(items[m])))
+        out[t] = r
+    return out
+
+
+def cached_eval(path: Path, get_model, tokenizer, ecfg, progress: bool = True, reference=None,
+                source: Path | None = None) -> dict:
+    """Evaluate once: reuse ``path`` when it was made with the same evaluation settings (or with the
+    answer-token KL where it is not asked for), else take the first items of ``source`` (an
+    evaluation of the same tasks on at least as many items), else evaluate ``get_model()`` (called
+    only then) and write it. ``reference``: add the answer-token KL to it (a model, or its kept
+    answers)."""
+    from .evaluate import evaluate
+
+    key = _eval_key(ecfg, reference is not None)
     if path.exists():
         d = read_json(path)
-        if d.get("config") == key:
+        if _serves(d.get("config"), key):
             return d["results"]
         log.info("%s was made with other evaluation settings: evaluating again", path)
+    if source is not None and source.exists():
+        d = read_json(source)
+        big = (d.get("config") or {}).get("limit")
+        if (big is None or (ecfg.limit is not None and ecfg.limit <= big)) \
+                and _serves(d["config"], {**key, "limit": big}):
+            res = first_items(d["results"], ecfg.limit)
+            atomic_write_json(path, {"config": key, "derived_from": source.name, "results": res})
+            return res
     t0 = time.perf_counter()
     res = slim(evaluate(get_model(), tokenizer, ecfg, progress=progress, reference=reference))
     atomic_write_json(path, {"config": key, "seconds": round(time.perf_counter() - t0, 2), "results": res})
     return res
+
+
+REF_ANSWERS = "reference-answers.pt"  # the reference's kept answers (not mirrored: ~0.3-0.6 GB)
+
+
+def reference_answers(path: Path, reference, tokenizer, ecfg, results_path: Path, progress: bool = True):
+    """The reference's answers kept on ``ecfg``'s items (loaded, or made by one evaluation of the
+    reference, which also writes ``results_path`` where missing): every later model's answer-token
+    KL then costs an LM-head product instead of a second forward pass."""
+    from .evaluate import ReferenceAnswers, evaluate_reference
+
+    if path.exists():
+        try:
+            return ReferenceAnswers.load(path, reference)
+        except (RecoverLoraError, OSError, RuntimeError, KeyError) as e:
+            log.warning("%s: %s; keeping the reference's answers again", path, e)
+    log.info("study: keeping the reference's answers on %s items a task (%s)", ecfg.limit, path)
+    t0 = time.perf_counter()
+    res, answers = evaluate_reference(reference, tokenizer, ecfg, progress)
+    answers.save(path)
+    if not _have(results_path, _eval_key(ecfg, False)):
+        atomic_write_json(results_path, {"config": _eval_key(ecfg, False),
+                                         "seconds": round(time.perf_counter() - t0, 2), "results": slim(res)})
+    return answers
 
 
 def device_name() -> str:
@@ -381,10 +451,11 @@ def prepare_plan(run: Run, rcfg: RecoverConfig, reference, degraded, tokenizer, 
 
 def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, ref_res: dict, deg_res: dict,
             pool: Path | None, progress: bool = True, jobs: int = 1, acfg=None, ref_acc: dict | None = None,
-            deg_acc: dict | None = None) -> dict:
+            deg_acc: dict | None = None, answers=None) -> dict:
     """Recover (or resume), evaluate the repaired model (the measures of ``ecfg``, and accuracy on
     ``acfg``'s items for a headline method), and write ``done.json``. ``jobs``: how many runs shared
-    the device meanwhile (recorded: their minutes are wall time while sharing)."""
+    the device meanwhile (recorded: their minutes are wall time while sharing). ``answers``: the
+    reference's kept answers, for the answer-token KL."""
     from .report import compute_measures
 
     rcfg = cfg.recover_config(run.model, run.damage, run.method, pool)
@@ -402,13 +473,18 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
             repaired["m"] = load_repaired(run, rcfg, degraded)
         return repaired["m"]
 
-    answer_kl = reference if cfg.eval.get("answer_kl") else None
+    # headline rows: one evaluation on the accuracy items (with the answer-token KL, from the
+    # reference's kept answers), the measures being its first items; the others: the measures only
+    kl = answers if cfg.eval.get("answer_kl") else None
+    meas, accp = run.dir / "eval" / "recovered.json", run.dir / "eval" / "recovered-accuracy.json"
+    headline = acfg is not None and run.method in (cfg.accuracy or {}).get("methods", [])
     with timed(timing, "eval"):
-        rec_res = cached_eval(run.dir / "eval" / "recovered.json", get_repaired, tokenizer, ecfg, progress,
-                              reference=answer_kl)
         rec_acc = None
-        if acfg is not None and run.method in (cfg.accuracy or {}).get("methods", []):
-            rec_acc = cached_eval(run.dir / "eval" / "recovered-accuracy.json", get_repaired, tokenizer, acfg, progress)
+        if headline:
+            need_kl = kl is not None and not _have(meas, _eval_key(ecfg, True))
+            rec_acc = cached_eval(accp, get_repaired, tokenizer, acfg, progress, reference=kl if need_kl else None)
+        rec_res = cached_eval(meas, get_repaired, tokenizer, ecfg, progress, reference=kl,
+                              source=accp if headline else None)
     if rec_acc is not None:
         summary = build_report(pool_mmlu(ref_acc), pool_mmlu(deg_acc), pool_mmlu(rec_acc), run.dir / "eval")
     else:
@@ -459,7 +535,7 @@ def _execute(cfg: StudyConfig, todo: list[Run], progress: bool = True, mode: str
     ecfg, acfg = eval_config(cfg), accuracy_config(cfg)
     kl = bool(cfg.eval.get("answer_kl"))
     common = RecoverConfig.from_dict(cfg.recover)
-    ref_acc = deg_acc = None
+    ref_acc = deg_acc = answers = None
     model = damage = reference = degraded = None
     for run in todo:
         if deadline is not None and mode != "prepare" and time.time() > deadline:
@@ -472,21 +548,29 @@ def _execute(cfg: StudyConfig, todo: list[Run], progress: bool = True, mode: str
             log.info("study: loading %s (%s)", model, cfg.models[model])
             reference = load_model(cfg.models[model], common.load)
             tokenizer = load_tokenizer(cfg.models[model], common.load)
-            ref_res = cached_eval(study / slug(model) / "eval" / "reference.json", lambda m=reference: m, tokenizer,
-                                  ecfg, progress)
+            ev = study / slug(model) / "eval"
+            ev.mkdir(parents=True, exist_ok=True)
+            # the reference's answers are kept on the largest item set; every evaluation after it
+            # takes the answer-token KL from them (and the measures' items are the first of those)
+            answers = reference_answers(ev / REF_ANSWERS, reference, tokenizer, acfg or ecfg,
+                                        ev / ("reference-accuracy.json" if acfg else "reference.json"),
+                                        progress) if kl else None
             if acfg is not None:
-                ref_acc = cached_eval(study / slug(model) / "eval" / "reference-accuracy.json", lambda m=reference: m,
-                                      tokenizer, acfg, progress)
+                ref_acc = cached_eval(ev / "reference-accuracy.json", lambda m=reference: m, tokenizer, acfg, progress)
+            ref_res = cached_eval(ev / "reference.json", lambda m=reference: m, tokenizer, ecfg, progress,
+                                  source=ev / "reference-accuracy.json" if acfg else None)
             mirror_results(cfg)
         if run.damage != damage:
             damage, degraded = run.damage, None
             degraded = copy.deepcopy(reference)
             degrade(degraded, degrade_config(cfg, damage, model))
-            deg_res = cached_eval(study / slug(model) / slug(damage) / "eval" / "degraded.json", lambda m=degraded: m,
-                                  tokenizer, ecfg, progress, reference=reference if kl else None)
+            dv = study / slug(model) / slug(damage) / "eval"
             if acfg is not None:
-                deg_acc = cached_eval(study / slug(model) / slug(damage) / "eval" / "degraded-accuracy.json",
-                                      lambda m=degraded: m, tokenizer, acfg, progress)
+                need_kl = kl and not _have(dv / "degraded.json", _eval_key(ecfg, True))
+                deg_acc = cached_eval(dv / "degraded-accuracy.json", lambda m=degraded: m, tokenizer, acfg, progress,
+                                      reference=answers if need_kl else None)
+            deg_res = cached_eval(dv / "degraded.json", lambda m=degraded: m, tokenizer, ecfg, progress,
+                                  reference=answers, source=dv / "degraded-accuracy.json" if acfg else None)
             mirror_results(cfg)
         pool = None
         if cfg.uses_pool(run.method):
@@ -501,7 +585,7 @@ def _execute(cfg: StudyConfig, todo: list[Run], progress: bool = True, mode: str
             (run.dir / FAILED).unlink(missing_ok=True)  # a failed run is tried again at each invocation
             try:
                 run_one(cfg, run, reference, degraded, tokenizer, ecfg, ref_res, deg_res, pool, progress, jobs,
-                        acfg, ref_acc, deg_acc)
+                        acfg, ref_acc, deg_acc, answers)
             except Exception as e:  # noqa: BLE001 - any error of one run (a bug in one method too)
                 # one bad run must not stop days of unattended runs: record it, go on with the next
                 import traceback

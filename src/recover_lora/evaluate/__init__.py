@@ -8,10 +8,11 @@ Public API::
 """
 
 from .data import load_split, load_task_docs
-from .runner import EvalConfig, build_requests, evaluate
+from .refcache import ReferenceAnswers
+from .runner import EvalConfig, build_requests, evaluate, evaluate_reference
 from .scorer import encode_pairs, score
 from .tasks import DEFAULT_TASKS, TASKS, Formatted, Task, get_task, hellaswag_preprocess, parse_tasks
 
-__all__ = ["EvalConfig", "evaluate", "build_requests", "TASKS", "DEFAULT_TASKS", "Task", "Formatted",
+__all__ = ["EvalConfig", "evaluate", "evaluate_reference", "ReferenceAnswers", "build_requests", "TASKS", "DEFAULT_TASKS", "Task", "Formatted",
            "get_task", "parse_tasks", "load_task_docs", "load_split", "encode_pairs", "score",
            "hellaswag_preprocess"]

@@ -92,8 +92,23 @@ def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = T
     ``loglikelihoods``) in dataset order. All tasks' requests are scored in one batched pass.
     ``reference``: also the answer-token KL to it, KL(reference || model) averaged over the tokens
     of all the choices of an item (``items["answer_kl"]``; the task's mean as ``answer_kl``): a
-    measure of a repair that resolves differences accuracy on a few hundred items cannot.
+    measure of a repair that resolves differences accuracy on a few hundred items cannot. The
+    reference is a model (run beside) or its answers kept by :func:`evaluate_reference`.
     """
+    return _evaluate(model, tokenizer, cfg, progress, reference)
+
+
+def evaluate_reference(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = True):
+    """Evaluate a reference and keep its answers: ``(results, ReferenceAnswers)``, the second to
+    pass as ``reference=`` when evaluating other models on these tasks (or on fewer items of them)."""
+    from .refcache import ReferenceAnswers  # noqa: PLC0415
+
+    kept: dict = {}
+    results = _evaluate(model, tokenizer, cfg, progress, None, kept)
+    return results, ReferenceAnswers.from_kept(model, kept.pop("_requests"), kept)
+
+
+def _evaluate(model, tokenizer, cfg: EvalConfig | None, progress: bool, reference, keep_hidden: dict | None = None):
     from ..load import needs_bos  # noqa: PLC0415
 
     cfg = cfg or EvalConfig()
@@ -117,7 +132,9 @@ def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = T
         res = score(model, requests, batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,
                     progress=progress, pad_id=tokenizer.pad_token_id or 0,
                     desc=f"eval {','.join(built)}", groups=groups,
-                    share_context=cfg.share_context, reference=reference)
+                    share_context=cfg.share_context, reference=reference, keep_hidden=keep_hidden)
+        if keep_hidden is not None:
+            keep_hidden["_requests"] = requests
     finally:
         if was_training:
             model.train()

@@ -175,7 +175,8 @@ def _bins(rows, packable: list[int], capacity: int) -> list[list[int]]:
 def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int | None = None,
           max_batch_tokens: int | None = None, max_length: int | None = None, progress: bool = False,
           pad_id: int = 0, desc: str = "scoring", share_context: bool = True,
-          reference=None, groups: Sequence | None = None) -> list[tuple[float, bool]] | list[tuple[float, bool, float, int]]:
+          reference=None, groups: Sequence | None = None,
+          keep_hidden: dict | None = None) -> list[tuple[float, bool]] | list[tuple[float, bool, float, int]]:
     """(log-likelihood, is_greedy) of each (context ids, continuation ids) request.
 
     ``batch_size``: at most this many input rows per forward (None: no cap besides the token budget).
@@ -187,8 +188,19 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
     common token prefix (default: requests with the same context).
     ``reference``: also run this model on the same rows and return, per request, the summed
     KL(reference || model) over its continuation tokens and their count (the answer-token KL).
+    The reference is a model (run beside, on the same rows) or a
+    :class:`~recover_lora.evaluate.refcache.ReferenceAnswers` kept from one earlier pass (the same
+    KL at the cost of one LM-head product at the answer positions).
+    ``keep_hidden``: a dict filled with, per request index, the LM head's input at its continuation
+    tokens ([tokens, hidden], float32, CPU): what ReferenceAnswers keeps.
     Results do not depend on the request order or on the batching.
     """
+    from .refcache import ReferenceAnswers, head_logits  # noqa: PLC0415
+
+    kept_refs = isinstance(reference, ReferenceAnswers)
+    if kept_refs and (missing := reference.has(requests)):
+        raise ValueError(f"{len(missing)} of {len(requests)} requests are not among the reference's kept answers "
+                         "(another task set, limit or tokenizer): build them again for these requests")
     if not requests:
         return []
     device = _device_of(model)
@@ -225,76 +237,109 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
     kl = torch.zeros(n, dtype=torch.float64)
     ntok = torch.tensor([len(c) for _, _, _, c in where], dtype=torch.int64)
     state = {"use_mask": True}
+    captured: list[torch.Tensor] = []
+    hook = None
+    if keep_hidden is not None:  # the LM head's input, whatever positions the model kept
+        hook = model.get_output_embeddings().register_forward_hook(lambda m, a, o: captured.append(a[0]))
+    checked = False
     bar = None
     if progress:
         from tqdm.auto import tqdm  # noqa: PLC0415
         bar = tqdm(total=n, desc=desc, unit="req", dynamic_ncols=True)
-    for batch in batches:
-        T = lw[batch[0]]
-        B = len(batch)
-        ids = np.full((B, T), pad_id, dtype=np.int64)
-        keep = np.zeros((B, T), dtype=bool)
-        unit = np.full((B, T), -1, dtype=np.int64)  # which row (question) a position belongs to; -1 padding
-        sub = np.zeros((B, T), dtype=np.int64)  # 0 its prefix, t+1 its tail t
-        pos = np.zeros((B, T), dtype=np.int64)
-        need: list[np.ndarray] = []
-        req_ids: list[int] = []
-        for b, k in enumerate(batch):
-            o = 0
-            for r in lines[k][1]:
-                prefix, tails, _ = rows[r]
-                P = len(prefix)
-                ids[b, o:o + P], unit[b, o:o + P], pos[b, o:o + P] = prefix, r, np.arange(P)
-                s, starts = o + P, []
-                for t, tail in enumerate(tails):
-                    e = s + len(tail)
-                    ids[b, s:e], unit[b, s:e], sub[b, s:e] = tail, r, t + 1
-                    pos[b, s:e] = np.arange(P, P + len(tail))
-                    starts.append(s)
-                    s = e
-                for i in by_row[r]:
-                    _, t, first, cont = where[i]
-                    # input positions first .. first+k-1 predict the continuation; those past the
-                    # prefix live in the request's tail
-                    q = first + np.arange(len(cont))
-                    p = np.where(q < P, o + q, (starts[t] if t >= 0 else 0) + q - P)
-                    keep[b, p] = True
-                    need.append(b * T + p)
-                    req_ids.append(i)
-                o = s
-        flat = np.cumsum(keep.reshape(-1)) - 1  # index of a kept position among the kept ones
-        sel_pos = [flat[x] for x in need]
-        sel_tgt = [np.asarray(where[i][3], dtype=np.int64) for i in req_ids]
-        sel_req = [np.full(len(x), j, dtype=np.int64) for j, x in enumerate(need)]
-        inputs = {"input_ids": torch.from_numpy(ids).to(device)}
-        if lines[batch[0]][0] == "packed":
-            inputs["position_ids"] = torch.from_numpy(pos).to(device)
-            inputs["attention_mask"] = _block_mask(unit, sub, model, device)
-        keep_t = torch.from_numpy(keep).to(device)
-        logits = _kept_logits(model, inputs, keep_t, state).float()
-        p = torch.from_numpy(np.concatenate(sel_pos)).to(device)
-        tgt = torch.from_numpy(np.concatenate(sel_tgt)).to(device)
-        segr = torch.from_numpy(np.concatenate(sel_req)).to(device)
-        n_req = len(req_ids)
-        idx = torch.as_tensor(req_ids, dtype=torch.long)
-        # log p(target) = logit - logsumexp: no [positions x vocabulary] log-softmax is written
-        lse = torch.logsumexp(logits, dim=-1)
-        lp = logits[p, tgt] - lse[p]
-        miss = (logits.argmax(dim=-1)[p] != tgt).to(torch.int64)
-        if reference is not None:
-            lq = logits.sub_(lse[:, None])
-            lr = torch.log_softmax(_kept_logits(reference, inputs, keep_t, state).float(), dim=-1)
-            pos_kl = (lr.exp() * (lr - lq)).sum(-1)  # KL(reference || model) per kept position
-            del lr, lq
-            kl[idx] = torch.zeros(n_req, dtype=torch.float64, device=device).index_add_(
-                0, segr, pos_kl[p].double()).cpu()
-        del logits
-        sums = torch.zeros(n_req, dtype=torch.float64, device=device).index_add_(0, segr, lp.double())
-        misses = torch.zeros(n_req, dtype=torch.int64, device=device).index_add_(0, segr, miss)
-        ll[idx] = sums.cpu()
-        greedy[idx] = (misses == 0).cpu()
-        if bar is not None:
-            bar.update(n_req)
+    try:
+        for batch in batches:
+            T = lw[batch[0]]
+            B = len(batch)
+            ids = np.full((B, T), pad_id, dtype=np.int64)
+            keep = np.zeros((B, T), dtype=bool)
+            unit = np.full((B, T), -1, dtype=np.int64)  # which row (question) a position belongs to; -1 padding
+            sub = np.zeros((B, T), dtype=np.int64)  # 0 its prefix, t+1 its tail t
+            pos = np.zeros((B, T), dtype=np.int64)
+            need: list[np.ndarray] = []
+            req_ids: list[int] = []
+            for b, k in enumerate(batch):
+                o = 0
+                for r in lines[k][1]:
+                    prefix, tails, _ = rows[r]
+                    P = len(prefix)
+                    ids[b, o:o + P], unit[b, o:o + P], pos[b, o:o + P] = prefix, r, np.arange(P)
+                    s, starts = o + P, []
+                    for t, tail in enumerate(tails):
+                        e = s + len(tail)
+                        ids[b, s:e], unit[b, s:e], sub[b, s:e] = tail, r, t + 1
+                        pos[b, s:e] = np.arange(P, P + len(tail))
+                        starts.append(s)
+                        s = e
+                    for i in by_row[r]:
+                        _, t, first, cont = where[i]
+                        # input positions first .. first+k-1 predict the continuation; those past the
+                        # prefix live in the request's tail
+                        q = first + np.arange(len(cont))
+                        p = np.where(q < P, o + q, (starts[t] if t >= 0 else 0) + q - P)
+                        keep[b, p] = True
+                        need.append(b * T + p)
+                        req_ids.append(i)
+                    o = s
+            flat = np.cumsum(keep.reshape(-1)) - 1  # index of a kept position among the kept ones
+            sel_pos = [flat[x] for x in need]
+            sel_tgt = [np.asarray(where[i][3], dtype=np.int64) for i in req_ids]
+            sel_req = [np.full(len(x), j, dtype=np.int64) for j, x in enumerate(need)]
+            inputs = {"input_ids": torch.from_numpy(ids).to(device)}
+            if lines[batch[0]][0] == "packed":
+                inputs["position_ids"] = torch.from_numpy(pos).to(device)
+                inputs["attention_mask"] = _block_mask(unit, sub, model, device)
+            keep_t = torch.from_numpy(keep).to(device)
+            captured.clear()
+            logits = _kept_logits(model, inputs, keep_t, state).float()
+            p = torch.from_numpy(np.concatenate(sel_pos)).to(device)
+            if keep_hidden is not None:
+                h = captured[-1]
+                h = h[keep_t] if h.dim() == 3 and h.shape[:2] == keep_t.shape else h.reshape(-1, h.shape[-1])
+                if h.shape[0] != logits.shape[0]:
+                    raise RuntimeError(f"LM head saw {h.shape[0]} positions, the logits have {logits.shape[0]}")
+                if not checked:  # the head must turn kept states back into these very logits
+                    diff = (head_logits(model, h[:64]).float() - logits[:64]).abs().max().item()
+                    if diff > 1e-3 * max(1.0, logits[:64].abs().max().item()):
+                        raise RuntimeError(f"this model's logits are not its LM head of the kept states (max diff {diff:.2g})")
+                    checked = True
+                for j, x in enumerate(sel_pos):
+                    keep_hidden[req_ids[j]] = h[torch.from_numpy(x).to(device)].float().cpu().clone()
+            tgt = torch.from_numpy(np.concatenate(sel_tgt)).to(device)
+            segr = torch.from_numpy(np.concatenate(sel_req)).to(device)
+            n_req = len(req_ids)
+            idx = torch.as_tensor(req_ids, dtype=torch.long)
+            # log p(target) = logit - logsumexp: no [positions x vocabulary] log-softmax is written
+            lse = torch.logsumexp(logits, dim=-1)
+            lp = logits[p, tgt] - lse[p]
+            miss = (logits.argmax(dim=-1)[p] != tgt).to(torch.int64)
+            if kept_refs:
+                hid = torch.cat([reference.hidden_for(*requests[i]) for i in req_ids])
+                pos_kl = torch.empty(len(p), dtype=torch.float32, device=device)
+                for a in range(0, len(p), 512):  # [tokens x vocabulary] at a time: bounded memory
+                    z = min(a + 512, len(p))
+                    lq = logits[p[a:z]] - lse[p[a:z], None]
+                    lr = reference.log_probs(hid[a:z]).to(device)
+                    pos_kl[a:z] = (lr.exp() * (lr - lq)).sum(-1)
+                del lq, lr
+                kl[idx] = torch.zeros(n_req, dtype=torch.float64, device=device).index_add_(
+                    0, segr, pos_kl.double()).cpu()
+            elif reference is not None:
+                lq = logits.sub_(lse[:, None])
+                lr = torch.log_softmax(_kept_logits(reference, inputs, keep_t, state).float(), dim=-1)
+                pos_kl = (lr.exp() * (lr - lq)).sum(-1)  # KL(reference || model) per kept position
+                del lr, lq
+                kl[idx] = torch.zeros(n_req, dtype=torch.float64, device=device).index_add_(
+                    0, segr, pos_kl[p].double()).cpu()
+            del logits
+            sums = torch.zeros(n_req, dtype=torch.float64, device=device).index_add_(0, segr, lp.double())
+            misses = torch.zeros(n_req, dtype=torch.int64, device=device).index_add_(0, segr, miss)
+            ll[idx] = sums.cpu()
+            greedy[idx] = (misses == 0).cpu()
+            if bar is not None:
+                bar.update(n_req)
+    finally:
+        if hook is not None:
+            hook.remove()
     if bar is not None:
         bar.close()
     if reference is not None:
