@@ -31,6 +31,11 @@ share is made first, in this process: the reference and degraded evaluations, th
 and the diagnosis of the auto placement (one per model and damage). Each worker then claims runs
 one at a time (an exclusive ``.claim`` file in the run folder) in plan order, loading a model only
 when it claims a run that needs it. Results are the same as one process's.
+
+On a CPU, two invocations with disjoint ``--only`` selections can run side by side, a thread and
+a core each (niced, so that the machine still answers): what both need (the reference's kept
+answers, a degraded model's evaluations, the synthetic pool) is made under a file lock by the
+first, and the second waits for it and reuses it.
 """
 
 from __future__ import annotations
@@ -270,6 +275,22 @@ def timed(path: Path, key: str):
         d[key] = round(d.get(key, 0.0) + time.perf_counter() - t0, 3)
         d[f"{key}_cpu"] = round(d.get(f"{key}_cpu", 0.0) + time.process_time() - c0, 3)
         atomic_write_json(path, d)
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold an exclusive lock on ``path`` (waiting for it): two study processes run side by side
+    (``--only`` on disjoint runs, a core each) make what they share (the reference's answers, a
+    degraded model's evaluation, the synthetic pool) once, the second waiting and then reusing it."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def slim(results: dict) -> dict:
@@ -549,35 +570,38 @@ def _execute(cfg: StudyConfig, todo: list[Run], progress: bool = True, mode: str
             reference = load_model(cfg.models[model], common.load)
             tokenizer = load_tokenizer(cfg.models[model], common.load)
             ev = study / slug(model) / "eval"
-            ev.mkdir(parents=True, exist_ok=True)
-            # the reference's answers are kept on the largest item set; every evaluation after it
-            # takes the answer-token KL from them (and the measures' items are the first of those)
-            answers = reference_answers(ev / REF_ANSWERS, reference, tokenizer, acfg or ecfg,
-                                        ev / ("reference-accuracy.json" if acfg else "reference.json"),
-                                        progress) if kl else None
-            if acfg is not None:
-                ref_acc = cached_eval(ev / "reference-accuracy.json", lambda m=reference: m, tokenizer, acfg, progress)
-            ref_res = cached_eval(ev / "reference.json", lambda m=reference: m, tokenizer, ecfg, progress,
-                                  source=ev / "reference-accuracy.json" if acfg else None)
+            with locked(ev / ".lock"):
+                # the reference's answers are kept on the largest item set; every evaluation after
+                # it takes the answer-token KL from them (the measures' items are the first of those)
+                answers = reference_answers(ev / REF_ANSWERS, reference, tokenizer, acfg or ecfg,
+                                            ev / ("reference-accuracy.json" if acfg else "reference.json"),
+                                            progress) if kl else None
+                if acfg is not None:
+                    ref_acc = cached_eval(ev / "reference-accuracy.json", lambda m=reference: m, tokenizer, acfg,
+                                          progress)
+                ref_res = cached_eval(ev / "reference.json", lambda m=reference: m, tokenizer, ecfg, progress,
+                                      source=ev / "reference-accuracy.json" if acfg else None)
             mirror_results(cfg)
         if run.damage != damage:
             damage, degraded = run.damage, None
             degraded = copy.deepcopy(reference)
             degrade(degraded, degrade_config(cfg, damage, model))
             dv = study / slug(model) / slug(damage) / "eval"
-            if acfg is not None:
-                need_kl = kl and not _have(dv / "degraded.json", _eval_key(ecfg, True))
-                deg_acc = cached_eval(dv / "degraded-accuracy.json", lambda m=degraded: m, tokenizer, acfg, progress,
-                                      reference=answers if need_kl else None)
-            deg_res = cached_eval(dv / "degraded.json", lambda m=degraded: m, tokenizer, ecfg, progress,
-                                  reference=answers, source=dv / "degraded-accuracy.json" if acfg else None)
+            with locked(dv / ".lock"):
+                if acfg is not None:
+                    need_kl = kl and not _have(dv / "degraded.json", _eval_key(ecfg, True))
+                    deg_acc = cached_eval(dv / "degraded-accuracy.json", lambda m=degraded: m, tokenizer, acfg,
+                                          progress, reference=answers if need_kl else None)
+                deg_res = cached_eval(dv / "degraded.json", lambda m=degraded: m, tokenizer, ecfg, progress,
+                                      reference=answers, source=dv / "degraded-accuracy.json" if acfg else None)
             mirror_results(cfg)
         pool = None
         if cfg.uses_pool(run.method):
             pool = study / slug(model) / "synth"
-            if not _pool_ready(pool):
-                with timed(study / slug(model) / "timing.json", "synth_pool"):
-                    synthesize(reference, tokenizer, train_synth_config(common), pool, progress=progress)
+            with locked(study / slug(model) / ".synth.lock"):
+                if not _pool_ready(pool):
+                    with timed(study / slug(model) / "timing.json", "synth_pool"):
+                        synthesize(reference, tokenizer, train_synth_config(common), pool, progress=progress)
         if mode == "prepare":
             prepare_plan(run, cfg.recover_config(model, damage, run.method, pool), reference, degraded, tokenizer,
                          progress)
