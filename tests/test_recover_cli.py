@@ -123,3 +123,38 @@ def test_training_flags_reach_the_config():
     assert (cfg.distill.hidden_weight, cfg.distill.teacher_topk, cfg.distill.lr) == (50.0, 64, 5e-4)
     b = build_parser().parse_args(["recover", "--reference", "r", "--degraded", "d", "--out", "o"])
     assert _recover_config(b).distill.hidden_weight == 0.0  # the paper's loss unless asked
+
+
+def test_outputs_travel_a_moved_adapter_loads_and_cards_are_written(folders, monkeypatch):
+    """Run with relative paths, move the adapter elsewhere, load it from another directory with
+    plain PEFT (AutoPeftModelForCausalLM): same function as degraded + adapter. The adapter and the
+    merged model carry a card; `export --dtype bfloat16` writes bf16 weights."""
+    import shutil
+
+    from peft import AutoPeftModelForCausalLM
+    from safetensors import safe_open
+
+    t = folders
+    monkeypatch.chdir(t)
+    assert main(["degrade", "--model", "ref", "--out", "deg", "--damage", "noise:rel=0.3", "--device", "cpu"]) == 0
+    assert main(["recover", "--reference", "ref", "--degraded", "deg", "--out", "run", "--steps", "4",
+                 "--batch-size", "4", "--seq-len", "16", "--heldout", "4", "--rank", "4", "--device", "cpu"]) == 0
+    cfg = json.loads((t / "run/adapter/adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str((t / "deg").resolve())
+    card = (t / "run/adapter/README.md").read_text()
+    assert "base_model: " + str((t / "deg").resolve()) in card and "held-out KL" in card
+    assert "recover-lora" in card and "AutoPeftModelForCausalLM" in card
+    shutil.move(str(t / "run/adapter"), str(t / "elsewhere"))
+    (t / "other").mkdir()
+    monkeypatch.chdir(t / "other")
+    moved = AutoPeftModelForCausalLM.from_pretrained(str(t / "elsewhere")).eval()
+    deg = load_model(str(t / "deg"), LoadConfig(device="cpu"))
+    direct = PeftModel.from_pretrained(deg, str(t / "elsewhere")).eval()
+    x = torch.randint(4, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(moved(x).logits, direct(x).logits, atol=1e-5)
+    assert main(["export", "--degraded", str(t / "deg"), "--adapter", str(t / "elsewhere"),
+                 "--out", str(t / "bf16"), "--reference", str(t / "ref"), "--dtype", "bfloat16"]) == 0
+    with safe_open(str(t / "bf16/model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert "Repaired model" in (t / "bf16/README.md").read_text()

@@ -93,7 +93,7 @@ def test_other_settings_refused(tmp_path):
 
 def test_bad_settings():
     with pytest.raises(RecoverLoraError, match="greedy_min"):
-        SynthConfig(greedy_min=5, greedy_max=3).validate()
+        SynthConfig(num_sequences=4, greedy_min=5, greedy_max=3).validate()
     with pytest.raises(RecoverLoraError, match="not a synthetic data folder"):
         load_synthetic("/nonexistent-folder")
 
@@ -129,3 +129,19 @@ def test_cpu_decodes_with_a_bf16_copy_where_the_cpu_multiplies_bf16(tmp_path, mo
         synthesize(model, tok, cfg, tmp_path / "bf16", progress=False)
     synthesize(model, tok, cfg, tmp_path / "fp32", progress=False)
     assert "decode_dtype" not in manifest(tmp_path / "fp32")["settings"]  # fp32 keys as before
+
+
+def test_one_default_for_how_much_data_python_api_and_cli_alike(tmp_path):
+    """SynthConfig's default count is 'one fresh pass of the training steps' wherever a config is
+    made (the README's Python example once trained on 1024 sequences repeated); synthesizing alone
+    without a count is refused by name."""
+    from recover_lora.distill import DistillConfig
+    from recover_lora.recover import RecoverConfig, train_synth_config
+    from recover_lora.synth import synthesize
+    from recover_lora.utils import RecoverLoraError
+
+    api = RecoverConfig(synth=SynthConfig(seq_len=16), distill=DistillConfig(steps=7, batch_size=3))
+    yml = RecoverConfig.from_dict({"synth": {"seq_len": 16}, "distill": {"steps": 7, "batch_size": 3}})
+    assert train_synth_config(api).num_sequences == train_synth_config(yml).num_sequences == 21
+    with pytest.raises(RecoverLoraError, match="num_sequences >= 1"):
+        synthesize(tiny_model("llama"), tiny_tokenizer(), SynthConfig(seq_len=8), tmp_path / "s", progress=False)

@@ -20,12 +20,18 @@ import numpy as np
 import torch
 
 from .load import LoadConfig, check_compatible, load_model, load_tokenizer, resolve_spec, save_model_dir
-from .utils import RecoverLoraError, log
+from .utils import RecoverLoraError, log, read_json
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def merge(degraded: str, adapter: str | Path, out_dir: str | Path, reference: str | None = None,
-          cfg: LoadConfig | None = None) -> Path:
-    """degraded + adapter -> merged safetensors folder (with the reference's tokenizer)."""
+          cfg: LoadConfig | None = None, dtype: str = "float32") -> Path:
+    """degraded + adapter -> merged safetensors folder (with the reference's tokenizer and a model
+    card), its weights in ``dtype`` (merged in float32 first, then cast)."""
+    if dtype not in DTYPES:
+        raise RecoverLoraError(f"--dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     cfg = cfg or LoadConfig(dtype="float32", device="cpu")
     from .provenance import apply_adapter
 
@@ -37,9 +43,16 @@ def merge(degraded: str, adapter: str | Path, out_dir: str | Path, reference: st
     model = load_model(degraded, cfg, reference=ref_model)
     if ref_model is not None:  # the reference given for its tokenizer must pair with the model too
         check_compatible(ref_model, model)
-    merged = apply_adapter(model, adapter).merge_and_unload()
+    merged = apply_adapter(model, adapter).merge_and_unload().to(DTYPES[dtype])
     tok = load_tokenizer(reference or degraded, cfg)
-    return save_model_dir(merged, out_dir, tok)
+    out = save_model_dir(merged, out_dir, tok)
+    from .card import write_merged_card
+
+    rep = adapter.parent / "report.json"  # recover's report, when the adapter is still in its run folder
+    report = read_json(rep) if rep.exists() else {"reference": reference}
+    write_merged_card(out, {**report, "command": None}, str(Path(degraded).resolve()) if Path(degraded).exists()
+                      else degraded)
+    return out
 
 
 def _permute_rows(w: torch.Tensor, n_head: int, n_head_kv: int) -> torch.Tensor:
@@ -173,6 +186,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--gguf-lora", default=None, metavar="FILE.gguf",
                    help="write a llama.cpp LoRA adapter for the degraded GGUF (llama-cli -m D.gguf --lora FILE.gguf)")
     p.add_argument("--gguf-dtype", default="f32", choices=("f32", "f16"))
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights of the merged folder")
     p.add_argument("--reference", default=None, help="reference spec (tokenizer; config for bare state dicts)")
     p.add_argument("--allow-pickle", action="store_true")
     p.set_defaults(func=_run)
@@ -186,5 +200,5 @@ def _run(a: argparse.Namespace) -> int:
         print(export_gguf_lora(a.adapter, a.degraded, a.gguf_lora, a.gguf_dtype))
     if a.out:
         print(merge(a.degraded, a.adapter, a.out, a.reference,
-                    LoadConfig(dtype="float32", device="cpu", allow_pickle=a.allow_pickle)))
+                    LoadConfig(dtype="float32", device="cpu", allow_pickle=a.allow_pickle), a.dtype))
     return 0

@@ -27,6 +27,7 @@ from .baselines import (METHODS, FullKDConfig, SFTConfig, degraded_view, prepare
 from .distill import (CADENCE_FIELDS, AdapterConfig, DistillConfig, TrainState, init_distributed, measure,
                       trainable_parameters, train)
 from .load import LoadConfig, fingerprint, load_pair, save_model_dir, vocab_size
+from .card import command_line, finish_adapter, write_merged_card
 from .provenance import nonfinite_weights, write_adapter_provenance, zero_nonfinite
 from .run_dir import RunLock, check_identity, check_run_dir, run_identity, write_identity
 from .svd_init import SVD_INITS, attach_with_init
@@ -50,7 +51,7 @@ class RecoverConfig:
     eval_data: str | None = None
     eval_limit: int | None = None
     load: LoadConfig = field(default_factory=lambda: LoadConfig(dtype="auto"))
-    synth: SynthConfig = field(default_factory=lambda: SynthConfig(num_sequences=0))  # 0 = one epoch of steps
+    synth: SynthConfig = field(default_factory=SynthConfig)  # num_sequences 0: one fresh pass of the steps
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     placement: str = "preset"  # "preset": adapter.modules/layers/rank; "auto": diagnose, then plan per-module ranks
     placement_budget: int | None = None  # auto: trainable parameters; None = attn-mlp at adapter.rank on all layers
@@ -396,8 +397,14 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
     plot_training(state.history, state.evals, before, after, out / "loss.png")
     if cfg.eval_tasks:  # before merging: the degraded model is the student with adapters disabled
         report["eval"] = evaluate_triplet(cfg, reference, student, tokenizer, out, progress, snapshot)
+    report["command"] = command_line()
+    if cfg.method != "full-kd":  # a base PEFT loads from anywhere, and a card instead of PEFT's template
+        report["adapter_base"] = finish_adapter(saved, report, _abs_spec(cfg.degraded))
+    else:
+        write_merged_card(saved, report, _abs_spec(cfg.degraded))
     if cfg.merge and cfg.method != "full-kd":  # full-kd's out/model already is the whole model
         save_model_dir(student.merge_and_unload(), out / "merged", tokenizer)
+        write_merged_card(out / "merged", report, _abs_spec(cfg.degraded))
         report["merged"] = str(out / "merged")
     report["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
     atomic_write_json(out / "report.json", report)

@@ -34,7 +34,9 @@ FORMAT_VERSION = 1
 class SynthConfig:
     """Hybrid sampling settings. ``seq_len`` counts every token, BOS included."""
 
-    num_sequences: int = 1024
+    # 0 = sized by whoever consumes the data: recover() makes one fresh pass of its training steps
+    # (the same default from the CLI, YAML and the Python API); synthesize() alone needs a count
+    num_sequences: int = 0
     seq_len: int = 128
     greedy_min: int = 3
     greedy_max: int = 5
@@ -50,8 +52,11 @@ class SynthConfig:
     dtype: str = "auto"
 
     def validate(self) -> None:
-        if self.num_sequences < 1 or self.seq_len < 2:
-            raise RecoverLoraError("synth needs num_sequences >= 1 and seq_len >= 2")
+        if self.num_sequences < 1:
+            raise RecoverLoraError(f"synthesizing needs num_sequences >= 1, not {self.num_sequences} (0 means: as "
+                                   "many as a training run consumes, which recover() works out; alone, say how many)")
+        if self.seq_len < 2:
+            raise RecoverLoraError(f"synth needs seq_len >= 2, not {self.seq_len}")
         if not 0 <= self.greedy_min <= self.greedy_max:
             raise RecoverLoraError(f"greedy_min {self.greedy_min} must be <= greedy_max {self.greedy_max}")
         if self.top_k < 1 or self.temperature <= 0:
