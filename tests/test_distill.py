@@ -247,3 +247,45 @@ def test_batch_order_is_a_function_of_step():
     assert sorted(sum(a[:3], [])) == sorted(set(sum(a[:3], [])))  # no repeats inside an epoch
     with pytest.raises(RecoverLoraError, match="only 3 training sequences"):
         batch_indices(3, 4, 0, 0)
+
+
+def test_metrics_stream_as_they_come_and_a_resume_reads_as_one_run(tmp_path):
+    """train(metrics=...) appends a JSON line a step (and one per held-out measurement), to
+    TensorBoard too; a run interrupted after its checkpoint and resumed leaves the same lines as an
+    uninterrupted run (what was logged past the checkpoint is dropped on resume)."""
+    import json
+
+    from recover_lora.metrics import MetricsLog, read_metrics
+
+    ref, deg = _pair()
+    ids = _data(ref, 48)
+    held = _data(ref, 8, seed=1)
+    cfg = DistillConfig(steps=6, batch_size=8, lr=5e-3, warmup_steps=2, checkpoint_every=2, eval_every=3)
+    one = MetricsLog(tmp_path / "one.jsonl", tmp_path / "tb")
+    train(attach_adapters(copy.deepcopy(deg), AdapterConfig(rank=4)), ref, ids, cfg, held, progress=False,
+          metrics=one)
+    one.close()
+    recs = read_metrics(tmp_path / "one.jsonl")
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in recs if r["kind"] == "heldout"] == [3] and recs[3]["kind"] == "heldout"
+    assert all(r["loss"] > 0 and "lr" in r and "tokens" in r for r in recs if r["kind"] == "train")
+
+    ck, path = tmp_path / "ck.pt", tmp_path / "two.jsonl"
+    train(attach_adapters(copy.deepcopy(deg), AdapterConfig(rank=4)), ref, ids, cfg, held, ck, progress=False,
+          stop_after=3, metrics=MetricsLog(path))
+    ck_step = 3  # stop_after=3 leaves its checkpoint at step 3
+    with open(path, "a") as f:  # a step logged after the checkpoint, then the process died
+        f.write(json.dumps({"kind": "train", "step": ck_step + 1, "loss": 9.9}) + "\n")
+    train(attach_adapters(copy.deepcopy(deg), AdapterConfig(rank=4)), ref, ids, cfg, held, ck, progress=False,
+          metrics=MetricsLog(path))
+    two = read_metrics(path)
+    key = [(r["kind"], r["step"]) for r in recs]
+    assert [(r["kind"], r["step"]) for r in two] == key
+    assert [r["loss"] for r in two if r["kind"] == "train"] == [r["loss"] for r in recs if r["kind"] == "train"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "tb"))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert ea.Scalars("train/loss")[0].value == pytest.approx(recs[0]["loss"])

@@ -87,7 +87,7 @@ def full_kd_distill_config(distill_cfg: DistillConfig, cfg: FullKDConfig | None 
 def run_full_kd(reference: PreTrainedModel, degraded: PreTrainedModel, train_ids: torch.Tensor,
                 distill_cfg: DistillConfig, heldout_ids: torch.Tensor | None = None,
                 checkpoint: str | Path | None = None, cfg: FullKDConfig | None = None,
-                progress: bool = True, stop_after: int | None = None) -> TrainState:
+                progress: bool = True, stop_after: int | None = None, metrics=None) -> TrainState:
     """Distill ``reference`` into all parameters of ``degraded`` (in place) with :func:`distill.train`:
     same data order, loss, steps, warmup + cosine schedule, clipping and checkpoint/resume as
     recover-lora; only the learning rate comes from ``cfg``. Single process only."""
@@ -99,7 +99,7 @@ def run_full_kd(reference: PreTrainedModel, degraded: PreTrainedModel, train_ids
     n = prepare_full_kd(degraded, reference, cfg)
     log.info("full-KD: %d trainable parameters, lr %g", n, cfg.lr)
     return train(degraded, reference, train_ids, full_kd_distill_config(distill_cfg, cfg), heldout_ids,
-                 checkpoint, progress=progress, stop_after=stop_after)
+                 checkpoint, progress=progress, stop_after=stop_after, metrics=metrics)
 
 
 def snapshot_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -258,7 +258,7 @@ def gold_nll(model: torch.nn.Module, examples: Sequence[SFTExample], batch_size:
 def run_sft_lora(student: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                  tasks: Sequence[str] | str | None = None, data_dir: str | Path | None = None,
                  cfg: SFTConfig | None = None, checkpoint: str | Path | None = None,
-                 progress: bool = True, stop_after: int | None = None) -> dict:
+                 progress: bool = True, stop_after: int | None = None, metrics=None) -> dict:
     """Fine-tune the trainable (LoRA) parameters of ``student`` on the gold answers of the tasks'
     train splits. ``tasks`` / ``data_dir`` default to ``cfg``'s. Resumes from ``checkpoint``
     like :func:`distill.train` (same batch order, bit-for-bit). Single process. Returns a
@@ -298,6 +298,8 @@ def run_sft_lora(student: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
         log.info("sft-lora: resumed from %s at step %d", ckpt, state.step)
     student.train()
     t0 = time.perf_counter() - state.elapsed
+    if metrics is not None:
+        metrics.resume(state.step)
     start = state.step
     bar = tqdm(total=steps, initial=state.step, desc="sft-lora", unit="step", disable=not progress)
     with sigterm_as_interrupt(), _lora_casts_off(student, _autocast_on(cfg, device)):
@@ -325,6 +327,8 @@ def run_sft_lora(student: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                 state.elapsed = time.perf_counter() - t0
                 state.history.append({"step": state.step, "loss": loss.item(), "lr": lr, "tokens": k,
                                       "time": round(state.elapsed, 3)})
+                if metrics is not None:
+                    metrics.log("train", state.history[-1])
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 if ckpt and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:

@@ -432,8 +432,8 @@ def diagnose(reference: PreTrainedModel, degraded: PreTrainedModel, tokenizer: P
     diag["recommendation"] = plan.to_dict()
     diag["recommendation"]["summary"] = plan.summary()
     diag["seconds"] = round(time.perf_counter() - t0, 2)
-    log.info("diagnosis: %d damaged layers, %d tensors with NaN/Inf, base KL %s; %s", len(ranking),
-             len(wd["nonfinite"]), base_kl, plan.summary())
+    log.info("diagnosis: %d damaged layers, %d tensors with NaN/Inf, base KL %s", len(ranking),
+             len(wd["nonfinite"]), base_kl)  # the plan's summary: logged once, by auto_placement
     return diag
 
 
@@ -565,10 +565,15 @@ def plot_diagnosis(diag: dict[str, Any], path: str | Path) -> Path:
                 reds.append(r)
                 colors.append("C0")
         ax2.barh(range(n), reds, color=colors)
+        for i, L in enumerate(diag["layers"]):  # the bar's share of the whole held-out KL
+            sh = L.get("kl_reduction_share")
+            if isinstance(sh, float) and math.isfinite(sh) and isinstance(L.get("kl_reduction"), float):
+                ax2.text(L["kl_reduction"], i, f" {sh:.0%}", va="center", fontsize=7)
         ax2.set_yticks(range(n))
         ax2.set_ylim(n - 0.5, -0.5)
-        ax2.set_xlabel("KL reduction with the layer restored (nats/token)")
-        ax2.set_title(f"held-out KL {_kl_str(f['base'])}: per-layer share", fontsize=10)
+        ax2.set_xlabel("KL removed by restoring this layer alone (nats/token)")
+        ax2.set_title(f"restoring one layer: KL removed (labels: % of the held-out KL {_kl_str(f['base'])})",
+                      fontsize=9)
         ax2.grid(True, axis="x", alpha=0.3)
     else:
         ax2.axis("off")

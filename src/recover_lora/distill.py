@@ -27,6 +27,7 @@ from . import graphs
 from .degrade import parse_layers, parse_modules, select_modules
 from .losses import LOSSES, chunked_loss_backward, hidden_match_loss
 from .synth import dist_rank_world
+from .metrics import MetricsLog
 from .utils import RecoverLoraError, atomic_torch_save, log, sigterm_as_interrupt
 
 @dataclass
@@ -366,8 +367,10 @@ class _HiddenStates(torch.nn.Module):
 
 def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.Tensor, cfg: DistillConfig,
           heldout_ids: torch.Tensor | None = None, checkpoint: str | Path | None = None,
-          progress: bool = True, stop_after: int | None = None) -> TrainState:
+          progress: bool = True, stop_after: int | None = None, metrics: MetricsLog | None = None) -> TrainState:
     """Distill ``teacher`` into the trainable parameters of ``student``.
+
+    ``metrics``: each step's numbers (and each held-out measurement) streamed there as they come.
 
     With ``checkpoint`` set, resumes from it when present and writes it every
     ``cfg.checkpoint_every`` steps and on interruption (Ctrl-C, SIGTERM). ``stop_after`` ends the
@@ -412,6 +415,9 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
     if ckpt and ckpt.exists():
         state = load_checkpoint(ckpt, student, opt, sched, cfg)
         log.info("resumed from %s at step %d", ckpt, state.step)
+    metrics = metrics if metrics is not None and rank == 0 else None
+    if metrics is not None:
+        metrics.resume(state.step)
     s_head, t_head = _head(_base(student)), _head(teacher)
     ddp = None
     if world > 1 and sharded is None:
@@ -509,12 +515,16 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
                                       "tokens": state.step * tokens_per_step, "time": round(state.elapsed, 3)})
                 if layers:
                     state.history[-1]["hidden_loss"] = means[2]
+                if metrics is not None:
+                    metrics.log("train", state.history[-1])
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.4f}", top1=f"{top1_sum:.3f}")
                 if heldout_ids is not None and cfg.eval_every and state.step % cfg.eval_every == 0 \
                         and state.step < cfg.steps:
                     m = measure(student, teacher, heldout_ids, cfg.eval_batch_size, cfg)
                     state.evals.append({"step": state.step, **m})
+                    if metrics is not None:
+                        metrics.log("heldout", state.evals[-1])
                     bar.write(f"step {state.step}: held-out KL {m['kl']:.4f}, top-1 {m['top1']:.3f}")
                 if ckpt and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                     _save_rank0(ckpt, student, opt, sched, state, cfg, rank, world)

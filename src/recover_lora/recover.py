@@ -28,6 +28,7 @@ from .distill import (CADENCE_FIELDS, AdapterConfig, DistillConfig, TrainState, 
                       trainable_parameters, train)
 from .load import LoadConfig, fingerprint, load_pair, save_model_dir, vocab_size
 from .card import command_line, finish_adapter, write_merged_card
+from .metrics import MetricsLog
 from .provenance import nonfinite_weights, write_adapter_provenance, zero_nonfinite
 from .run_dir import RunLock, check_identity, check_run_dir, run_identity, write_identity
 from .svd_init import SVD_INITS, attach_with_init
@@ -332,17 +333,24 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
     # 3. distillation (resumes from out_dir/checkpoint.pt)
     t0 = time.perf_counter()
     sft = None
-    if cfg.method == "sft-lora":
-        sft = run_sft_lora(student, tokenizer, None, cfg.sft.data_dir or cfg.eval_data, cfg.sft,
-                           out / "checkpoint.pt", progress=progress)
-        state = TrainState(step=sft["steps"], history=sft["history"], elapsed=sft["seconds"])
-    elif cfg.method == "full-kd":
-        state = run_full_kd(reference, student, train_ids, cfg.distill, held_ids, out / "checkpoint.pt",
-                            cfg.full_kd, progress=progress)
-    else:
-        state = train(student, reference, train_ids, cfg.distill, held_ids, out / "checkpoint.pt", progress=progress)
-    train_s = time.perf_counter() - t0
-    after = measure(student, reference, held_ids, cfg.distill.eval_batch_size, cfg.distill)
+    # streamed as they come (metrics.jsonl; TensorBoard when installed): before, each step, after
+    metrics = MetricsLog(out / "metrics.jsonl", out / "tensorboard", enabled=rank == 0)
+    try:
+        if cfg.method == "sft-lora":
+            sft = run_sft_lora(student, tokenizer, None, cfg.sft.data_dir or cfg.eval_data, cfg.sft,
+                               out / "checkpoint.pt", progress=progress, metrics=metrics)
+            state = TrainState(step=sft["steps"], history=sft["history"], elapsed=sft["seconds"])
+        elif cfg.method == "full-kd":
+            state = run_full_kd(reference, student, train_ids, cfg.distill, held_ids, out / "checkpoint.pt",
+                                cfg.full_kd, progress=progress, metrics=metrics)
+        else:
+            state = train(student, reference, train_ids, cfg.distill, held_ids, out / "checkpoint.pt",
+                          progress=progress, metrics=metrics)
+        train_s = time.perf_counter() - t0
+        after = measure(student, reference, held_ids, cfg.distill.eval_batch_size, cfg.distill)
+        metrics.log("heldout", {"step": state.step, **after})
+    finally:
+        metrics.close()
     log.info("after: held-out KL %.4f, top-1 %.3f", after["kl"], after["top1"])
 
     if rank != 0:
@@ -470,16 +478,18 @@ def _gguf_lora(degraded: str | None, adapter: Path, out: Path) -> Path | None:
 def evaluate_triplet(cfg: RecoverConfig, reference: PreTrainedModel, student, tokenizer: PreTrainedTokenizerBase,
                      out: Path, progress: bool = True, snapshot: dict | None = None) -> dict[str, Any]:
     """Benchmarks on reference, degraded (adapters disabled) and recovered; writes the eval report."""
-    from .evaluate import EvalConfig, evaluate
-    from .report import build_report
-
-    from .report import compute_measures, measures_markdown
+    from .evaluate import EvalConfig, evaluate, evaluate_reference
+    from .report import build_report, compute_measures, measures_markdown
 
     ecfg = EvalConfig(tasks=cfg.eval_tasks, data_dir=cfg.eval_data, limit=cfg.eval_limit)
-    results = {"reference": evaluate(reference, tokenizer, ecfg, progress=progress)}
+    # the reference runs once: its kept answers give the other two their answer-token KL
+    ref_res, answers = evaluate_reference(reference, tokenizer, ecfg, progress=progress)
+    results = {"reference": ref_res}
     with degraded_view(student, snapshot):  # adapters off, or full-kd's pre-training weights
-        results["degraded"] = evaluate(student, tokenizer, ecfg, progress=progress, reference=reference)
-    results["recovered"] = evaluate(student, tokenizer, ecfg, progress=progress, reference=reference)
+        results["degraded"] = evaluate(student, tokenizer, ecfg, progress=progress, reference=answers,
+                                       name="degraded")
+    results["recovered"] = evaluate(student, tokenizer, ecfg, progress=progress, reference=answers,
+                                    name="repaired")
     for name, res in results.items():
         atomic_write_json(out / "eval" / f"{name}.json", res)
     rep = build_report(results["reference"], results["degraded"], results["recovered"], out / "eval")

@@ -374,7 +374,8 @@ def cached_eval(path: Path, get_model, tokenizer, ecfg, progress: bool = True, r
             atomic_write_json(path, {"config": key, "derived_from": source.name, "results": res})
             return res
     t0 = time.perf_counter()
-    res = slim(evaluate(get_model(), tokenizer, ecfg, progress=progress, reference=reference))
+    res = slim(evaluate(get_model(), tokenizer, ecfg, progress=progress, reference=reference,
+                        name=f"{path.parent.parent.name}/{path.stem}"))
     atomic_write_json(path, {"config": key, "seconds": round(time.perf_counter() - t0, 2), "results": res})
     return res
 

@@ -62,7 +62,8 @@ def run_eval(model_spec: str, adapter: str | None, args, tokenizer_spec: str | N
     cfg = _eval_config(args)
     build_requests(cfg)  # fail fast on a bad task name / data file before loading the model
     model, tok = _load(model_spec, adapter, args, tokenizer_spec)
-    results = evaluate(model, tok, cfg, progress=not args.no_progress)
+    results = evaluate(model, tok, cfg, progress=not args.no_progress,
+                       name=Path(model_spec).name + (f" + {Path(adapter).name}" if adapter else ""))
     return {"model": model_spec, "adapter": adapter, "config": config_dict(cfg), "results": results}
 
 

@@ -85,7 +85,8 @@ def build_requests(cfg: EvalConfig) -> dict[str, dict]:
     return out
 
 
-def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = True, reference=None) -> dict:
+def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = True, reference=None,
+             name: str | None = None) -> dict:
     """Score ``model`` on ``cfg.tasks``; returns ``{task: {acc, [acc_norm], n, split, source, items}}``.
 
     ``items`` holds per-document lists (``acc``, ``acc_norm``, ``pred``, ``pred_norm``, ``gold``,
@@ -94,21 +95,24 @@ def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = T
     of all the choices of an item (``items["answer_kl"]``; the task's mean as ``answer_kl``): a
     measure of a repair that resolves differences accuracy on a few hundred items cannot. The
     reference is a model (run beside) or its answers kept by :func:`evaluate_reference`.
+    ``name``: what the progress bar calls the model (reference, degraded, repaired ...).
     """
-    return _evaluate(model, tokenizer, cfg, progress, reference)
+    return _evaluate(model, tokenizer, cfg, progress, reference, name=name)
 
 
-def evaluate_reference(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = True):
+def evaluate_reference(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = True,
+                       name: str = "reference"):
     """Evaluate a reference and keep its answers: ``(results, ReferenceAnswers)``, the second to
     pass as ``reference=`` when evaluating other models on these tasks (or on fewer items of them)."""
     from .refcache import ReferenceAnswers  # noqa: PLC0415
 
     kept: dict = {}
-    results = _evaluate(model, tokenizer, cfg, progress, None, kept)
+    results = _evaluate(model, tokenizer, cfg, progress, None, kept, name=name)
     return results, ReferenceAnswers.from_kept(model, kept.pop("_requests"), kept)
 
 
-def _evaluate(model, tokenizer, cfg: EvalConfig | None, progress: bool, reference, keep_hidden: dict | None = None):
+def _evaluate(model, tokenizer, cfg: EvalConfig | None, progress: bool, reference, keep_hidden: dict | None = None,
+              name: str | None = None):
     from ..load import needs_bos  # noqa: PLC0415
 
     cfg = cfg or EvalConfig()
@@ -131,7 +135,7 @@ def _evaluate(model, tokenizer, cfg: EvalConfig | None, progress: bool, referenc
     try:
         res = score(model, requests, batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,
                     progress=progress, pad_id=tokenizer.pad_token_id or 0,
-                    desc=f"eval {','.join(built)}", groups=groups,
+                    desc=f"eval {name + ': ' if name else ''}{','.join(built)}", groups=groups,
                     share_context=cfg.share_context, reference=reference, keep_hidden=keep_hidden)
         if keep_hidden is not None:
             keep_hidden["_requests"] = requests
