@@ -64,10 +64,18 @@ def test_degrade_recover_export(folders, capsys):
     with torch.no_grad():
         assert torch.allclose(peft(x).logits, merged(x).logits, atol=1e-4)
 
+    # the metrics streamed during the run: before, each step, after
+    from recover_lora.metrics import read_metrics
+    recs = read_metrics(t / "run" / "metrics.jsonl")
+    assert recs[0]["kind"] == "heldout" and recs[0]["kl"] == pytest.approx(before["kl"])
+    assert [r["loss"] for r in recs if r["kind"] == "train"] == [h["loss"] for h in rep["loss_curve"]]
+    assert recs[-1]["final"] and recs[-1]["kl"] == pytest.approx(after["kl"])
+
     # running the same command again reuses the data and the finished checkpoint: nothing retrains
     assert main(args) == 0
     rep2 = json.loads((t / "run" / "report.json").read_text())
     assert rep2["heldout"]["after"] == pytest.approx(after)
+    assert len(read_metrics(t / "run" / "metrics.jsonl")) == len(recs)  # nothing logged twice
 
     assert main(["export", "--degraded", str(t / "deg"), "--adapter", str(t / "run" / "adapter"),
                  "--out", str(t / "exported"), "--reference", str(t / "ref")]) == 0

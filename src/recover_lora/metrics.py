@@ -33,7 +33,9 @@ class MetricsLog:
         self._start = step
         if not self.enabled or not self.path.exists():
             return
-        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and _step(ln) <= step]
+        # a run's final measurement ("final": true) is made again at its end
+        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and _step(ln) <= step
+                and '"final": true' not in ln]
         atomic_write_bytes(self.path, "".join(ln + "\n" for ln in kept).encode())
 
     def log(self, kind: str, record: dict[str, Any]) -> None:

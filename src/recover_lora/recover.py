@@ -335,6 +335,10 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
     sft = None
     # streamed as they come (metrics.jsonl; TensorBoard when installed): before, each step, after
     metrics = MetricsLog(out / "metrics.jsonl", out / "tensorboard", enabled=rank == 0)
+    if rank == 0 and not (out / "metrics.jsonl").exists():  # a fresh run (a resumed one has these lines)
+        metrics.log("heldout", {"step": 0, "model": "degraded", **before})
+        if at_init:
+            metrics.log("heldout", {"step": 0, "model": "warm start", **at_init})
     try:
         if cfg.method == "sft-lora":
             sft = run_sft_lora(student, tokenizer, None, cfg.sft.data_dir or cfg.eval_data, cfg.sft,
@@ -348,7 +352,7 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
                           progress=progress, metrics=metrics)
         train_s = time.perf_counter() - t0
         after = measure(student, reference, held_ids, cfg.distill.eval_batch_size, cfg.distill)
-        metrics.log("heldout", {"step": state.step, **after})
+        metrics.log("heldout", {"step": state.step, "model": "repaired", "final": True, **after})
     finally:
         metrics.close()
     log.info("after: held-out KL %.4f, top-1 %.3f", after["kl"], after["top1"])
