@@ -74,6 +74,7 @@ def _recover_config(a: argparse.Namespace):
     cfg = RecoverConfig.from_yaml(a.config) if a.config else RecoverConfig()
     _override(cfg, reference=a.reference, degraded=a.degraded, out_dir=a.out, data=a.data,
               heldout_sequences=a.heldout, merge=a.merge, eval_data=a.eval_data, eval_limit=a.eval_limit,
+              eval_backend=a.eval_backend,
               time_budget=getattr(a, "time_budget", None))
     # what a time budget must not resize: the shapes given on the command line
     cfg._explicit = {k for k, v in (("batch_size", a.batch_size), ("seq_len", a.seq_len)) if v is not None}
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval", default=None, help="benchmarks to run at the end, e.g. arc_easy,piqa or all")
     r.add_argument("--eval-data", default=None, help="folder of benchmark JSONL files")
     r.add_argument("--eval-limit", type=int, default=None)
+    r.add_argument("--eval-backend", default=None, choices=["builtin", "lm-eval"],
+                   help="who scores --eval: this package (default) or lm-evaluation-harness itself "
+                        "(pip install 'recover-lora[lmeval]'; local files from --eval-data)")
     g = r.add_argument_group("adapters")
     g.add_argument("--modules", default=None, help="kv | attn | mlp | attn-mlp | all-linear | q_proj,v_proj | re:REGEX")
     g.add_argument("--layers", default=None, help="layer subset, e.g. 0-11,20")

@@ -51,6 +51,7 @@ class RecoverConfig:
     eval_tasks: list[str] | None = None
     eval_data: str | None = None
     eval_limit: int | None = None
+    eval_backend: str = "builtin"  # or "lm-eval" (evaluate/lmeval_backend.py)
     load: LoadConfig = field(default_factory=lambda: LoadConfig(dtype="auto"))
     synth: SynthConfig = field(default_factory=SynthConfig)  # num_sequences 0: one fresh pass of the steps
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -153,6 +154,12 @@ def validate_config(cfg: RecoverConfig) -> None:
         from .evaluate import EvalConfig
         from .evaluate.runner import build_requests
 
+        if cfg.eval_backend not in ("builtin", "lm-eval"):
+            raise RecoverLoraError(f"eval_backend must be builtin or lm-eval, not {cfg.eval_backend!r}")
+        if cfg.eval_backend == "lm-eval":
+            from .evaluate.lmeval_backend import require_lmeval
+
+            require_lmeval(cfg.eval_data)
         if cfg.eval_limit is not None and cfg.eval_limit < 1:
             raise RecoverLoraError(f"eval_limit must be >= 1, got {cfg.eval_limit}")
         build_requests(EvalConfig(tasks=cfg.eval_tasks, data_dir=cfg.eval_data, limit=cfg.eval_limit))
@@ -485,7 +492,7 @@ def evaluate_triplet(cfg: RecoverConfig, reference: PreTrainedModel, student, to
     from .evaluate import EvalConfig, evaluate, evaluate_reference
     from .report import build_report, compute_measures, measures_markdown
 
-    ecfg = EvalConfig(tasks=cfg.eval_tasks, data_dir=cfg.eval_data, limit=cfg.eval_limit)
+    ecfg = EvalConfig(tasks=cfg.eval_tasks, data_dir=cfg.eval_data, limit=cfg.eval_limit, backend=cfg.eval_backend)
     # the reference runs once: its kept answers give the other two their answer-token KL
     ref_res, answers = evaluate_reference(reference, tokenizer, ecfg, progress=progress)
     results = {"reference": ref_res}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,6 +24,9 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto = bf16 on GPU, fp32 on CPU")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--eval-backend", default="builtin", choices=["builtin", "lm-eval"],
+                   help="who scores: this package (default) or lm-evaluation-harness itself, on the same local "
+                        "files (pip install 'recover-lora[lmeval]'; needs --data-dir)")
     p.add_argument("--no-share-context", dest="share_context", action="store_false",
                    help="one forward row per choice, as lm-eval's hf backend (default: the choices of a "
                         "question share one pass over their common prefix; same per-item results)")
@@ -36,7 +38,8 @@ def _eval_config(args, tasks=None):
         raise RecoverLoraError("--limit must be positive")
     return EvalConfig(tasks=tasks or args.tasks, data_dir=args.data_dir, source=args.source, limit=args.limit,
                       num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-                      max_batch_tokens=args.max_batch_tokens, share_context=getattr(args, "share_context", True))
+                      max_batch_tokens=args.max_batch_tokens, share_context=getattr(args, "share_context", True),
+                      backend=getattr(args, "eval_backend", "builtin"))
 
 
 def _load(model_spec: str, adapter: str | None, args, tokenizer_spec: str | None = None):
@@ -93,9 +96,11 @@ def cmd_report(args) -> int:
                                       ("recovered", args.recovered or args.degraded, args.adapter,
                                        args.recovered_results)):
         if path:
-            if not Path(path).is_file():
+            if not Path(path).exists():
                 raise RecoverLoraError(f"{role} results file {path} not found")
-            docs[role] = json.loads(Path(path).read_text())
+            from .lmeval_backend import read_results  # noqa: PLC0415
+
+            docs[role] = read_results(path)  # ours, or lm-eval's results_*.json (or its output folder)
             continue
         if not spec or (role == "recovered" and not (args.adapter or args.recovered)):
             raise RecoverLoraError(f"report needs --{role}-results or a model for the {role} side "
@@ -128,7 +133,9 @@ def register(subparsers) -> None:
     r.add_argument("--degraded", default=None, help="degraded model spec")
     r.add_argument("--adapter", default=None, help="recovery adapter (recovered = degraded + adapter)")
     r.add_argument("--recovered", default=None, help="recovered model spec (default: --degraded with --adapter)")
-    r.add_argument("--reference-results", default=None, help="earlier `eval --out` JSON for the reference")
+    r.add_argument("--reference-results", default=None,
+                   help="earlier results for the reference: `eval --out` JSON, or lm-eval's results_*.json "
+                        "(or its --output_path folder; per item with --log_samples)")
     r.add_argument("--degraded-results", default=None)
     r.add_argument("--recovered-results", default=None)
     r.add_argument("--out-dir", default="report", help="where report.md/json/png go (default: ./report)")

@@ -7,62 +7,23 @@ from __future__ import annotations
 
 import glob
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
+
+from .lmeval_backend import write_lmeval_tasks
 
 TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande")
 SPLIT_FILE = {"arc_easy": "arc_easy/test.jsonl", "hellaswag": "hellaswag/validation.jsonl",
               "piqa": "piqa/validation.jsonl", "winogrande": "winogrande/validation.jsonl"}
 TIE = 1e-4  # nats; fp32 on different batch shapes differs by ~1e-5
 
-_COMMON = """output_type: multiple_choice
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
-# The lm-eval 0.4.13 task YAMLs with the dataset swapped for the local JSONL files.
-YAMLS = {
-    "arc_easy": """test_split: test
-doc_to_text: "Question: {{question}}\\nAnswer:"
-doc_to_target: "{{choices.label.index(answerKey)}}"
-doc_to_choice: "{{choices.text}}"
-""",
-    "hellaswag": """validation_split: validation
-process_docs: !function hellaswag_utils.process_docs
-doc_to_text: "{{query}}"
-doc_to_target: "{{label}}"
-doc_to_choice: "choices"
-""",
-    "piqa": """validation_split: validation
-doc_to_text: "Question: {{goal}}\\nAnswer:"
-doc_to_target: label
-doc_to_choice: "{{[sol1, sol2]}}"
-""",
-    "winogrande": """validation_split: validation
-doc_to_text: !function preprocess_winogrande.doc_to_text
-doc_to_target: !function preprocess_winogrande.doc_to_target
-doc_to_choice: !function preprocess_winogrande.doc_to_choice
-""",
-}
 
 
 def write_task_dir(dest: Path, data_dir: Path, lm_eval_dir: Path) -> list[str]:
-    """Local lm-eval task YAMLs ``rl_<task>`` reading ``data_dir``; returns the task names."""
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy(lm_eval_dir / "tasks/hellaswag/utils.py", dest / "hellaswag_utils.py")
-    shutil.copy(lm_eval_dir / "tasks/winogrande/preprocess_winogrande.py", dest / "preprocess_winogrande.py")
-    for t, body in YAMLS.items():
-        split = SPLIT_FILE[t].split("/")[1].split(".")[0]
-        (dest / f"rl_{t}.yaml").write_text(
-            f"task: rl_{t}\ndataset_path: json\ndataset_name: null\ndataset_kwargs:\n  data_files:\n"
-            f"    {split}: {data_dir / SPLIT_FILE[t]}\n{_COMMON}{body}")
-    return [f"rl_{t}" for t in TASKS]
+    """Local lm-eval task YAMLs ``rl_<task>`` reading ``data_dir`` (the shipped ones,
+    :func:`lmeval_backend.write_lmeval_tasks`); returns the task names."""
+    return write_lmeval_tasks(dest, data_dir, list(TASKS), lm_eval_dir)
 
 
 def lmeval_command(python: str, gguf: Path, task_dir: Path, out_dir: Path, limit: int,

@@ -29,6 +29,8 @@ class EvalConfig:
     keep_items: include per-item lists (needed by ``report`` for bootstrap CIs).
     share_context: score the choices of a question in one pass over their common prefix (same
         per-item results; False: one row per choice, as lm-eval's ``hf`` backend runs them).
+    backend: "builtin" (this package's scorer) or "lm-eval" (lm-evaluation-harness in this
+        process, on the same local files; no answer-token KL).
     """
 
     tasks: list[str] | str = field(default_factory=lambda: ["hellaswag"])
@@ -42,6 +44,7 @@ class EvalConfig:
     add_bos: bool | None = None
     keep_items: bool = True
     share_context: bool = True
+    backend: str = "builtin"  # or "lm-eval": lm-evaluation-harness itself scores (lmeval_backend.py)
 
 
 def _metrics(task, forms: list[Formatted], lls: list[float], greedy: list[bool]) -> dict:
@@ -97,15 +100,25 @@ def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = T
     reference is a model (run beside) or its answers kept by :func:`evaluate_reference`.
     ``name``: what the progress bar calls the model (reference, degraded, repaired ...).
     """
+    cfg = cfg or EvalConfig()
+    if cfg.backend == "lm-eval":
+        from .lmeval_backend import evaluate_lmeval  # noqa: PLC0415
+
+        if reference is not None:
+            log.warning("the lm-eval backend scores choices only: no answer-token KL to the reference")
+        return evaluate_lmeval(model, tokenizer, cfg, progress, name)
     return _evaluate(model, tokenizer, cfg, progress, reference, name=name)
 
 
 def evaluate_reference(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = True,
                        name: str = "reference"):
     """Evaluate a reference and keep its answers: ``(results, ReferenceAnswers)``, the second to
-    pass as ``reference=`` when evaluating other models on these tasks (or on fewer items of them)."""
+    pass as ``reference=`` when evaluating other models on these tasks (or on fewer items of them);
+    None with the lm-eval backend."""
     from .refcache import ReferenceAnswers  # noqa: PLC0415
 
+    if cfg is not None and cfg.backend != "builtin":  # lm-eval keeps no hidden states: no answers
+        return evaluate(model, tokenizer, cfg, progress, name=name), None
     kept: dict = {}
     results = _evaluate(model, tokenizer, cfg, progress, None, kept, name=name)
     return results, ReferenceAnswers.from_kept(model, kept.pop("_requests"), kept)
@@ -170,4 +183,6 @@ def _evaluate(model, tokenizer, cfg: EvalConfig | None, progress: bool, referenc
 def config_dict(cfg: EvalConfig) -> dict:
     d = asdict(cfg)
     d["tasks"] = parse_tasks(cfg.tasks)
+    if d["backend"] == "builtin":  # as before the field existed: cached evaluations keep their keys
+        del d["backend"]
     return d
