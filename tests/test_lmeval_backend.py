@@ -20,7 +20,7 @@ pytest.importorskip("lm_eval")
 def _records(n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     words = WORDS[6:40]
-    arc, piqa, boolq = [], [], []
+    arc, piqa, boolq, wino = [], [], [], []
     for i in range(n):
         p = torch.randperm(len(words), generator=g)[:8].tolist()
         w = [words[j] for j in p]
@@ -29,7 +29,10 @@ def _records(n: int, seed: int = 0):
                     "answerKey": "ABCD"[i % 4]})
         piqa.append({"goal": " ".join(w[:4]), "sol1": " ".join(w[4:6]), "sol2": w[6], "label": i % 2})
         boolq.append({"question": " ".join(w[:3]), "passage": " ".join(w[3:]), "answer": bool(i % 2)})
-    return {"arc_easy/test.jsonl": arc, "piqa/validation.jsonl": piqa, "boolq/validation.jsonl": boolq}
+        wino.append({"sentence": f"{w[0]} {w[1]} _ {w[2]} {w[3]}", "option1": w[4], "option2": w[5],
+                     "answer": str(1 + i % 2)})
+    return {"arc_easy/test.jsonl": arc, "piqa/validation.jsonl": piqa, "boolq/validation.jsonl": boolq,
+            "winogrande/validation.jsonl": wino}
 
 
 @pytest.fixture
@@ -41,7 +44,7 @@ def data(tmp_path):
     return tmp_path / "eval"
 
 
-TASKS = ["arc_easy", "piqa", "boolq"]
+TASKS = ["arc_easy", "piqa", "boolq", "winogrande"]
 
 
 def test_lmeval_backend_chooses_as_the_builtin_scorer(data):

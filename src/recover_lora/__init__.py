@@ -1,19 +1,28 @@
 """recover-lora: repair damaged LLM weights by distilling the reference into LoRA adapters.
 
 Stages, one module each: ``load`` -> ``degrade`` -> ``synth`` -> ``distill`` -> ``evaluate`` ->
-``report`` -> ``export``; ``recover.recover`` runs the whole job. Each stage has one typed config.
-(The functions ``degrade.degrade`` and ``recover.recover`` are not re-exported here: their names
-are taken by their modules.)
+``report`` -> ``export``; ``recover.recover`` runs the whole job. Each stage has one typed config
+(all in ``config``). Names below are imported on first use, so that ``import recover_lora.config``
+(and the CLI's ``--help``) costs no torch import. (The functions ``degrade.degrade`` and
+``recover.recover`` are not re-exported here: their names are taken by their modules.)
 """
 
-from .degrade import DegradeConfig
-from .distill import AdapterConfig, DistillConfig, attach_adapters, measure, train
-from .load import LoadConfig, check_compatible, load_model, load_pair, load_tokenizer
-from .recover import RecoverConfig
-from .synth import SynthConfig, load_synthetic, synthesize
-from .utils import RecoverLoraError
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["LoadConfig", "load_model", "load_tokenizer", "load_pair", "check_compatible", "DegradeConfig",
-           "SynthConfig", "synthesize", "load_synthetic", "AdapterConfig", "DistillConfig",
-           "attach_adapters", "train", "measure", "RecoverConfig", "RecoverLoraError"]
+_HOMES = {
+    "LoadConfig": "config", "SynthConfig": "config", "AdapterConfig": "config", "DistillConfig": "config",
+    "RecoverConfig": "config", "DegradeConfig": "degrade", "RecoverLoraError": "errors",
+    "load_model": "load", "load_tokenizer": "load", "load_pair": "load", "check_compatible": "load",
+    "synthesize": "synth", "load_synthetic": "synth", "attach_adapters": "distill", "train": "distill",
+    "measure": "distill",
+}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,21 +35,12 @@ from .distill import (DistillConfig, TrainState, _autocast, _autocast_on, _base,
                       save_checkpoint, trainable_parameters, train)
 from .synth import dist_rank_world
 from .utils import RecoverLoraError, log, sigterm_as_interrupt
+from .config import SFT_DEFAULT_TASKS, FullKDConfig, SFTConfig  # noqa: F401 - re-exported
 
 METHODS = ("recover-lora", "full-kd", "sft-lora")
-SFT_DEFAULT_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "piqa")  # the ones with a train split
 
 
 # ---------------------------------------------------------------- full-KD (LLM-QAT*)
-
-@dataclass
-class FullKDConfig:
-    """What differs from recover-lora's distillation when every weight trains."""
-
-    lr: float = 2e-5  # replaces DistillConfig.lr (full fine-tuning needs a far smaller step than LoRA)
-    fp32_master: bool = True  # bf16/fp16 parameters are upcast to fp32 for training (AdamW updates at
-    #                           lr 2e-5 vanish under bf16 rounding); the trained model stays fp32
-    train_embeddings: bool = True  # False freezes the input embeddings (and a tied lm_head with them)
 
 
 def prepare_full_kd(degraded: PreTrainedModel, reference: PreTrainedModel | None = None,
@@ -131,29 +122,6 @@ def degraded_view(student: torch.nn.Module, snapshot: dict[str, torch.Tensor] | 
 
 
 # ---------------------------------------------------------------- SFT-LoRA
-
-@dataclass
-class SFTConfig:
-    """Supervised LoRA fine-tuning on benchmark train splits."""
-
-    tasks: list[str] = field(default_factory=lambda: list(SFT_DEFAULT_TASKS))
-    data_dir: str | None = None  # <data_dir>/<task>/train.jsonl; None = the eval data folder / offline source
-    source: str = "auto"  # evaluate.data sources: auto | local | hub | olmo
-    skip_missing: bool = False  # True: tasks without a train split are skipped (listed in the result)
-    limit_per_task: int | None = None  # first N training records of each task
-    steps: int = 0  # 0 = `epochs` passes over the examples
-    epochs: int = 1
-    batch_size: int = 16
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    max_len: int = 512  # tokens per example; longer contexts are cut on the left
-    autocast: str = "auto"  # as DistillConfig
-    checkpoint_every: int = 50
-    monitor_examples: int = 64  # gold-continuation NLL before/after on this many examples
 
 
 @dataclass

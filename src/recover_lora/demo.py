@@ -18,19 +18,7 @@ from .load import LoadConfig, load_model, load_tokenizer
 from .recover import RecoverConfig, recover
 from .synth import SynthConfig
 from .utils import log, resolve_device
-
-
-@dataclass
-class DemoConfig:
-    model: str = "smollm2"
-    out_dir: str = "runs/demo"
-    noise_rel: float = 0.1
-    seed: int = 0
-    device: str = "auto"
-    steps: int | None = None  # None: 50 on CPU, 600 on GPU
-    eval_data: str | None = None
-    eval_limit: int | None = None  # None: 100 items per task on CPU, all on GPU
-    eval_tasks: tuple[str, ...] = ("arc_easy", "piqa")
+from .config import DemoConfig  # noqa: F401 - re-exported
 
 
 def demo_recover_config(cfg: DemoConfig, on_gpu: bool) -> RecoverConfig:

@@ -34,33 +34,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .degrade import _decoder_layers_prefix, select_modules
 from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, log, save_figure
+from .config import DiagnoseConfig  # noqa: F401 - re-exported
 
 DIAGNOSIS_FORMAT = "recover-lora/diagnosis"
 DIAGNOSIS_VERSION = 1
 HELDOUT_SEED = 2_000_003  # synthetic diagnosis sequences never share a seed with training data
-
-
-@dataclass
-class DiagnoseConfig:
-    """What to measure. The functional part costs about ``layers x (1 + groups)`` forward passes
-    of ``sequences`` x ``seq_len`` tokens (layers without any weight change are skipped)."""
-
-    sequences: int = 16  # held-out sequences used (the first N of heldout_ids, or generated)
-    seq_len: int = 128  # length of generated sequences (ignored when heldout_ids is given)
-    seed: int = 0
-    batch_size: int = 16
-    functional: bool = True  # False: weight damage only (no forward passes)
-    per_group: bool = True  # also restore attention / MLP separately per layer
-    chunk_tokens: int = 0  # tokens per chunk of the full-vocabulary KL; 0 = auto
-    # recommendation (see placement.auto_placement)
-    rank: int = 16
-    alpha: float = 32.0
-    budget: int | None = None  # trainable parameters; None = attn-mlp preset at `rank` on all layers
-    temper: float = 0.5  # ranks ~ score ** temper (0: equal ranks on all damaged modules)
-
-    def validate(self) -> None:
-        if self.sequences < 1 or self.seq_len < 2 or self.batch_size < 1 or self.rank < 1:
-            raise RecoverLoraError("diagnose needs sequences >= 1, seq_len >= 2, batch_size >= 1, rank >= 1")
 
 
 # ----------------------------------------------------------------------------------------------

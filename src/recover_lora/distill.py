@@ -29,47 +29,25 @@ from .losses import LOSSES, chunked_loss_backward, hidden_match_loss
 from .synth import dist_rank_world
 from .metrics import MetricsLog
 from .utils import RecoverLoraError, atomic_torch_save, log, sigterm_as_interrupt
+from .config import AdapterConfig, DistillConfig  # noqa: F401 - re-exported
 
-@dataclass
-class AdapterConfig:
-    """Where the LoRA adapters go and how they start."""
 
-    modules: str = "all-linear"  # preset (kv, attn, mlp, attn-mlp, all-linear), names "q_proj,v_proj", re:REGEX
-    layers: str | None = None  # e.g. "0-11"; None = all layers
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    init: str = "default"  # peft init_lora_weights: default | gaussian | pissa | olora
+def adapter_targets(cfg: AdapterConfig, model: PreTrainedModel) -> list[str]:
+    """Full names of the nn.Linear modules that get an adapter (same selection rules as degrade)."""
+    layers = parse_layers(cfg.layers)
+    patterns = parse_modules(cfg.modules) or ["all-linear"]
+    names = [n for n, m in select_modules(model, patterns, layers) if isinstance(m, torch.nn.Linear)]
+    if not names:
+        raise RecoverLoraError(f"adapter targets {cfg.modules!r} (layers {cfg.layers}) match no linear module "
+                               f"of this {model.config.model_type} model")
+    return names
 
-    def validate(self) -> None:
-        from .svd_init import SVD_INITS
 
-        if self.rank < 1:
-            raise RecoverLoraError(f"adapter rank must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise RecoverLoraError(f"adapter alpha must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise RecoverLoraError(f"adapter dropout must be in [0, 1), got {self.dropout}")
-        inits = ("default", "gaussian", "pissa", "olora", *SVD_INITS)
-        if self.init not in inits and not str(self.init).startswith("pissa_niter_"):
-            raise RecoverLoraError(f"unknown adapter init {self.init!r}; use one of {inits}")
-        parse_layers(self.layers)
-
-    def target_modules(self, model: PreTrainedModel) -> list[str]:
-        """Full names of the nn.Linear modules that get an adapter (same selection rules as degrade)."""
-        layers = parse_layers(self.layers)
-        patterns = parse_modules(self.modules) or ["all-linear"]
-        names = [n for n, m in select_modules(model, patterns, layers) if isinstance(m, torch.nn.Linear)]
-        if not names:
-            raise RecoverLoraError(f"adapter targets {self.modules!r} (layers {self.layers}) match no linear module "
-                                   f"of this {model.config.model_type} model")
-        return names
-
-    def peft_config(self, model: PreTrainedModel) -> LoraConfig:
-        init: bool | str = True if self.init == "default" else self.init
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=self.target_modules(model), init_lora_weights=init,
-                          bias="none", task_type="CAUSAL_LM")
+def peft_lora_config(cfg: AdapterConfig, model: PreTrainedModel) -> LoraConfig:
+    init: bool | str = True if cfg.init == "default" else cfg.init
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=adapter_targets(cfg, model), init_lora_weights=init,
+                      bias="none", task_type="CAUSAL_LM")
 
 
 def attach_adapters(model: PreTrainedModel, cfg: AdapterConfig, seed: int = 0) -> PeftModel:
@@ -81,58 +59,6 @@ def attach_adapters(model: PreTrainedModel, cfg: AdapterConfig, seed: int = 0) -
 
 def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-@dataclass
-class DistillConfig:
-    """Training settings. Defaults reach held-out KL <= 0.1 on SmolLM2 at noise rel-L2 0.1."""
-
-    loss: str = "kl"  # kl | reverse_kl | jsd
-    temperature: float = 1.0
-    steps: int = 600
-    batch_size: int = 32  # sequences per micro-batch
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 30
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    chunk_tokens: int = 0  # tokens per chunk of the full-vocabulary loss; 0 = auto (~256 MB fp32 logits)
-    eval_every: int = 100
-    eval_batch_size: int = 32
-    checkpoint_every: int = 50
-    autocast: str = "auto"  # "auto" = bf16 on GPU, off on CPU; "bf16"; "off"
-    # Replay each optimizer step as one CUDA graph (graphs.py): "auto" = on a single GPU without
-    # dropout, falling back to eager steps if the capture fails or disagrees; "on" = fail instead.
-    cuda_graph: str = "auto"  # auto | on | off
-    # Recompute each decoder layer in the backward instead of keeping its activations: peak
-    # memory falls to about one layer's worth for one more student forward a step.
-    activation_checkpointing: bool = False
-    # Under torchrun / accelerate launch: shard the decoder layers of teacher and student across
-    # the ranks (FSDP2) instead of replicating the student under DDP; whole layers come back at the end.
-    fsdp: bool = False
-    # > 0: distill from the teacher's k most likely tokens per position plus one "any other token"
-    # outcome (its tail mass), all a cache of top-k teacher log-probabilities would hold; forward KL
-    # only. 0 = the whole vocabulary.
-    teacher_topk: int = 0
-    # > 0: also match every intermediate decoder layer's output to the teacher's (per-token relative
-    # squared error, mean over layers, losses.hidden_match_loss) with this weight; 0 = logits only.
-    hidden_weight: float = 0.0
-
-    def validate(self) -> None:
-        if self.loss not in LOSSES:
-            raise RecoverLoraError(f"unknown loss {self.loss!r}; use one of {LOSSES}")
-        if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
-            raise RecoverLoraError("steps must be >= 0, batch_size and grad_accum >= 1")
-        if self.temperature <= 0 or self.lr <= 0:
-            raise RecoverLoraError("temperature and lr must be > 0")
-        if self.teacher_topk < 0 or (self.teacher_topk and self.loss != "kl"):
-            raise RecoverLoraError("teacher_topk must be >= 0 and needs loss 'kl'")
-        if self.hidden_weight < 0:
-            raise RecoverLoraError(f"hidden_weight must be >= 0, got {self.hidden_weight}")
-        if self.cuda_graph not in ("auto", "on", "off"):
-            raise RecoverLoraError(f"cuda_graph must be auto, on or off, not {self.cuda_graph!r}")
 
 
 def _autocast(cfg: DistillConfig, device: torch.device):

@@ -24,19 +24,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from . import zoo
 from .utils import RecoverLoraError, log, resolve_device, resolve_dtype
+from .config import LoadConfig  # noqa: F401 - re-exported
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MODEL_SUFFIXES = (".gguf", ".safetensors", *PICKLE_SUFFIXES)
-
-
-@dataclass
-class LoadConfig:
-    """How models are loaded; shared by every stage that loads one."""
-
-    dtype: str = "float32"  # "auto" = bf16 on GPU, fp32 on CPU
-    device: str = "auto"
-    trust_remote_code: bool = False
-    allow_pickle: bool = False  # pickle checkpoints can run arbitrary code when loaded
 
 
 class IncompatibleModelsError(RecoverLoraError):

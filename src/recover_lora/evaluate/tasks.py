@@ -30,7 +30,7 @@ from ..utils import RecoverLoraError
 
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
-FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
+from ..config import FEWSHOT_SEED  # noqa: E402,F401 - lm-eval's default fewshot_random_seed
 
 
 @dataclass(frozen=True)

