@@ -18,7 +18,7 @@ $(BIN)/recover-lora: pyproject.toml
 install: $(BIN)/recover-lora
 
 demo: install
-	$(BIN)/recover-lora demo $(if $(EVAL_DATA),--eval-data $(EVAL_DATA))
+	$(BIN)/recover-lora demo $(if $(EVAL_DATA),--eval.data-dir $(EVAL_DATA))
 
 test: install
 	$(BIN)/python -m pytest -q --durations=15

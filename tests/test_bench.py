@@ -1,6 +1,5 @@
 """The optimized distillation step computes the naive step's loss and gradients; the bench runs."""
 
-import argparse
 import copy
 import json
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from recover_lora.bench import BenchConfig, register, run_bench
+from recover_lora.bench import BenchConfig, run_bench
 from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
 from recover_lora.distill import AdapterConfig, _head, attach_adapters, hidden_states
 from recover_lora.losses import chunked_loss_backward, naive_loss
@@ -77,7 +76,7 @@ def test_bench_smoke_json(tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "bench.json"
     res = run_bench(BenchConfig(tiny=True, device="cpu", synth_len=12, distill_len=12, distill_steps=4,
-                                timing_warmup=1, heldout=4, out=str(out)))
+                                timing_warmup=1, heldout=4, out_file=str(out)))
     assert json.loads(out.read_text())["distill"]["optimized"]["tokens_per_s"] > 0
     for k in ("model", "device", "torch", "transformers", "flops", "synth", "distill", "seconds"):
         assert k in res
@@ -105,15 +104,16 @@ def test_bench_smoke_json(tmp_path):
     assert d["optimized"]["final_loss"] == pytest.approx(d["naive"]["final_loss"], rel=1e-3)
 
 
-def test_register_adds_bench_subcommand():
-    p = argparse.ArgumentParser()
-    register(p.add_subparsers(dest="command"))
-    a = p.parse_args(["bench", "--tiny", "--device", "cpu", "--distill-steps", "3", "--no-generate"])
-    assert a.command == "bench" and a.tiny and a.distill_steps == 3 and not a.generate and callable(a.func)
+def test_bench_flags_are_its_config_fields():
+    from recover_lora.cli import parse
+
+    a = parse(["bench", "--tiny", "--device", "cpu", "--distill-steps", "3", "--no-generate"])
+    assert a.tiny and a.distill_steps == 3 and not a.generate and a.device == "cpu" and callable(a.run)
 
 
 def test_bench_table_rows_and_goal_checks(tmp_path):
-    from recover_lora.bench import bench_table, main
+    from recover_lora.bench import bench_table
+    from recover_lora.cli import main
 
     ok = {"status": "ok"}
     res = {"model": "/h/m/SmolLM2-135M-Instruct.Q4_1.gguf", "config": {"synth_scale": 4, "distill_scale": 4},
@@ -152,13 +152,13 @@ def test_bench_table_rows_and_goal_checks(tmp_path):
     assert "| distillation >= 8x naive | yes | 9.0x |" in t2
     f = tmp_path / "b.json"
     f.write_text(json.dumps(res))
-    assert main(["--table", str(f)]) == 0
+    assert main(["bench", "--table", str(f)]) == 0
 
 
 def test_bench_cpu_synth_sweep(tmp_path):
     torch.set_num_threads(1)
     res = run_bench(BenchConfig(tiny=True, device="cpu", parts="cpu-synth", synth_len=12, cpu_batches="8,32",
-                                out=str(tmp_path / "b.json")))["cpu_synth"]
+                                out_file=str(tmp_path / "b.json")))["cpu_synth"]
     assert res["decode_limit_tokens_per_s"] > 0 and res["gemm_gflops"]["float32"] > 0
     runs = res["runs"]
     assert "old default (fp32, dynamic, batch 16)" in runs and "float32, static, batch 32" in runs

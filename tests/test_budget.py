@@ -52,12 +52,12 @@ def test_estimate_scales_with_the_work():
 
 def test_cpu_run_prints_its_cost_and_a_budget_sizes_and_resumes(tmp_path, capsys, monkeypatch):
     save_model_dir(tiny_model("llama", initializer_range=0.2), tmp_path / "ref", tiny_tokenizer())
-    assert main(["degrade", "--model", str(tmp_path / "ref"), "--out", str(tmp_path / "deg"), "--damage",
-                 "noise:rel=0.3", "--device", "cpu"]) == 0
-    base = ["recover", "--reference", str(tmp_path / "ref"), "--degraded", str(tmp_path / "deg"), "--device", "cpu",
-            "--heldout", "4", "--rank", "2"]
+    assert main(["degrade", "--model", str(tmp_path / "ref"), "--out-dir", str(tmp_path / "deg"), "--damage",
+                 "noise:rel=0.3", "--load.device", "cpu"]) == 0
+    base = ["recover", "--reference", str(tmp_path / "ref"), "--degraded", str(tmp_path / "deg"),
+            "--load.device", "cpu", "--heldout-sequences", "4", "--adapter.rank", "2"]
     capsys.readouterr()
-    assert main(base + ["--out", str(tmp_path / "plain"), "--steps", "3", "--batch-size", "2", "--seq-len", "8"]) == 0
+    assert main(base + ["--out-dir", str(tmp_path / "plain"), "--distill.steps", "3", "--distill.batch-size", "2", "--synth.seq-len", "8"]) == 0
     out = capsys.readouterr().out
     assert "recover on a CPU: this run will synthesize 6 x 8 tokens" in out and "train 3 steps of 2 x 8" in out
     assert "--time-budget" in out
@@ -65,7 +65,7 @@ def test_cpu_run_prints_its_cost_and_a_budget_sizes_and_resumes(tmp_path, capsys
     assert rep["cost_estimate"]["estimate"]["total_s"] > 0
 
     monkeypatch.setattr(budget, "gemm_rate", lambda *a, **k: 2e9)  # a slow CPU: the budget binds
-    run = ["--out", str(tmp_path / "b"), "--time-budget", "30s"]
+    run = ["--out-dir", str(tmp_path / "b"), "--time-budget", "30s"]
     assert main(base + run) == 0
     out = capsys.readouterr().out
     sized = json.loads((tmp_path / "b" / "budget.json").read_text())

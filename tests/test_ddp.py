@@ -106,16 +106,18 @@ def test_recover_cli_under_torchrun_equals_one_process(tmp_path, parallel):
     deg = copy.deepcopy(ref)
     degrade(deg, DegradeConfig(ops=[NoiseOp(rel=0.3)], seed=0))
     save_model_dir(deg, tmp_path / "deg")
-    args = ["recover", "--reference", str(tmp_path / "ref"), "--degraded", str(tmp_path / "deg"), "--steps", "4",
-            "--batch-size", "8", "--lr", "1e-2", "--warmup-steps", "1", "--num-sequences", "32", "--seq-len", "12",
-            "--heldout", "4", "--rank", "4", "--device", "cpu", "--eval-every", "0"]
+    args = ["recover", "--reference", str(tmp_path / "ref"), "--degraded", str(tmp_path / "deg"),
+            "--distill.steps", "4", "--distill.batch-size", "8", "--distill.lr", "1e-2",
+            "--distill.warmup-steps", "1", "--synth.num-sequences", "32", "--synth.seq-len", "12",
+            "--heldout-sequences", "4", "--adapter.rank", "4", "--load.device", "cpu", "--distill.eval-every",
+            "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    one = subprocess.run([sys.executable, "-m", "recover_lora.cli", *args, "--out", str(tmp_path / "one")],
+    one = subprocess.run([sys.executable, "-m", "recover_lora.cli", *args, "--out-dir", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", str(_free_port()), "-m", "recover_lora.cli", *args,
-                          "--out", str(tmp_path / "two"), *(["--fsdp"] if parallel == "fsdp" else [])],
+                          "--out-dir", str(tmp_path / "two"), *(["--distill.fsdp"] if parallel == "fsdp" else [])],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -270,12 +269,11 @@ def test_save_reloads_and_damage_json_valid(tmp_path):
 def test_cli_degrade(tmp_path, capsys):
     src = tmp_path / "ref"
     D.save_degraded(tiny_model("gemma3"), tiny_tokenizer(), {"note": "source"}, src)
-    parser = argparse.ArgumentParser()
-    D.register(parser.add_subparsers(dest="cmd"))
-    args = parser.parse_args(["degrade", "--model", str(src), "--out", str(tmp_path / "out"), "--seed", "2",
-                              "--damage", "noise:rel=0.1", "--damage", "rtn:bits=4,group=16", "--modules", "attn",
-                              "--layers", "1", "--device", "cpu"])
-    assert args.func(args) == 0
+    from recover_lora.cli import main
+
+    assert main(["degrade", "--model", str(src), "--out-dir", str(tmp_path / "out"), "--seed", "2", "--damage",
+                 "noise:rel=0.1", "rtn:bits=4,group=16", "--modules", "attn", "--layers", "1",
+                 "--load.device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "q_proj" in text and "gate_proj" not in text and "mean relL2" in text
     data = json.loads((tmp_path / "out" / "damage.json").read_text())

@@ -114,22 +114,16 @@ def test_budget_is_respected_when_everything_is_damaged(ref, tok):
 
 
 def test_cli_writes_table_json_png(ref, tok, tmp_path):
-    from recover_lora.cli import build_parser
-    from recover_lora.diagnose import register
+    from recover_lora.cli import main
     from recover_lora.load import save_model_dir
 
     deg = copy.deepcopy(ref)
     degrade(deg, DegradeConfig(ops=[NoiseOp(rel=0.3)], seed=0, layers=[2], modules=["mlp"]))
     save_model_dir(ref, tmp_path / "ref", tok)
     save_model_dir(deg, tmp_path / "deg", tok)
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    if "diagnose" not in sub.choices:  # until cli.py registers it
-        register(sub)
-    args = parser.parse_args(["diagnose", "--reference", str(tmp_path / "ref"), "--degraded", str(tmp_path / "deg"),
-                              "--out", str(tmp_path / "diag"), "--sequences", "4", "--seq-len", "16",
-                              "--device", "cpu", "--rank", "8"])
-    assert args.func(args) == 0
+    assert main(["diagnose", "--reference", str(tmp_path / "ref"), "--degraded", str(tmp_path / "deg"),
+                 "--out-dir", str(tmp_path / "diag"), "--diagnose.sequences", "4", "--diagnose.seq-len", "16",
+                 "--load.device", "cpu", "--diagnose.rank", "8"]) == 0
     out = tmp_path / "diag"
     d = json.loads((out / "diagnosis.json").read_text())
     assert d["ranking"] == [2]

@@ -72,12 +72,13 @@ def test_recover_with_the_lmeval_backend_and_report_reads_lmeval_files(data, tmp
     from recover_lora.provenance import apply_adapter
 
     save_model_dir(tiny_model("llama", initializer_range=0.2), tmp_path / "ref", tiny_tokenizer())
-    assert main(["degrade", "--model", str(tmp_path / "ref"), "--out", str(tmp_path / "deg"),
-                 "--damage", "noise:rel=0.3", "--device", "cpu"]) == 0
+    assert main(["degrade", "--model", str(tmp_path / "ref"), "--out-dir", str(tmp_path / "deg"), "--damage",
+                 "noise:rel=0.3", "--load.device", "cpu"]) == 0
     assert main(["recover", "--reference", str(tmp_path / "ref"), "--degraded", str(tmp_path / "deg"),
-                 "--out", str(tmp_path / "run"), "--steps", "6", "--batch-size", "4", "--seq-len", "16",
-                 "--heldout", "4", "--rank", "4", "--device", "cpu", "--eval", ",".join(TASKS),
-                 "--eval-data", str(data), "--eval-backend", "lm-eval"]) == 0
+                 "--out-dir", str(tmp_path / "run"), "--distill.steps", "6", "--distill.batch-size", "4",
+                 "--synth.seq-len", "16", "--heldout-sequences", "4", "--adapter.rank", "4", "--load.device",
+                 "cpu", "--eval.tasks", ",".join(TASKS), "--eval.data-dir", str(data), "--eval.backend",
+                 "lm-eval"]) == 0
     rec = json.loads((tmp_path / "run/eval/recovered.json").read_text())
     assert {t: r["source"] for t, r in rec.items()} == {t: "lm-eval" for t in TASKS}
     repaired = apply_adapter(load_model(str(tmp_path / "deg"), LoadConfig(device="cpu")), tmp_path / "run/adapter")
@@ -107,8 +108,8 @@ def test_recover_with_the_lmeval_backend_and_report_reads_lmeval_files(data, tmp
     back = read_results(paths["recovered"])["results"]
     assert {t: back[t]["items"]["pred"] for t in TASKS} == {t: rec[t]["items"]["pred"] for t in TASKS}
     assert main(["report", "--reference-results", str(paths["reference"]), "--degraded-results",
-                 str(paths["degraded"]), "--recovered-results", str(paths["recovered"]),
-                 "--out-dir", str(tmp_path / "rep")]) == 0
+                 str(paths["degraded"]), "--recovered-results", str(paths["recovered"]), "--out-dir",
+                 str(tmp_path / "rep")]) == 0
     rep = json.loads((tmp_path / "rep/report.json").read_text())
     assert set(rep["tasks"]) == set(TASKS) and rep["tasks"]["arc_easy"]["ci"] is not None
 

@@ -33,14 +33,15 @@ def folders(tmp_path):
 
 def test_degrade_recover_export(folders, capsys):
     t = folders
-    assert main(["degrade", "--model", str(t / "ref"), "--out", str(t / "deg"), "--damage", "noise:rel=0.3",
-                 "--seed", "0", "--device", "cpu"]) == 0
+    assert main(["degrade", "--model", str(t / "ref"), "--out-dir", str(t / "deg"), "--damage",
+                 "noise:rel=0.3", "--seed", "0", "--load.device", "cpu"]) == 0
     damage = json.loads((t / "deg" / "damage.json").read_text())
     assert damage["seed"] == 0
-    args = ["recover", "--reference", str(t / "ref"), "--degraded", str(t / "deg"), "--out", str(t / "run"),
-            "--steps", "40", "--batch-size", "8", "--lr", "1e-2", "--warmup-steps", "2", "--num-sequences", "64",
-            "--seq-len", "16", "--heldout", "8", "--rank", "8", "--merge", "--device", "cpu",
-            "--eval", "arc_easy", "--eval-data", str(t / "eval")]
+    args = ["recover", "--reference", str(t / "ref"), "--degraded", str(t / "deg"), "--out-dir",
+            str(t / "run"), "--distill.steps", "40", "--distill.batch-size", "8", "--distill.lr", "1e-2",
+            "--distill.warmup-steps", "2", "--synth.num-sequences", "64", "--synth.seq-len", "16",
+            "--heldout-sequences", "8", "--adapter.rank", "8", "--merge", "--load.device", "cpu",
+            "--eval.tasks", "arc_easy", "--eval.data-dir", str(t / "eval")]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "held-out KL" in out
@@ -77,8 +78,8 @@ def test_degrade_recover_export(folders, capsys):
     assert rep2["heldout"]["after"] == pytest.approx(after)
     assert len(read_metrics(t / "run" / "metrics.jsonl")) == len(recs)  # nothing logged twice
 
-    assert main(["export", "--degraded", str(t / "deg"), "--adapter", str(t / "run" / "adapter"),
-                 "--out", str(t / "exported"), "--reference", str(t / "ref")]) == 0
+    assert main(["export", "--degraded", str(t / "deg"), "--adapter", str(t / "run" / "adapter"), "--out-dir",
+                 str(t / "exported"), "--reference", str(t / "ref")]) == 0
     exported = load_model(str(t / "exported"), cpu)
     with torch.no_grad():
         assert torch.allclose(exported(x).logits, merged(x).logits, atol=1e-5)
@@ -87,12 +88,12 @@ def test_degrade_recover_export(folders, capsys):
 def test_cli_errors_are_clear(folders, capsys):
     t = folders
     save_model_dir(tiny_model("llama", num_hidden_layers=3), t / "other")
-    rc = main(["recover", "--reference", str(t / "ref"), "--degraded", str(t / "other"), "--out", str(t / "x"),
-               "--device", "cpu"])
+    rc = main(["recover", "--reference", str(t / "ref"), "--degraded", str(t / "other"), "--out-dir",
+               str(t / "x"), "--load.device", "cpu"])
     assert rc == 2
     assert "num_hidden_layers differs: reference 2, degraded 3" in capsys.readouterr().err
     assert main(["recover", "--reference", str(t / "ref"), "--degraded", str(t / "missing.safetensors"),
-                 "--device", "cpu"]) == 2
+                 "--load.device", "cpu"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -116,21 +117,63 @@ def test_data_from_a_bigger_vocabulary_is_refused(folders, capsys):
     big = tiny_model("llama", vocab_size=4000, initializer_range=0.2)
     synthesize(big, tiny_tokenizer(), SynthConfig(num_sequences=16, seq_len=12), t / "bigdata", progress=False)
     save_model_dir(tiny_model("llama", seed=1), t / "deg")
-    rc = main(["recover", "--reference", str(t / "ref"), "--degraded", str(t / "deg"), "--out", str(t / "x"),
-               "--data", str(t / "bigdata"), "--steps", "1", "--batch-size", "4", "--device", "cpu"])
+    rc = main(["recover", "--reference", str(t / "ref"), "--degraded", str(t / "deg"), "--out-dir",
+               str(t / "x"), "--data", str(t / "bigdata"), "--distill.steps", "1", "--distill.batch-size", "4",
+               "--load.device", "cpu"])
     assert rc == 2
     assert "beyond this model's vocabulary of 128" in capsys.readouterr().err
 
 
-def test_training_flags_reach_the_config():
-    from recover_lora.cli import _recover_config, build_parser
+def test_flags_are_the_config_fields_and_yaml_is_typed(tmp_path, capsys):
+    """The CLI is derived from the config dataclasses: every field of every nested stage config is
+    a dotted flag; a YAML's `lr: 1e-3` (a string to PyYAML) is the float it means, and flags
+    override the YAML; a wrong type is refused before any work, naming the field."""
+    import dataclasses
 
-    a = build_parser().parse_args(["recover", "--reference", "r", "--degraded", "d", "--out", "o",
-                                   "--hidden-weight", "50", "--teacher-topk", "64", "--lr", "5e-4"])
-    cfg = _recover_config(a)
+    from recover_lora.cli import parse
+    from recover_lora.config import RecoverConfig
+
+    cmd = parse(["recover", "--degraded", "d", "--out-dir", "o", "--distill.hidden-weight", "50",
+                 "--distill.teacher-topk", "64", "--distill.lr", "5e-4", "--eval.tasks", "arc_easy", "piqa",
+                 "--adapter.modules", "kv", "--full-kd.lr", "3e-5", "--sft.tasks", "piqa", "--load.device", "cpu"])
+    cfg = cmd.recover_config()
     assert (cfg.distill.hidden_weight, cfg.distill.teacher_topk, cfg.distill.lr) == (50.0, 64, 5e-4)
-    b = build_parser().parse_args(["recover", "--reference", "r", "--degraded", "d", "--out", "o"])
-    assert _recover_config(b).distill.hidden_weight == 0.0  # the paper's loss unless asked
+    assert cfg.eval.tasks == ["arc_easy", "piqa"] and cfg.adapter.modules == "kv" and cfg.full_kd.lr == 3e-5
+    assert cfg.sft.tasks == ["piqa"] and cfg.load.device == "cpu" and cfg.out_dir == "o"
+    assert parse(["recover"]).recover_config() == RecoverConfig()  # no flag: the Python API's defaults
+    capsys.readouterr()
+    assert parse(["recover", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    for f in dataclasses.fields(RecoverConfig):  # every field has its flag, nested ones dotted
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        flag = "--" + f.name.replace("_", "-")
+        names = [f"{flag}.{g.name.replace('_', '-')}" for g in dataclasses.fields(default)] \
+            if dataclasses.is_dataclass(default) else [flag]
+        for n in names:
+            assert n in help_text or n.replace("--", "--no-", 1) in help_text, n
+
+    (tmp_path / "run.yaml").write_text("degraded: d\ndistill:\n  lr: 1e-3\n  steps: 7\nsynth:\n  seq_len: 16\n")
+    cmd = parse(["recover", "--config", str(tmp_path / "run.yaml"), "--distill.steps", "9"])
+    cfg = cmd.recover_config()
+    assert cfg.distill.lr == 1e-3 and isinstance(cfg.distill.lr, float) and cfg.distill.steps == 9
+    assert cfg.synth.seq_len == 16 and cfg.degraded == "d"
+    assert main(["recover", "--config", str(tmp_path / "run.yaml"), "--print-config"]) == 0
+    assert "lr: 0.001" in capsys.readouterr().out
+    (tmp_path / "bad.yaml").write_text("distill:\n  steps: ten\n")
+    assert main(["recover", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "distill.steps" in capsys.readouterr().err
+    assert main(["recover", "--distill.steps", "ten"]) == 2  # tyro refuses it, naming the flag
+
+
+def test_help_imports_no_torch():
+    """`--help` answers without importing torch (it takes ~2 s to import on these machines)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom recover_lora.cli import main\nfor c in ([], ['recover'], ['eval'], ['study'], "
+            "['bench']):\n    main(c + ['--help'])\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
 
 
 def test_outputs_travel_a_moved_adapter_loads_and_cards_are_written(folders, monkeypatch):
@@ -144,9 +187,11 @@ def test_outputs_travel_a_moved_adapter_loads_and_cards_are_written(folders, mon
 
     t = folders
     monkeypatch.chdir(t)
-    assert main(["degrade", "--model", "ref", "--out", "deg", "--damage", "noise:rel=0.3", "--device", "cpu"]) == 0
-    assert main(["recover", "--reference", "ref", "--degraded", "deg", "--out", "run", "--steps", "4",
-                 "--batch-size", "4", "--seq-len", "16", "--heldout", "4", "--rank", "4", "--device", "cpu"]) == 0
+    assert main(["degrade", "--model", "ref", "--out-dir", "deg", "--damage", "noise:rel=0.3",
+                 "--load.device", "cpu"]) == 0
+    assert main(["recover", "--reference", "ref", "--degraded", "deg", "--out-dir", "run", "--distill.steps",
+                 "4", "--distill.batch-size", "4", "--synth.seq-len", "16", "--heldout-sequences", "4",
+                 "--adapter.rank", "4", "--load.device", "cpu"]) == 0
     cfg = json.loads((t / "run/adapter/adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str((t / "deg").resolve())
     card = (t / "run/adapter/README.md").read_text()
@@ -161,8 +206,8 @@ def test_outputs_travel_a_moved_adapter_loads_and_cards_are_written(folders, mon
     x = torch.randint(4, 128, (2, 12))
     with torch.no_grad():
         assert torch.allclose(moved(x).logits, direct(x).logits, atol=1e-5)
-    assert main(["export", "--degraded", str(t / "deg"), "--adapter", str(t / "elsewhere"),
-                 "--out", str(t / "bf16"), "--reference", str(t / "ref"), "--dtype", "bfloat16"]) == 0
+    assert main(["export", "--degraded", str(t / "deg"), "--adapter", str(t / "elsewhere"), "--out-dir",
+                 str(t / "bf16"), "--reference", str(t / "ref"), "--dtype", "bfloat16"]) == 0
     with safe_open(str(t / "bf16/model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     assert "Repaired model" in (t / "bf16/README.md").read_text()

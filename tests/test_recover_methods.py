@@ -37,15 +37,15 @@ def folders(tmp_path):
 
 
 def _args(t, out, *extra):
-    return ["recover", "--reference", str(t / "ref"), "--degraded", str(t / "deg"), "--out", str(t / out),
-            "--batch-size", "8", "--warmup-steps", "2", "--num-sequences", "32", "--seq-len", "16",
-            "--heldout", "8", "--device", "cpu", *extra]
+    return ["recover", "--reference", str(t / "ref"), "--degraded", str(t / "deg"), "--out-dir", str(t / out),
+            "--distill.batch-size", "8", "--distill.warmup-steps", "2", "--synth.num-sequences", "32",
+            "--synth.seq-len", "16", "--heldout-sequences", "8", "--load.device", "cpu", *extra]
 
 
 @pytest.mark.parametrize("init", ["svd", "eora"])
 def test_svd_only_with_zero_steps_repairs_low_rank_damage(folders, init):
     t = folders
-    assert main(_args(t, init, "--steps", "0", "--init", init, "--rank", "4", "--merge")) == 0
+    assert main(_args(t, init, "--distill.steps", "0", "--adapter.init", init, "--adapter.rank", "4", "--merge")) == 0
     rep = json.loads((t / init / "report.json").read_text())
     assert rep["steps"] == 0 and rep["init"] == init
     assert rep["heldout"]["before"]["kl"] > 1e-2 and rep["heldout"]["init"]["kl"] < 1e-6
@@ -54,8 +54,8 @@ def test_svd_only_with_zero_steps_repairs_low_rank_damage(folders, init):
 
 def test_full_kd_method(folders):
     t = folders
-    assert main(_args(t, "fk", "--method", "full-kd", "--steps", "10", "--full-kd-lr", "3e-3",
-                      "--eval", "arc_easy", "--eval-data", str(t / "eval"))) == 0
+    assert main(_args(t, "fk", "--method", "full-kd", "--distill.steps", "10", "--full-kd.lr", "3e-3",
+                      "--eval.tasks", "arc_easy", "--eval.data-dir", str(t / "eval"))) == 0
     rep = json.loads((t / "fk" / "report.json").read_text())
     assert rep["method"] == "full-kd" and rep["adapter"] is None and (t / "fk" / "model").is_dir()
     assert rep["trainable_parameters"] == sum(p.numel() for p in tiny_model("llama").parameters())
@@ -65,14 +65,14 @@ def test_full_kd_method(folders):
 
 def test_sft_lora_method(folders):
     t = folders
-    assert main(_args(t, "sft", "--method", "sft-lora", "--sft-tasks", "arc_easy", "--sft-steps", "5",
-                      "--sft-batch-size", "2", "--rank", "4", "--eval", "arc_easy", "--eval-data",
+    assert main(_args(t, "sft", "--method", "sft-lora", "--sft.tasks", "arc_easy", "--sft.steps", "5",
+                      "--sft.batch-size", "2", "--adapter.rank", "4", "--eval.tasks", "arc_easy", "--eval.data-dir",
                       str(t / "eval"))) == 0
     rep = json.loads((t / "sft" / "report.json").read_text())
     assert rep["method"] == "sft-lora" and rep["steps"] == 5 and rep["synthetic_sequences"] == 0
     assert rep["sft"]["tasks"] == {"arc_easy": 4} and rep["sft"]["nll_after"] < rep["sft"]["nll_before"]
     assert not (t / "sft" / "synth").exists()
-    assert main(_args(t, "sft2", "--method", "sft-lora", "--sft-tasks", "piqa", "--eval-data",
+    assert main(_args(t, "sft2", "--method", "sft-lora", "--sft.tasks", "piqa", "--eval.data-dir",
                       str(t / "eval"))) == 2  # no piqa train split: a clean error naming the task
 
 
@@ -85,9 +85,10 @@ def test_auto_placement_targets_the_planted_damage(tmp_path):
     degrade(deg, DegradeConfig(ops=[NoiseOp(rel=0.5)], modules=["attn"], layers=[1], seed=0))
     save_model_dir(deg, tmp_path / "deg", tiny_tokenizer())
     assert main(["recover", "--reference", str(tmp_path / "ref"), "--degraded", str(tmp_path / "deg"),
-                 "--out", str(tmp_path / "run"), "--placement", "auto", "--rank", "4", "--steps", "10",
-                 "--batch-size", "8", "--lr", "1e-2", "--num-sequences", "32", "--seq-len", "12", "--heldout", "8",
-                 "--device", "cpu"]) == 0
+                 "--out-dir", str(tmp_path / "run"), "--placement", "auto", "--adapter.rank", "4",
+                 "--distill.steps", "10", "--distill.batch-size", "8", "--distill.lr", "1e-2",
+                 "--synth.num-sequences", "32", "--synth.seq-len", "12", "--heldout-sequences", "8",
+                 "--load.device", "cpu"]) == 0
     rep = json.loads((tmp_path / "run" / "report.json").read_text())
     assert rep["placement"]["kind"] == "auto"
     targets = rep["placement"]["ranks"]

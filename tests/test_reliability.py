@@ -20,24 +20,25 @@ from recover_lora.cli import main
 from recover_lora.load import save_model_dir
 from recover_lora.utils import RecoverLoraError
 
-TRAIN = ["--steps", "12", "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "2", "--num-sequences", "16",
-         "--seq-len", "12", "--heldout", "4", "--rank", "4", "--checkpoint-every", "4", "--device", "cpu"]
+TRAIN = ["--distill.steps", "12", "--distill.batch-size", "4", "--distill.lr", "1e-2", "--distill.warmup-steps", "2",
+         "--synth.num-sequences", "16", "--synth.seq-len", "12", "--heldout-sequences", "4", "--adapter.rank", "4",
+         "--distill.checkpoint-every", "4", "--load.device", "cpu"]
 
 
 @pytest.fixture
 def t(tmp_path):
     ref = tiny_model("llama", initializer_range=0.2)
     save_model_dir(ref, tmp_path / "ref", tiny_tokenizer())
-    assert main(["degrade", "--model", str(tmp_path / "ref"), "--out", str(tmp_path / "deg"),
-                 "--damage", "noise:rel=0.3", "--seed", "0", "--device", "cpu"]) == 0
-    assert main(["degrade", "--model", str(tmp_path / "ref"), "--out", str(tmp_path / "deg2"),
-                 "--damage", "noise:rel=0.3", "--seed", "1", "--device", "cpu"]) == 0
+    assert main(["degrade", "--model", str(tmp_path / "ref"), "--out-dir", str(tmp_path / "deg"), "--damage",
+                 "noise:rel=0.3", "--seed", "0", "--load.device", "cpu"]) == 0
+    assert main(["degrade", "--model", str(tmp_path / "ref"), "--out-dir", str(tmp_path / "deg2"), "--damage",
+                 "noise:rel=0.3", "--seed", "1", "--load.device", "cpu"]) == 0
     return tmp_path
 
 
 def recover_args(t, out="run", degraded="deg", *extra):
-    return ["recover", "--reference", str(t / "ref"), "--degraded", str(t / degraded), "--out", str(t / out),
-            *TRAIN, *extra]
+    return ["recover", "--reference", str(t / "ref"), "--degraded", str(t / degraded), "--out-dir",
+            str(t / out), *TRAIN, *extra]
 
 
 class Planted:
@@ -87,17 +88,17 @@ def test_out_holding_a_foreign_config_json_is_refused(t, capsys):
 
 # 3. silent mixing of runs
 def test_resume_with_another_degraded_model_or_plan_is_refused(t, capsys):
-    assert main(recover_args(t, "run", "deg", "--steps", "8")) == 0
+    assert main(recover_args(t, "run", "deg", "--distill.steps", "8")) == 0
     shutil.copytree(t / "run", t / "copy")
     config = (t / "copy" / "config.json").read_bytes()
-    assert main(recover_args(t, "copy", "deg2", "--steps", "8")) == 2
+    assert main(recover_args(t, "copy", "deg2", "--distill.steps", "8")) == 2
     assert "degraded_fingerprint" in capsys.readouterr().err
-    assert main(recover_args(t, "copy", "deg", "--steps", "8", "--rank", "8")) == 2
+    assert main(recover_args(t, "copy", "deg", "--distill.steps", "8", "--adapter.rank", "8")) == 2
     assert "adapter.rank: 4 -> 8" in capsys.readouterr().err
-    assert main(recover_args(t, "copy", "deg", "--steps", "8", "--modules", "kv")) == 2
+    assert main(recover_args(t, "copy", "deg", "--distill.steps", "8", "--adapter.modules", "kv")) == 2
     assert "adapter.modules" in capsys.readouterr().err
     assert (t / "copy" / "config.json").read_bytes() == config  # nothing was written
-    assert main(recover_args(t, "copy", "deg", "--steps", "8", "--eval-every", "3")) == 0  # cadence may change
+    assert main(recover_args(t, "copy", "deg", "--distill.steps", "8", "--distill.eval-every", "3")) == 0  # cadence may change
 
 
 # 4. NaN/Inf weights
@@ -115,8 +116,8 @@ def _plant_nan(folder):
 @pytest.mark.parametrize("placement", ["preset", "auto"])
 def test_nonfinite_weights_are_zeroed_recorded_and_applied_everywhere(t, placement):
     key = _plant_nan(t / "deg")
-    assert main(recover_args(t, "run", "deg", "--placement", placement, "--steps", "40", "--rank", "8",
-                             "--num-sequences", "64")) == 0
+    assert main(recover_args(t, "run", "deg", "--placement", placement, "--distill.steps", "40", "--adapter.rank", "8",
+                             "--synth.num-sequences", "64")) == 0
     text = (t / "run" / "report.json").read_text()
     rep = json.loads(text, parse_constant=lambda c: pytest.fail(f"report.json holds bare {c}"))
     assert rep["zeroed_nonfinite"] == {key: 3}
@@ -126,8 +127,8 @@ def test_nonfinite_weights_are_zeroed_recorded_and_applied_everywhere(t, placeme
     assert side["zeroed_nonfinite"] == {key: 3}
     assert all(torch.isfinite(v).all() for v in load_file(t / "run" / "adapter" / "adapter_model.safetensors").values())
     # export applies the same fix: the merged model is finite
-    assert main(["export", "--degraded", str(t / "deg"), "--adapter", str(t / "run" / "adapter"),
-                 "--out", str(t / "merged")]) == 0
+    assert main(["export", "--degraded", str(t / "deg"), "--adapter", str(t / "run" / "adapter"), "--out-dir",
+                 str(t / "merged")]) == 0
     assert all(torch.isfinite(v).all() for v in load_file(t / "merged" / "model.safetensors").values())
     # llama.cpp would apply it to the NaN/Inf as they are: no GGUF LoRA of such an adapter
     from recover_lora.export import export_gguf_lora
@@ -139,8 +140,8 @@ def test_nonfinite_weights_are_zeroed_recorded_and_applied_everywhere(t, placeme
 def test_an_adapter_not_trained_with_the_nan_is_refused(t, capsys):
     assert main(recover_args(t)) == 0
     _plant_nan(t / "deg")
-    assert main(["export", "--degraded", str(t / "deg"), "--adapter", str(t / "run" / "adapter"),
-                 "--out", str(t / "merged")]) == 2
+    assert main(["export", "--degraded", str(t / "deg"), "--adapter", str(t / "run" / "adapter"), "--out-dir",
+                 str(t / "merged")]) == 2
     assert "NaN/Inf weights" in capsys.readouterr().err and not (t / "merged").exists()
 
 
@@ -163,7 +164,7 @@ def test_export_refuses_an_adapter_from_another_model(t, capsys, other):
     assert main(recover_args(t)) == 0
     save_model_dir(tiny_model(**other), t / "other")
     assert main(["export", "--degraded", str(t / "other"), "--adapter", str(t / "run" / "adapter"),
-                 "--out", str(t / "merged")]) == 2
+                 "--out-dir", str(t / "merged")]) == 2
     err = capsys.readouterr().err
     assert "does not fit" in err and ("model_type" in err or "vocab_size" in err)
     assert not (t / "merged").exists()
@@ -214,10 +215,10 @@ def _umask() -> int:
 
 # 7. late validation
 def test_bad_eval_task_or_data_fails_before_any_work(t, capsys):
-    assert main(recover_args(t, "run", "deg", "--eval", "arc_eazy")) == 2
+    assert main(recover_args(t, "run", "deg", "--eval.tasks", "arc_eazy")) == 2
     assert "unknown task 'arc_eazy'" in capsys.readouterr().err
     (t / "eval" / "arc_easy").mkdir(parents=True)
-    assert main(recover_args(t, "run", "deg", "--eval", "arc_easy", "--eval-data", str(t / "eval"))) == 2
+    assert main(recover_args(t, "run", "deg", "--eval.tasks", "arc_easy", "--eval.data-dir", str(t / "eval"))) == 2
     assert "arc_easy" in capsys.readouterr().err
     assert not (t / "run" / "synth").exists() and not (t / "run" / "config.json").exists()
 
@@ -243,10 +244,10 @@ def test_yaml_exponent_floats_are_floats(tmp_path):
 
 # 10. named errors, not tracebacks
 @pytest.mark.parametrize("flags, message", [
-    (["--device", "gpu0"], "unknown device 'gpu0'"),
-    (["--device", "cuda:7"], "not available here"),
-    (["--rank", "0"], "rank must be >= 1"),
-    (["--init", "zeros"], "unknown adapter init 'zeros'"),
+    (["--load.device", "gpu0"], "unknown device 'gpu0'"),
+    (["--load.device", "cuda:7"], "not available here"),
+    (["--adapter.rank", "0"], "rank must be >= 1"),
+    (["--adapter.init", "zeros"], "unknown adapter init 'zeros'"),
 ])
 def test_bad_flags_are_named(t, capsys, flags, message):
     assert main(recover_args(t, "run", "deg", *flags)) == 2
@@ -265,7 +266,7 @@ def _run_cli(args: list[str]) -> None:
 def test_killed_at_random_points_then_resumed_equals_uninterrupted(t):
     ctx = multiprocessing.get_context("forkserver")  # children start without re-importing torch
     ctx.set_forkserver_preload(["recover_lora.cli", "recover_lora.recover", "peft", "transformers"])
-    args = ["--steps", "60", "--num-sequences", "128", "--checkpoint-every", "3"]
+    args = ["--distill.steps", "60", "--synth.num-sequences", "128", "--distill.checkpoint-every", "3"]
 
     def run(out, kill_after=None):
         p = ctx.Process(target=_run_cli, args=(recover_args(t, out, "deg", *args),))

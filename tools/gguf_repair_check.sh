@@ -48,7 +48,7 @@ ppl() {  # ppl LOG [extra llama-perplexity args]
 ppl "$OUT/kl-degraded.log" -m "$DEG" --kl-divergence-base "$OUT/ref.kld" --kl-divergence
 
 # resumable: a second call picks the run up from its checkpoint
-recover-lora recover --reference "$MODEL" --degraded "$DEG" --out "$OUT/run" "$@"
+recover-lora recover --reference "$MODEL" --degraded "$DEG" --out-dir "$OUT/run" "$@"
 recover-lora export --degraded "$DEG" --adapter "$OUT/run/adapter" --gguf-lora "$OUT/repair.gguf"
 ppl "$OUT/kl-repaired.log" -m "$DEG" --lora "$OUT/repair.gguf" --kl-divergence-base "$OUT/ref.kld" --kl-divergence
 

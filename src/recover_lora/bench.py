@@ -1,7 +1,7 @@
 """``recover-lora bench``: naive vs optimized synthesis and distillation, measured in one process.
 
-    python -m recover_lora.bench --model smollm2 --out bench.json          # on the GPU
-    python -m recover_lora.bench --tiny --device cpu                        # smoke run, seconds
+    recover-lora bench --model smollm2 --out-file bench.json          # on the GPU
+    recover-lora bench --tiny --device cpu                                  # smoke run, seconds
 
 Synthesis (same hybrid sampling for every path, batch x seq_len tokens):
 - naive: fp32 weights under bf16 autocast, Python step loop with a dynamic KV cache;
@@ -30,7 +30,6 @@ An out-of-memory path is reported as ``"status": "oom"`` and the run goes on.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import json
@@ -46,58 +45,7 @@ from .distill import AdapterConfig, DistillConfig, attach_adapters, batch_indice
 from .losses import naive_loss
 from .synth import _Decoder
 from .utils import RecoverLoraError, atomic_write_json, log, resolve_device
-
-H100_BF16_DENSE_TFLOPS = 989.0
-
-
-@dataclass
-class BenchConfig:
-    """0 means: the GPU default (in brackets) on CUDA, a tiny size on CPU."""
-
-    model: str = "smollm2"  # any spec load_model accepts
-    tiny: bool = False  # a tiny random Llama instead (CPU smoke runs)
-    device: str = "auto"
-    parts: str = "synth,distill"
-    synth_batch: int = 0  # [1024]
-    synth_len: int = 128
-    synth_graphs: str = "cuda_graph,compile"  # optimized decode variants to measure
-    synth_scale: int = 4  # the fastest variant also decodes this multiple of the batch at once
-    generate: bool = True  # also time transformers' generate
-    top_k: int = 50
-    distill_batch: int = 0  # [32]
-    distill_len: int = 128
-    distill_scale: int = 4  # the optimized path also runs at this multiple of the batch
-    distill_max_scale: int = 16  # and, with activation checkpointing, at this one (0: not)
-    distill_steps: int = 0  # [100] steps of naive and optimized at the naive batch
-    timing_warmup: int = 0  # [5] steps not timed
-    distill_compile: bool = False  # add a torch.compile'd decoder variant at the large batch
-    heldout: int = 0  # [64] held-out sequences for KL
-    rank: int = 16
-    lr: float = 5e-4
-    noise: float = 0.1  # damage of the student: Gaussian noise, relative L2 per linear
-    peak_tflops: float = H100_BF16_DENSE_TFLOPS
-    seed: int = 0
-    time_budget: float = 540.0  # seconds; later parts are skipped once it is spent
-    out: str | None = None
-    cpu_batches: str = "16,64,256,512"  # cpu-synth: decode batches swept
-    eval_data: str | None = None  # cpu-eval: the benchmark folder (<dir>/<task>/<split>.jsonl)
-    lmeval_python: str | None = None  # cpu-eval: a Python with lm-eval 0.4.13
-    eval_limit: int = 100  # cpu-eval: items per task
-
-    def resolved(self, device: torch.device) -> "BenchConfig":
-        c = copy.copy(self)
-        gpu = device.type == "cuda"
-        c.synth_batch = c.synth_batch or (1024 if gpu else 8)
-        c.distill_batch = c.distill_batch or (32 if gpu else 4)
-        c.distill_steps = c.distill_steps or (100 if gpu else 6)
-        c.timing_warmup = c.timing_warmup or (5 if gpu else 2)
-        c.heldout = c.heldout or (64 if gpu else 8)
-        if not gpu and c.tiny:
-            c.synth_len = min(c.synth_len, 16)
-            c.distill_len = min(c.distill_len, 16)
-        if c.timing_warmup >= c.distill_steps:
-            raise RecoverLoraError("timing_warmup must be smaller than distill_steps")
-        return c
+from .config import H100_BF16_DENSE_TFLOPS, BenchConfig  # noqa: F401 - re-exported
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -583,7 +531,7 @@ def bench_distill(ref32, deg32, train_ids, held_ids, cfg: BenchConfig, device: t
 
 # ---------------------------------------------------------------------------------------- main
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    """Run the benchmark; returns (and writes to ``cfg.out``) one JSON-serialisable dict."""
+    """Run the benchmark; returns (and writes to ``cfg.out_file``) one JSON-serialisable dict."""
     t_start = time.perf_counter()
     deadline = t_start + cfg.time_budget
     device = resolve_device(cfg.device)
@@ -607,14 +555,14 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
     def save() -> None:
         result["seconds"] = round(time.perf_counter() - t_start, 2)
-        if cfg.out:
-            atomic_write_json(cfg.out, result)
+        if cfg.out_file:
+            atomic_write_json(cfg.out_file, result)
 
     if "cpu-eval" in parts:  # separate processes, timed before this one loads anything
         from .bench_eval import bench_cpu_eval
 
         result["cpu_eval"] = {}
-        bench_cpu_eval(cfg.model, cfg.eval_data, cfg.lmeval_python, cfg.eval_limit, result["cpu_eval"], save)
+        bench_cpu_eval(cfg.model, cfg.eval_data_dir, cfg.lmeval_python, cfg.eval_limit, result["cpu_eval"], save)
         if not parts - {"cpu-eval"}:
             save()
             return result
@@ -756,77 +704,19 @@ def bench_table(results: list[dict[str, Any]], kl_tol: float = 0.01) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = BenchConfig()
-    p.add_argument("--model", default=d.model, help="model spec (smollm2, gemma3-270m, folder, .gguf, ...)")
-    p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead (CPU smoke run)")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--parts", default=d.parts, help="synth,distill (default both), cpu-synth, cpu-eval")
-    p.add_argument("--synth-batch", type=int, default=d.synth_batch, help="sequences decoded at once (0: 1024 on GPU)")
-    p.add_argument("--synth-len", type=int, default=d.synth_len)
-    p.add_argument("--synth-graphs", default=d.synth_graphs,
-                   help="optimized decode variants: cuda_graph,compile,none (default: cuda_graph,compile)")
-    p.add_argument("--synth-scale", type=int, default=d.synth_scale,
-                   help="the fastest decode variant also runs at this multiple of the batch (1: not)")
-    p.add_argument("--no-generate", dest="generate", action="store_false", help="skip transformers' generate")
-    p.add_argument("--distill-batch", type=int, default=d.distill_batch, help="0: 32 on GPU")
-    p.add_argument("--distill-len", type=int, default=d.distill_len)
-    p.add_argument("--distill-scale", type=int, default=d.distill_scale)
-    p.add_argument("--distill-max-scale", type=int, default=d.distill_max_scale,
-                   help="also this multiple of the batch with activation checkpointing (0: not)")
-    p.add_argument("--distill-steps", type=int, default=d.distill_steps, help="0: 100 on GPU")
-    p.add_argument("--timing-warmup", type=int, default=d.timing_warmup, help="untimed first steps (0: 5 on GPU)")
-    p.add_argument("--distill-compile", action="store_true", help="also a torch.compile'd decoder run")
-    p.add_argument("--heldout", type=int, default=d.heldout)
-    p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--noise", type=float, default=d.noise)
-    p.add_argument("--peak-tflops", type=float, default=d.peak_tflops, help="bf16 dense peak (H100 SXM: 989)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--time-budget", type=float, default=d.time_budget, help="seconds; later parts are skipped")
-    p.add_argument("--cpu-batches", default=d.cpu_batches, help="--parts cpu-synth: decode batches swept")
-    p.add_argument("--eval-data", default=None, metavar="DIR", help="--parts cpu-eval: the benchmark folder")
-    p.add_argument("--lmeval-python", default=None, help="--parts cpu-eval: a Python with lm-eval 0.4.13")
-    p.add_argument("--eval-limit", type=int, default=d.eval_limit, help="--parts cpu-eval: items per task")
-    p.add_argument("--out", default=None, help="also write the JSON here")
-    p.add_argument("--table", nargs="+", default=None, metavar="JSON",
-                   help="print the markdown table and goal checks of earlier bench JSON files (runs nothing)")
-
-
-def config_from_args(a: argparse.Namespace) -> BenchConfig:
-    return BenchConfig(**{f.name: getattr(a, f.name) for f in fields(BenchConfig) if hasattr(a, f.name)})
-
-
-def cmd_bench(a: argparse.Namespace) -> int:
-    if getattr(a, "table", None):
+def cmd_bench(cmd) -> int:
+    """``recover-lora bench`` (``commands.BenchCmd``: a BenchConfig plus ``table``)."""
+    if cmd.table:
         from .utils import read_json
 
-        print(bench_table([read_json(f) for f in a.table]), end="")
+        print(bench_table([read_json(f) for f in cmd.table]), end="")
         return 0
-    print(json.dumps(run_bench(config_from_args(a)), indent=2, default=str))
+    cfg = BenchConfig(**{f.name: getattr(cmd, f.name) for f in fields(BenchConfig)})
+    print(json.dumps(run_bench(cfg), indent=2, default=str))
     return 0
 
 
-def register(subparsers) -> None:
-    """Add the ``bench`` subcommand to ``recover-lora``."""
-    p = subparsers.add_parser("bench", help="naive vs optimized synthesis and distillation throughput (JSON)")
-    add_arguments(p)
-    p.set_defaults(func=cmd_bench)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import logging
-
-    p = argparse.ArgumentParser(prog="python -m recover_lora.bench", description=__doc__.strip().split("\n")[0])
-    add_arguments(p)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        return cmd_bench(a)
-    except RecoverLoraError as e:
-        print(f"recover-lora bench: error: {e}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))

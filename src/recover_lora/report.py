@@ -24,25 +24,13 @@ from typing import Any
 import numpy as np
 
 from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, save_figure
+from .config import ReportConfig  # noqa: F401 - re-exported
 
 MODELS = ("reference", "degraded", "recovered")
 
 
-@dataclass
-class ReportConfig:
-    """metric: "auto" (acc_norm when the task defines it, else acc), "acc" or "acc_norm".
-    n_boot: bootstrap replicates; seed: bootstrap seed; ci: confidence level.
-    """
-
-    metric: str = "auto"
-    n_boot: int = 1000
-    seed: int = 0
-    ci: float = 0.95
-    title: str = "Recover-LoRA: accuracy recovered"
-
-
 def _task_results(res: Any) -> dict:
-    """Accept evaluate()'s dict, an ``eval --out`` JSON (``{"results": ...}``) or a path to one."""
+    """Accept evaluate()'s dict, an ``eval --out-file`` JSON (``{"results": ...}``) or a path to one."""
     if isinstance(res, (str, Path)):
         try:
             res = json.loads(Path(res).read_text())
@@ -138,7 +126,7 @@ def compute_report(reference_results, degraded_results, recovered_results, cfg: 
             row["ci"] = {k: _interval(v, cfg.ci) for k, v in _stats(*means).items()}
         elif all(i is not None for i in items):
             raise RecoverLoraError(f"{t}: the three results cover different numbers of items "
-                                   f"({[i.size for i in items]}); evaluate them with the same --limit")
+                                   f"({[i.size for i in items]}); evaluate them with the same --eval.limit")
         rows[t] = row
     # unweighted average over tasks
     avg_acc = [float(np.mean([rows[t][m] for t in tasks])) / 100 for m in MODELS]
@@ -272,7 +260,7 @@ def build_report(reference_results, degraded_results, recovered_results, out_dir
                  cfg: ReportConfig | None = None) -> dict:
     """Compute the report and write ``out_dir``/report.md, report.json, report.png.
 
-    Each ``*_results`` is what ``evaluate()`` returns, the JSON ``recover-lora eval --out`` writes,
+    Each ``*_results`` is what ``evaluate()`` returns, the JSON ``recover-lora eval --out-file`` writes,
     or a path to that JSON. Returns the report dict (with ``markdown`` and ``files`` added).
     """
     rep = compute_report(reference_results, degraded_results, recovered_results, cfg)
@@ -322,5 +310,5 @@ def measures_markdown(measures: dict, rep: dict | None = None) -> str:
         L += ([""] if resolved else []) + ["Accuracy does not resolve the damage on " + ", ".join(
             f"{t} (reference - degraded {_fmt(rep['tasks'][t]['drop'], (rep['tasks'][t].get('ci') or {}).get('drop'))} "
             f"points on {rep['tasks'][t]['n']} items)" for t in others)
-            + ": not shown; more items (--eval-limit) would measure it."]
+            + ": not shown; more items (--eval.limit) would measure it."]
     return "\n".join(L) + "\n"

