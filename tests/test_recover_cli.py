@@ -211,3 +211,16 @@ def test_outputs_travel_a_moved_adapter_loads_and_cards_are_written(folders, mon
     with safe_open(str(t / "bf16/model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     assert "Repaired model" in (t / "bf16/README.md").read_text()
+
+
+def test_a_yaml_run_with_lr_1e_3_runs(folders):
+    """PyYAML reads `lr: 1e-3` as a string; the typed reader makes it the float, and the run goes."""
+    t = folders
+    assert main(["degrade", "--model", str(t / "ref"), "--out-dir", str(t / "deg"), "--damage", "noise:rel=0.3",
+                 "--load.device", "cpu"]) == 0
+    (t / "run.yaml").write_text(f"reference: {t / 'ref'}\ndegraded: {t / 'deg'}\nout_dir: {t / 'run'}\n"
+                                "heldout_sequences: 4\nload: {device: cpu}\nsynth: {seq_len: 12}\n"
+                                "adapter: {rank: 4}\ndistill:\n  lr: 1e-3\n  steps: 3\n  batch_size: 4\n")
+    assert main(["recover", "--config", str(t / "run.yaml")]) == 0
+    rep = json.loads((t / "run" / "report.json").read_text())
+    assert rep["config"]["distill"]["lr"] == 0.001 and rep["steps"] == 3
