@@ -9,7 +9,7 @@ from tiny import tiny_model
 
 from recover_lora.bench import BenchConfig, run_bench
 from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
-from recover_lora.distill import AdapterConfig, _head, attach_adapters, hidden_states
+from recover_lora.distill import AdapterConfig, lm_head_of, attach_adapters, hidden_states
 from recover_lora.losses import chunked_loss_backward, naive_loss
 
 
@@ -45,7 +45,7 @@ def _optimized(ref, deg, x, dtype, autocast, chunk):
         with torch.no_grad():
             ht = hidden_states(teacher, x)
         hs = hidden_states(student, x)
-        loss, _ = chunked_loss_backward(hs, ht, _head(student.get_base_model()), _head(teacher), chunk_tokens=chunk)
+        loss, _ = chunked_loss_backward(hs, ht, lm_head_of(student.get_base_model()), lm_head_of(teacher), chunk_tokens=chunk)
     return loss, _grads(student)
 
 

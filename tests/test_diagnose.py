@@ -45,7 +45,9 @@ def test_names_planted_nan_and_ranks_its_layer_first(ref, tok):
     assert layer1["nan"] == 1 and layer1["kl_reduction"] == "inf"  # restoring it makes the output finite
     assert "model.layers.1.mlp.down_proj.weight" in to_markdown(d)
     json.loads(json.dumps(d), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
-    assert list(d["recommendation"]["ranks"])[0] == "model.layers.1.mlp.down_proj"
+    from recover_lora.placement import recommend
+
+    assert list(recommend(d, deg, FAST).ranks)[0] == "model.layers.1.mlp.down_proj"
     # the functional measurements left the degraded model exactly as it was (NaN included)
     after = _state(deg)
     assert all(torch.equal(before[k].nan_to_num(7.0), after[k].nan_to_num(7.0)) for k in before)

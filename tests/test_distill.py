@@ -6,7 +6,7 @@ from peft import PeftModel
 from tiny import tiny_model, tiny_tokenizer
 
 from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
-from recover_lora.distill import (AdapterConfig, DistillConfig, attach_adapters, batch_indices, measure,
+from recover_lora.distill import (AdapterConfig, adapter_targets, DistillConfig, attach_adapters, batch_indices, measure,
                                   trainable_parameters, train)
 from recover_lora.losses import chunked_loss_backward, divergence, hidden_match_loss, naive_loss
 from recover_lora.synth import SynthConfig, generate_shard
@@ -35,7 +35,7 @@ def _data(ref, n=64, seq_len=24, seed=0):
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
 def test_adapter_placement(kind, preset, expected):
     model = tiny_model(kind)
-    names = AdapterConfig(modules=preset).target_modules(model)
+    names = adapter_targets(AdapterConfig(modules=preset), model)
     assert {n.rsplit(".", 1)[-1] for n in names} == expected
     assert len(names) == 2 * len(expected)  # two layers
     assert not any("lm_head" in n or "embed" in n for n in names)
@@ -43,12 +43,12 @@ def test_adapter_placement(kind, preset, expected):
 
 def test_layer_subset_and_errors():
     model = tiny_model("llama")
-    names = AdapterConfig(modules="kv", layers="1").target_modules(model)
+    names = adapter_targets(AdapterConfig(modules="kv", layers="1"), model)
     assert names == ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"]
     with pytest.raises(RecoverLoraError, match="out of range"):
-        AdapterConfig(layers="5").target_modules(model)
+        adapter_targets(AdapterConfig(layers="5"), model)
     with pytest.raises(RecoverLoraError, match="match no linear module"):
-        AdapterConfig(modules="w_nonexistent").target_modules(model)
+        adapter_targets(AdapterConfig(modules="w_nonexistent"), model)
 
 
 def test_only_adapters_train_and_start_as_degraded():

@@ -361,6 +361,7 @@ def test_kept_reference_answers_give_the_same_kl(kind, over, tmp_path):
     """The reference's answers kept once (its LM-head inputs at the answer tokens) give the KL of
     running it beside, on a subset of the requests too, after a save/load; a request not kept is refused."""
     from recover_lora.evaluate.refcache import ReferenceAnswers
+    from recover_lora.evaluate.scorer import keep_answers
 
     model, ref = tiny_model(kind, seed=0, **over), tiny_model(kind, seed=1, **over)
     g = np.random.default_rng(3)
@@ -369,7 +370,7 @@ def test_kept_reference_answers_give_the_same_kl(kind, over, tmp_path):
         ctx = g.integers(4, 100, size=int(g.integers(1, 20))).tolist()
         reqs += [(ctx, g.integers(4, 100, size=int(g.integers(1, 5))).tolist()) for _ in range(3)]
     reqs.append(reqs[0])  # a duplicate is kept once
-    cache, ref_res = ReferenceAnswers.build(ref, reqs, progress=False, max_batch_tokens=64)
+    cache, ref_res = keep_answers(ref, reqs, max_batch_tokens=64)
     assert ref_res == score(ref, reqs, max_batch_tokens=64)
     assert len(cache) == len(reqs) - 1 and cache.hidden.shape[0] == sum(len(c) for _, c in reqs[:-1])
     live = score(model, reqs, reference=ref)

@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tiny import tiny_model
 
-from recover_lora.distill import AdapterConfig, attach_adapters
+from recover_lora.distill import AdapterConfig, adapter_targets, attach_adapters
 from recover_lora.svd_init import EORA_SHRINK, SVD_INITS, attach_with_init, input_moments, svd_init_, truncated_svd
 from recover_lora.utils import RecoverLoraError
 
@@ -42,7 +42,7 @@ def test_exact_when_difference_has_rank_at_most_r(kind, use_rslora, model):
     with torch.no_grad():
         want = ref(x).logits
         assert (deg(x).logits - want).abs().max() > 1e-2  # the damage is visible
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=AdapterConfig(modules="all-linear").target_modules(deg),
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=adapter_targets(AdapterConfig(modules="all-linear"), deg),
                      use_rslora=use_rslora, task_type="CAUSAL_LM")
     student = get_peft_model(deg, cfg)
     stats = svd_init_(student, ref, kind=kind, calib_ids=_ids(8, 16, seed=1))
@@ -78,7 +78,7 @@ def test_best_rank_r_approximation_when_rank_exceeds_r():
 
 def test_rank_pattern_and_stats():
     ref, deg = _low_rank_pair(rank=6)
-    targets = AdapterConfig(modules="attn").target_modules(deg)
+    targets = adapter_targets(AdapterConfig(modules="attn"), deg)
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=targets, rank_pattern={"k_proj": 6, "v_proj": 8},
                      task_type="CAUSAL_LM")
     student = get_peft_model(deg, cfg)
@@ -113,7 +113,7 @@ def test_each_init_is_optimal_for_its_own_error():
     bound of dW R, and at shrink 0 that of plain EoRA (the unshrunk covariance)."""
     ref, deg = _low_rank_pair(rank=12)
     calib = _ids(8, 16, seed=2)
-    names = AdapterConfig(modules="mlp").target_modules(deg)
+    names = adapter_targets(AdapterConfig(modules="mlp"), deg)
     cov = input_moments(ref, names, calib, full=True)
     diag = input_moments(ref, names, calib, full=False)
     for n in names:  # the diagonal moments are the covariance's diagonal
@@ -162,7 +162,7 @@ def test_each_init_is_optimal_for_its_own_error():
 def test_shared_inputs_share_one_moment():
     """q/k/v (and gate/up) read the same tensor: one covariance, computed once."""
     ref, _ = _low_rank_pair(rank=2)
-    names = AdapterConfig(modules="attn-mlp").target_modules(ref)
+    names = adapter_targets(AdapterConfig(modules="attn-mlp"), ref)
     m = input_moments(ref, names, _ids(4, 16))
     q, k, v = (f"model.layers.0.self_attn.{x}_proj" for x in "qkv")
     assert m[q] is m[k] is m[v] and m["model.layers.0.mlp.gate_proj"] is m["model.layers.0.mlp.up_proj"]

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .distill import (DistillConfig, TrainState, _autocast, _autocast_on, _base, _head,
-                      _lora_casts_off, batch_indices, hidden_states, load_checkpoint, lr_lambda,
+from .distill import (DistillConfig, TrainState, train_autocast, autocast_on, base_model_of, lm_head_of,
+                      lora_casts_off, batch_indices, hidden_states, load_checkpoint, lr_lambda,
                       save_checkpoint, trainable_parameters, train)
 from .synth import dist_rank_world
 from .utils import RecoverLoraError, log, sigterm_as_interrupt
@@ -199,7 +199,7 @@ def _gold_loss(model: torch.nn.Module, ids: torch.Tensor, pred: torch.Tensor) ->
     """Summed cross-entropy of the gold continuation tokens (the LM head only at those positions).
     Right padding is invisible to real tokens under causal attention, so no mask is needed."""
     h = hidden_states(model, ids)
-    logits = _head(_base(model))(h[pred]).float()
+    logits = lm_head_of(base_model_of(model))(h[pred]).float()
     targets = ids[:, 1:][pred[:, :-1]]
     return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
 
@@ -215,7 +215,7 @@ def gold_nll(model: torch.nn.Module, examples: Sequence[SFTExample], batch_size:
     total, n = 0.0, 0
     for i in range(0, len(examples), batch_size):
         ids, pred = _batch(examples[i:i + batch_size], pad_id)
-        with _autocast(cfg, device):
+        with train_autocast(cfg, device):
             s, k = _gold_loss(model, ids.to(device), pred.to(device))
         total += s.item()
         n += k
@@ -243,7 +243,7 @@ def run_sft_lora(student: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise RecoverLoraError("sft-lora: the student has no trainable parameters (attach adapters first)")
-    base = _base(student)
+    base = base_model_of(student)
     examples, skipped = build_sft_examples(tokenizer, cfg.tasks, cfg.data_dir, cfg, base.config)
     per_task: dict[str, int] = {}
     for e in examples:
@@ -270,7 +270,7 @@ def run_sft_lora(student: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
         metrics.resume(state.step)
     start = state.step
     bar = tqdm(total=steps, initial=state.step, desc="sft-lora", unit="step", disable=not progress)
-    with sigterm_as_interrupt(), _lora_casts_off(student, _autocast_on(cfg, device)):
+    with sigterm_as_interrupt(), lora_casts_off(student, autocast_on(cfg, device)):
         try:
             while state.step < steps:
                 if stop_after is not None and state.step - start >= stop_after:
@@ -279,7 +279,7 @@ def run_sft_lora(student: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                 ids, pred = _batch([examples[int(i)] for i in idx], pad_id)
                 ids, pred = ids.to(device), pred.to(device)
                 opt.zero_grad(set_to_none=True)
-                with _autocast(cfg, device):
+                with train_autocast(cfg, device):
                     loss_sum, k = _gold_loss(student, ids, pred)
                     loss = loss_sum / max(k, 1)
                 if not torch.isfinite(loss):  # before the step, so the weights stay as they were

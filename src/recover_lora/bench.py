@@ -43,7 +43,7 @@ import torch
 
 from .distill import AdapterConfig, DistillConfig, attach_adapters, batch_indices, lr_lambda, measure, train
 from .losses import naive_loss
-from .synth import _Decoder
+from .synth import Decoder
 from .utils import RecoverLoraError, atomic_write_json, log, resolve_device
 from .config import H100_BF16_DENSE_TFLOPS, BenchConfig  # noqa: F401 - re-exported
 
@@ -167,10 +167,10 @@ def bench_synth(ref32, pool, bos, cfg: BenchConfig, device: torch.device, flops:
     try:
         model = copy.deepcopy(ref32).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            _Decoder(model, B, min(L, P + 8), "dynamic").run(prefix, n_greedy, noise[:, :min(L, P + 8) - P], k, 1.0)
+            Decoder(model, B, min(L, P + 8), "dynamic").run(prefix, n_greedy, noise[:, :min(L, P + 8) - P], k, 1.0)
             _sync(device)
             t0 = time.perf_counter()
-            naive_ids = _Decoder(model, B, L, "dynamic").run(prefix, n_greedy, noise, k, 1.0)
+            naive_ids = Decoder(model, B, L, "dynamic").run(prefix, n_greedy, noise, k, 1.0)
             _sync(device)
             dt = time.perf_counter() - t0
         res["naive"] = {**_rate(B * L, dt, fpt, cfg, device), "path": "fp32 weights + bf16 autocast, DynamicCache, eager"}
@@ -191,7 +191,7 @@ def bench_synth(ref32, pool, bos, cfg: BenchConfig, device: torch.device, flops:
         _reset_peak(device)
         try:
             model = copy.deepcopy(ref32).to(device=device, dtype=dtype)
-            dec = _Decoder(model, B, L, "static", graph=mode)
+            dec = Decoder(model, B, L, "static", graph=mode)
             t0 = time.perf_counter()
             dec.run(prefix, n_greedy, noise, k, 1.0)  # warm-up: compile / capture happens here
             _sync(device)
@@ -230,7 +230,7 @@ def bench_synth(ref32, pool, bos, cfg: BenchConfig, device: torch.device, flops:
                 Bk = B * cfg.synth_scale
                 pk, gk, nk = _prompts(pool, bos, Bk, L, k, cfg.seed + 1)
                 model = copy.deepcopy(ref32).to(device=device, dtype=dtype)
-                dec = _Decoder(model, Bk, L, "static", graph=ok[best]["ran"])
+                dec = Decoder(model, Bk, L, "static", graph=ok[best]["ran"])
                 t0 = time.perf_counter()
                 dec.run(pk, gk, nk, k, 1.0)
                 _sync(device)
@@ -309,9 +309,9 @@ def _time_decode(model, pool, bos, B: int, L: int, kind: str, cfg: BenchConfig) 
     prefix, n_greedy, noise = _prompts(pool, bos, B, L, cfg.top_k, cfg.seed)
     P = prefix.shape[1]
     with torch.inference_mode():
-        _Decoder(model, B, P + 4, kind).run(prefix, n_greedy, noise[:, :4], cfg.top_k, 1.0)  # warm-up
+        Decoder(model, B, P + 4, kind).run(prefix, n_greedy, noise[:, :4], cfg.top_k, 1.0)  # warm-up
         t0 = time.perf_counter()
-        _Decoder(model, B, L, kind).run(prefix, n_greedy, noise, cfg.top_k, 1.0)
+        Decoder(model, B, L, kind).run(prefix, n_greedy, noise, cfg.top_k, 1.0)
         return time.perf_counter() - t0
 
 
@@ -485,9 +485,9 @@ def bench_distill(ref32, deg32, train_ids, held_ids, cfg: BenchConfig, device: t
             _load_trainable(student, init)
             lora_dtype = str(next(p.dtype for p in student.parameters() if p.requires_grad))
             if compiled:
-                from .distill import _decoder
-                _decoder(student).compile(dynamic=False)
-                _decoder(teacher).compile(dynamic=False)
+                from .distill import decoder_of
+                decoder_of(student).compile(dynamic=False)
+                decoder_of(teacher).compile(dynamic=False)
             dcfg = dcfg_for(B * mult, steps, **extra)
             t0 = time.perf_counter()
             state = train(student, teacher, train_ids, dcfg, progress=False)
@@ -608,7 +608,7 @@ def _make_data(ref32, pool, bos, n: int, length: int, cfg: BenchConfig, device, 
     bs = min(n, 1024)
     out = []
     for i in range(0, n, bs):
-        dec = _Decoder(model, min(bs, n - i), length, "static", graph="none")
+        dec = Decoder(model, min(bs, n - i), length, "static", graph="none")
         out.append(dec.run(prefix[i:i + bs], n_greedy[i:i + bs], noise[i:i + bs], cfg.top_k, 1.0))
     model = None
     _free(device)
@@ -714,9 +714,3 @@ def cmd_bench(cmd) -> int:
     cfg = BenchConfig(**{f.name: getattr(cmd, f.name) for f in fields(BenchConfig)})
     print(json.dumps(run_bench(cfg), indent=2, default=str))
     return 0
-
-
-if __name__ == "__main__":
-    from .cli import main
-
-    sys.exit(main(["bench", *sys.argv[1:]]))

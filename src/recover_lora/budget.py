@@ -96,7 +96,7 @@ def _layers(model) -> int:
 
 def estimate(cfg, model, rate: float | None = None) -> Estimate:
     """The run's cost in seconds on this CPU (``cfg``: a RecoverConfig)."""
-    from .recover import train_synth_config
+    from .config import train_synth_config
 
     rate = rate or gemm_rate()
     n = flop_params(model)
@@ -120,7 +120,7 @@ def _hms(s: float) -> str:
 
 def describe(cfg, est: Estimate) -> str:
     """The cost line printed before a CPU run starts."""
-    from .recover import train_synth_config
+    from .config import train_synth_config
 
     d = cfg.distill
     parts = []

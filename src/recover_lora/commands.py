@@ -73,9 +73,9 @@ class DiagnoseCmd:
     load: LoadConfig = field(default_factory=LoadConfig)  # float32 default: small damage stays visible
 
     def run(self) -> int:
-        from .diagnose import run_cli
+        from .placement import diagnose_cli
 
-        return run_cli(self)
+        return diagnose_cli(self)
 
 
 @dataclass

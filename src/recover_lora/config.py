@@ -9,6 +9,7 @@ modules re-export their config (``from recover_lora.synth import SynthConfig`` s
 from __future__ import annotations
 
 import contextlib
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -20,8 +21,33 @@ import yaml
 from .errors import RecoverLoraError
 
 FEWSHOT_SEED = 1234  # lm-eval's fewshot_random_seed
+LOSSES = ("kl", "reverse_kl", "jsd")
+SVD_INITS = ("svd", "eora", "eora-diag")  # warm starts from the weight difference (svd_init.py)
 H100_BF16_DENSE_TFLOPS = 989.0  # bf16 dense peak of an H100 SXM
 SFT_DEFAULT_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "piqa")  # the ones with a train split
+
+
+def parse_layers(text: str | list[int] | tuple[int, ...] | None) -> list[int] | None:
+    """``"0-5,10"`` (inclusive ranges; ``+`` also separates) -> ``[0, 1, 2, 3, 4, 5, 10]``."""
+    if text is None:
+        return None
+    if isinstance(text, (list, tuple)):
+        return sorted({int(x) for x in text})
+    out: set[int] = set()
+    for tok in re.split(r"[,+\s]+", str(text).strip()):
+        if not tok:
+            continue
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", tok)
+        if not m:
+            raise RecoverLoraError(f"bad layer token {tok!r} in {text!r}: use integers or ranges like 0-5")
+        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        if b < a:
+            raise RecoverLoraError(f"bad layer range {tok!r}: end before start")
+        out.update(range(a, b + 1))
+    if not out:
+        raise RecoverLoraError(f"empty layer list {text!r}")
+    return sorted(out)
+
 
 
 @dataclass
@@ -86,8 +112,6 @@ class AdapterConfig:
     init: str = "default"  # peft init_lora_weights: default | gaussian | pissa | olora
 
     def validate(self) -> None:
-        from .degrade import parse_layers  # noqa: PLC0415 - torch: only when validating
-        from .svd_init import SVD_INITS  # noqa: PLC0415
 
         if self.rank < 1:
             raise RecoverLoraError(f"adapter rank must be >= 1, got {self.rank}")
@@ -100,17 +124,6 @@ class AdapterConfig:
             raise RecoverLoraError(f"unknown adapter init {self.init!r}; use one of {inits}")
         parse_layers(self.layers)
 
-    def target_modules(self, model) -> list[str]:
-        """Full names of the nn.Linear modules that get an adapter (same selection rules as degrade)."""
-        from .distill import adapter_targets  # noqa: PLC0415
-
-        return adapter_targets(self, model)
-
-    def peft_config(self, model):
-        """The PEFT ``LoraConfig`` of these settings on ``model``."""
-        from .distill import peft_lora_config  # noqa: PLC0415
-
-        return peft_lora_config(self, model)
 
 
 @dataclass
@@ -151,8 +164,6 @@ class DistillConfig:
     hidden_weight: float = 0.0
 
     def validate(self) -> None:
-        from .losses import LOSSES  # noqa: PLC0415
-
         if self.loss not in LOSSES:
             raise RecoverLoraError(f"unknown loss {self.loss!r}; use one of {LOSSES}")
         if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
@@ -382,6 +393,16 @@ class BenchConfig:
         if c.timing_warmup >= c.distill_steps:
             raise RecoverLoraError("timing_warmup must be smaller than distill_steps")
         return c
+
+
+def train_synth_config(cfg: RecoverConfig) -> SynthConfig:
+    """The synthetic data a run trains on (num_sequences 0: one fresh pass of its steps)."""
+    s = SynthConfig(**asdict(cfg.synth))
+    if s.num_sequences <= 0:
+        # One pass over fresh data: as many sequences as the training run consumes.
+        s.num_sequences = max(cfg.distill.steps * cfg.distill.batch_size * cfg.distill.grad_accum,
+                              cfg.distill.batch_size)
+    return s
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

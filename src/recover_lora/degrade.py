@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .utils import RecoverLoraError, atomic_write_json, log
+from .config import parse_layers  # noqa: F401 - its home is the config (torch-free)
 
 RECORD_FORMAT = "recover-lora/damage-record"
 RECORD_VERSION = 1
@@ -65,28 +66,6 @@ PRESETS: dict[str, tuple[str, ...] | None] = {
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def parse_layers(text: str | list[int] | tuple[int, ...] | None) -> list[int] | None:
-    """``"0-5,10"`` (inclusive ranges; ``+`` also separates) -> ``[0, 1, 2, 3, 4, 5, 10]``."""
-    if text is None:
-        return None
-    if isinstance(text, (list, tuple)):
-        return sorted({int(x) for x in text})
-    out: set[int] = set()
-    for tok in re.split(r"[,+\s]+", str(text).strip()):
-        if not tok:
-            continue
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", tok)
-        if not m:
-            raise RecoverLoraError(f"bad layer token {tok!r} in {text!r}: use integers or ranges like 0-5")
-        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
-        if b < a:
-            raise RecoverLoraError(f"bad layer range {tok!r}: end before start")
-        out.update(range(a, b + 1))
-    if not out:
-        raise RecoverLoraError(f"empty layer list {text!r}")
-    return sorted(out)
-
-
 def parse_modules(text: str | list[str] | None) -> list[str] | None:
     """``"mlp"``, ``"q_proj+v_proj"``, ``"q_proj,v_proj"`` or ``"re:REGEX"`` -> list of patterns."""
     if text is None:
@@ -106,7 +85,7 @@ def parse_modules(text: str | list[str] | None) -> list[str] | None:
     return out
 
 
-def _decoder_layers_prefix(model: nn.Module) -> str | None:
+def decoder_layers_prefix(model: nn.Module) -> str | None:
     """The qualified name of the decoder's layer ModuleList (e.g. ``model.layers``), if found."""
     try:
         layers = model.get_decoder().layers
@@ -171,7 +150,7 @@ def select_modules(model: nn.Module, modules: list[str] | None = None, layers: l
         if not pat.startswith("re:") and pat not in PRESETS and not re.fullmatch(r"[\w.\-]+", pat):
             raise RecoverLoraError(f"bad module pattern {pat!r}: use a preset {sorted(PRESETS)}, a name suffix "
                                    "or re:REGEX")
-    prefix = _decoder_layers_prefix(model)
+    prefix = decoder_layers_prefix(model)
     emb = set() if include_embeddings else _embedding_params(model)
     want = set(layers) if layers is not None else None
     if want is not None:

@@ -10,7 +10,7 @@ For every decoder layer and linear module, :func:`diagnose` reports
   its attention or only its MLP restored. The KL reduction a restoration buys says how much of
   the total damage that layer (or block) is responsible for.
 
-It ends with a recommended adapter placement (:func:`recover_lora.placement.auto_placement`).
+The placement it recommends is :func:`recover_lora.placement.recommend`'s (this module only measures).
 :func:`write_diagnosis` writes ``diagnosis.json``, ``diagnosis.md`` and ``diagnosis.png`` (heatmap of
 relative L2, layers x module types, and a bar chart of per-layer KL reduction).
 
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .degrade import _decoder_layers_prefix, select_modules
+from .degrade import decoder_layers_prefix, select_modules
 from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, log, save_figure
 from .config import DiagnoseConfig  # noqa: F401 - re-exported
 
@@ -90,7 +90,7 @@ def _group_of(rel: str) -> str:
 def weight_damage(reference: nn.Module, degraded: nn.Module) -> dict[str, Any]:
     """Per-tensor damage of every parameter, plus the linear modules of the decoder layers."""
     ref_params = dict(reference.named_parameters())
-    prefix = _decoder_layers_prefix(degraded)
+    prefix = decoder_layers_prefix(degraded)
     tensors: dict[str, dict[str, Any]] = {}
     for name, p in degraded.named_parameters():
         if name not in ref_params:
@@ -153,9 +153,9 @@ def suffix_hidden(model: PreTrainedModel, h_in: torch.Tensor, start: int) -> tor
     through layers ``start``.. only: what the full forward gives when layers before ``start`` are
     unchanged. (The decoder runs with its layer list, and the per-layer attention types Gemma and
     Qwen index by position, cut to the suffix; ``inputs_embeds`` stands in for the prefix's output.)"""
-    from .distill import _decoder
+    from .distill import decoder_of
 
-    dec = _decoder(model)
+    dec = decoder_of(model)
     layers, types = dec.layers, getattr(dec.config, "layer_types", None)
     try:
         dec.layers = nn.ModuleList(list(layers)[start:])
@@ -174,13 +174,13 @@ class _KL:
     with ``start=i`` (only layers >= i changed since) runs from there: on average half the layers."""
 
     def __init__(self, reference: PreTrainedModel, ids: torch.Tensor, batch_size: int, chunk_tokens: int):
-        from .distill import DistillConfig, _autocast, _head, hidden_states
+        from .distill import DistillConfig, train_autocast, lm_head_of, hidden_states
 
         self.dcfg = DistillConfig(chunk_tokens=chunk_tokens)
         self.device = next(reference.parameters()).device
         self.batches = [ids[i:i + batch_size].to(self.device) for i in range(0, len(ids), batch_size)]
-        self.t_head = _head(reference)
-        with torch.no_grad(), _autocast(self.dcfg, self.device):
+        self.t_head = lm_head_of(reference)
+        with torch.no_grad(), train_autocast(self.dcfg, self.device):
             self.t_hidden = [hidden_states(reference, x) for x in self.batches]
         self.calls = 0
         # The reference's distribution is the same on every pass: keep its probabilities (and its
@@ -203,17 +203,17 @@ class _KL:
 
     @torch.no_grad()
     def __call__(self, model: PreTrainedModel, start: int | None = None) -> dict[str, Any]:
-        from .distill import _autocast, _head, hidden_states
+        from .distill import train_autocast, lm_head_of, hidden_states
         from .losses import chunked_loss_backward
 
         self.calls += 1
         kl_sum, agree_sum, n = 0.0, 0.0, 0
-        s_head = _head(model)
+        s_head = lm_head_of(model)
         keep, self._keep = self._keep, False
         if keep:
             self.layer_inputs = []
         for b, (x, ht) in enumerate(zip(self.batches, self.t_hidden)):
-            with _autocast(self.dcfg, self.device):
+            with train_autocast(self.dcfg, self.device):
                 if keep:
                     hs_all = hidden_states(model, x, all_layers=True)
                     self.layer_inputs.append(hs_all[:-1])  # embeddings, outputs of layers 0 .. L-2
@@ -229,7 +229,7 @@ class _KL:
                 agree_sum += agree * k
                 n += k
                 continue
-            with _autocast(self.dcfg, self.device):
+            with train_autocast(self.dcfg, self.device):
                 kl, agree = chunked_loss_backward(hs, ht, s_head, self.t_head, "kl", 1.0, self.dcfg.chunk_tokens,
                                                   backward=False)
             k = x.numel()
@@ -284,14 +284,13 @@ def _num(x: float) -> float | str:
 def diagnose(reference: PreTrainedModel, degraded: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
              cfg: DiagnoseConfig | None = None, heldout_ids: torch.Tensor | None = None,
              progress: bool = False) -> dict[str, Any]:
-    """Weight and functional damage per layer and module, and a recommended adapter placement.
+    """Weight and functional damage per layer and module (measurements only: the placement they
+    recommend is :func:`recover_lora.placement.recommend`'s).
 
     ``degraded`` is modified during the functional measurements and restored exactly afterwards.
     ``heldout_ids`` (e.g. recover's held-out synthetic shard): the first ``cfg.sequences`` rows are
     used; None generates them from the reference (needs ``tokenizer``).
     """
-    from .placement import auto_placement
-
     cfg = cfg or DiagnoseConfig()
     cfg.validate()
     t0 = time.perf_counter()
@@ -405,9 +404,6 @@ def diagnose(reference: PreTrainedModel, degraded: PreTrainedModel, tokenizer: P
         "other_tensors": {n: wd["tensors"][n] for n in outside_damaged},
         "functional": functional,
     }
-    plan = auto_placement(diag, degraded, rank=cfg.rank, budget=cfg.budget, alpha=cfg.alpha, temper=cfg.temper)
-    diag["recommendation"] = plan.to_dict()
-    diag["recommendation"]["summary"] = plan.summary()
     diag["seconds"] = round(time.perf_counter() - t0, 2)
     log.info("diagnosis: %d damaged layers, %d tensors with NaN/Inf, base KL %s", len(ranking),
              len(wd["nonfinite"]), base_kl)  # the plan's summary: logged once, by auto_placement
@@ -429,7 +425,7 @@ def _fmt(x: Any, spec: str = ".4f", none: str = "nan") -> str:
     return format(x, spec)
 
 
-def _kl_str(m: dict[str, Any] | None) -> str:
+def kl_str(m: dict[str, Any] | None) -> str:
     if m is None:
         return "-"
     return _fmt(m["kl"]) if m["finite"] else "nan (non-finite output)"
@@ -449,7 +445,7 @@ def to_markdown(diag: dict[str, Any]) -> str:
     f = diag["functional"]
     if f:
         lines += [f"Held-out KL(reference || degraded) on {f['sequences']} x {f['seq_len']} synthetic tokens: "
-                  f"**{_kl_str(f['base'])}**, top-1 agreement {100 * f['base']['top1']:.1f}%.", ""]
+                  f"**{kl_str(f['base'])}**, top-1 agreement {100 * f['base']['top1']:.1f}%.", ""]
     if diag["nonfinite"]:
         lines += ["## Non-finite weights", "", "| tensor | NaN | Inf |", "|---|---:|---:|"]
         lines += [f"| `{n}` | {e['nan']} | {e['inf']} |" for n, e in diag["nonfinite"].items()]
@@ -462,7 +458,7 @@ def to_markdown(diag: dict[str, Any]) -> str:
         gcols = [_fmt(L["groups"].get(g, {}).get("kl_reduction")) if g in L["groups"] and "kl_reduction" in
                  L["groups"][g] else "-" for g in _groups(diag)]
         lines.append(f"| {L['layer']} | {_fmt(L['rel_l2'])} | {_fmt(L['max_abs'], '.4g')} | {L['nan']} | {L['inf']} | "
-                     f"{_kl_str(L.get('restore')) if L['damaged'] else '-'} | {_fmt(L.get('kl_reduction'))} | "
+                     f"{kl_str(L.get('restore')) if L['damaged'] else '-'} | {_fmt(L.get('kl_reduction'))} | "
                      f"{_fmt(L.get('kl_reduction_share'), '.1%', '-')} | " + " | ".join(gcols) + " |")
     lines += ["", "## Relative L2 per module", "", "| layer | " + " | ".join(types) + " |",
               "|---:|" + "---:|" * len(types)]
@@ -473,12 +469,13 @@ def to_markdown(diag: dict[str, Any]) -> str:
         lines += ["", "Damaged tensors outside the decoder layers: "
                   + ", ".join(f"`{n}` (rel L2 {_fmt(e['rel_l2'])})" for n, e in diag["other_tensors"].items())]
         if f and f.get("outside_layers"):
-            lines.append(f"(restoring them: KL {_kl_str(f['outside_layers']['restore'])}). "
+            lines.append(f"(restoring them: KL {kl_str(f['outside_layers']['restore'])}). "
                          "Adapters do not cover embeddings / head; consider restoring them from the reference.")
-    rec = diag["recommendation"]
-    lines += ["", "## Recommended placement", "", rec["summary"], "",
-              f"Layers ranked by damage: {', '.join(map(str, diag['ranking'])) or 'none damaged'}.", ""]
-    if rec["ranks"]:
+    lines += ["", f"Layers ranked by damage: {', '.join(map(str, diag['ranking'])) or 'none damaged'}.", ""]
+    rec = diag.get("recommendation")  # placement.recommend adds it
+    if rec:
+        lines += ["## Recommended placement", "", rec["summary"], ""]
+    if rec and rec["ranks"]:
         lines += ["| module | rank | score |", "|---|---:|---:|"]
         lines += [f"| `{n}` | {r} | {_fmt(rec['scores'].get(n), '.4g')} |" for n, r in rec["ranks"].items()]
     return "\n".join(lines) + "\n"
@@ -549,7 +546,7 @@ def plot_diagnosis(diag: dict[str, Any], path: str | Path) -> Path:
         ax2.set_yticks(range(n))
         ax2.set_ylim(n - 0.5, -0.5)
         ax2.set_xlabel("KL removed by restoring this layer alone (nats/token)")
-        ax2.set_title(f"restoring one layer: KL removed (labels: % of the held-out KL {_kl_str(f['base'])})",
+        ax2.set_title(f"restoring one layer: KL removed (labels: % of the held-out KL {kl_str(f['base'])})",
                       fontsize=9)
         ax2.grid(True, axis="x", alpha=0.3)
     else:
@@ -559,45 +556,15 @@ def plot_diagnosis(diag: dict[str, Any], path: str | Path) -> Path:
 
 
 def write_diagnosis(diag: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """``diagnosis.json``, ``diagnosis.md``, ``diagnosis.png`` and ``plan.json`` in ``out_dir``."""
+    """``diagnosis.json``, ``diagnosis.md``, ``diagnosis.png`` and (with a recommendation)
+    ``plan.json`` in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "diagnosis.json", "markdown": out / "diagnosis.md", "png": out / "diagnosis.png",
-             "plan": out / "plan.json"}
+    paths = {"json": out / "diagnosis.json", "markdown": out / "diagnosis.md", "png": out / "diagnosis.png"}
     atomic_write_json(paths["json"], diag)
-    atomic_write_json(paths["plan"], diag["recommendation"])
+    if diag.get("recommendation"):
+        paths["plan"] = out / "plan.json"
+        atomic_write_json(paths["plan"], diag["recommendation"])
     atomic_write_bytes(paths["markdown"], to_markdown(diag).encode())
     plot_diagnosis(diag, paths["png"])
     return paths
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------
-
-
-def run_cli(args) -> int:
-    """``recover-lora diagnose`` (``commands.DiagnoseCmd``)."""
-    import copy
-
-    from .load import load_pair
-    from .utils import resolve_device
-
-    cfg = copy.copy(args.diagnose)
-    # seq_len 0: 128 on a GPU, 64 on a CPU (the diagnosis runs about three forwards a layer)
-    cfg.seq_len = cfg.seq_len or (128 if resolve_device(args.load.device).type == "cuda" else 64)
-    cfg.validate()
-    lcfg = args.load
-    print(f"loading {args.reference} and {args.degraded} ...", flush=True)
-    pair = load_pair(args.reference, args.degraded, lcfg)
-    diag = diagnose(pair.reference, pair.degraded, pair.tokenizer, cfg, progress=True)
-    diag["reference"], diag["degraded"] = str(args.reference), str(args.degraded)
-    paths = write_diagnosis(diag, args.out_dir)
-    for n, e in diag["nonfinite"].items():
-        print(f"non-finite weights: {n}: {e['nan']} NaN, {e['inf']} Inf")
-    f = diag["functional"]
-    if f:
-        print(f"held-out KL {_kl_str(f['base'])}; layers by damage: {diag['ranking'][:10]}")
-    print(f"recommendation: {diag['recommendation']['summary']}")
-    print(f"wrote {paths['markdown']}, {paths['json']}, {paths['png']}, {paths['plan']}")
-    return 0

@@ -53,7 +53,7 @@ def peft_lora_config(cfg: AdapterConfig, model: PreTrainedModel) -> LoraConfig:
 def attach_adapters(model: PreTrainedModel, cfg: AdapterConfig, seed: int = 0) -> PeftModel:
     """Wrap the degraded model with fresh LoRA adapters (only they are trainable)."""
     torch.manual_seed(seed)  # adapter init is then reproducible
-    peft_model = get_peft_model(model, cfg.peft_config(model))
+    peft_model = get_peft_model(model, peft_lora_config(cfg, model))
     return peft_model
 
 
@@ -61,13 +61,13 @@ def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _autocast(cfg: DistillConfig, device: torch.device):
+def train_autocast(cfg: DistillConfig, device: torch.device):
     # No weight-cast cache: each weight is cast once a forward anyway, and a CUDA graph capture
     # forbids the cache (it would replay casts of stale weights).
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_autocast_on(cfg, device), cache_enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_on(cfg, device), cache_enabled=False)
 
 
-def _lora_casts_off(model: torch.nn.Module, active: bool):
+def lora_casts_off(model: torch.nn.Module, active: bool):
     """Under autocast, stop peft from casting each LoRA input to fp32 (autocast casts it back to
     bf16 for the matmul anyway: two wasted passes over the activations per adapted module)."""
     if not active:
@@ -79,11 +79,11 @@ def _lora_casts_off(model: torch.nn.Module, active: bool):
     return disable_input_dtype_casting(model)
 
 
-def _autocast_on(cfg: DistillConfig, device: torch.device) -> bool:
+def autocast_on(cfg: DistillConfig, device: torch.device) -> bool:
     return cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
 
 
-def _head(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]:
+def lm_head_of(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden -> logits exactly as the model's forward does (incl. Gemma-2 style soft-capping)."""
     lm_head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -92,19 +92,19 @@ def _head(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]:
     return lm_head
 
 
-def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     return base.get_decoder()
 
 
-def _base(model: torch.nn.Module) -> PreTrainedModel:
+def base_model_of(model: torch.nn.Module) -> PreTrainedModel:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def hidden_states(model: torch.nn.Module, ids: torch.Tensor, all_layers: bool = False):
     """Final (normed) hidden states: the lm_head is applied chunk by chunk in the loss. With
     ``all_layers``, the tuple (embeddings, output of layer 0, ..., of layer L-2, final normed)."""
-    out = _decoder(model)(input_ids=ids, use_cache=False, output_hidden_states=all_layers)
+    out = decoder_of(model)(input_ids=ids, use_cache=False, output_hidden_states=all_layers)
     return tuple(out.hidden_states) if all_layers else out.last_hidden_state
 
 
@@ -119,9 +119,9 @@ def measure(student: torch.nn.Module, teacher: PreTrainedModel, ids: torch.Tenso
     kl_sum, agree_sum, n = 0.0, 0.0, 0
     for i in range(0, len(ids), batch_size):
         x = ids[i:i + batch_size].to(device)
-        with _autocast(cfg, device), _lora_casts_off(student, _autocast_on(cfg, device)):
+        with train_autocast(cfg, device), lora_casts_off(student, autocast_on(cfg, device)):
             hs, ht = hidden_states(student, x), hidden_states(teacher, x)
-            kl, agree = chunked_loss_backward(hs, ht, _head(_base(student)), _head(teacher), "kl", 1.0,
+            kl, agree = chunked_loss_backward(hs, ht, lm_head_of(base_model_of(student)), lm_head_of(teacher), "kl", 1.0,
                                               cfg.chunk_tokens, backward=False)
         k = x.numel()
         kl_sum += kl * k
@@ -314,7 +314,7 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
     whole tensors either way, so DDP, FSDP and single-process runs resume each other's.
     """
     cfg.validate()
-    n_layers = getattr(getattr(_base(student), "config", None), "num_hidden_layers", None)
+    n_layers = getattr(getattr(base_model_of(student), "config", None), "num_hidden_layers", None)
     if cfg.hidden_weight > 0 and n_layers is not None and n_layers < 2:
         raise RecoverLoraError(f"hidden_weight needs intermediate layers to match; the model has {n_layers} decoder layer")
     device = next(teacher.parameters()).device
@@ -344,7 +344,7 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
     metrics = metrics if metrics is not None and rank == 0 else None
     if metrics is not None:
         metrics.resume(state.step)
-    s_head, t_head = _head(_base(student)), _head(teacher)
+    s_head, t_head = lm_head_of(base_model_of(student)), lm_head_of(teacher)
     ddp = None
     if world > 1 and sharded is None:
         from torch.nn.parallel import DistributedDataParallel
@@ -354,7 +354,7 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
         ddp = DistributedDataParallel(_HiddenStates(student, cfg.hidden_weight > 0),
                                       device_ids=[device.index] if device.type == "cuda" else None,
                                       broadcast_buffers=False, gradient_as_bucket_view=True)
-    fast_casts = _autocast_on(cfg, device)
+    fast_casts = autocast_on(cfg, device)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * train_ids.shape[1]
     # The whole token set on the device (tens of MB at paper scale: 100k x 128 int64 is 100 MB): no
     # host copy a step. A token set beyond 2 GB stays in (pinned) host memory instead.
@@ -376,7 +376,7 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
         for a, x in enumerate(xs):
             # DDP all-reduces gradients on the last micro-batch of the step only.
             sync = ddp.no_sync() if ddp is not None and a < len(xs) - 1 else contextlib.nullcontext()
-            with sync, _autocast(cfg, device):
+            with sync, train_autocast(cfg, device):
                 with torch.no_grad():
                     ht = hidden_states(teacher, x, layers)
                 hs = ddp(x) if ddp is not None else hidden_states(student, x, layers)
@@ -406,7 +406,7 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
     bar = tqdm(total=cfg.steps, initial=state.step, desc="distill", unit="step", disable=not progress or rank != 0)
     start_step = state.step
     t0 = time.perf_counter() - state.elapsed
-    with sigterm_as_interrupt(), _lora_casts_off(student, fast_casts):
+    with sigterm_as_interrupt(), lora_casts_off(student, fast_casts):
         try:
             while state.step < cfg.steps:
                 if stop_after is not None and state.step - start_step >= stop_after:
@@ -502,9 +502,9 @@ class _ShardedLayers:
                         dist.broadcast(p.data, src=0)
         self.saved = []
         for m in models:
-            layers = getattr(_decoder(m), "layers", None)
+            layers = getattr(decoder_of(m), "layers", None)
             if not isinstance(layers, torch.nn.ModuleList):
-                raise RecoverLoraError(f"fsdp: no decoder.layers list in this {type(_base(m)).__name__}")
+                raise RecoverLoraError(f"fsdp: no decoder.layers list in this {type(base_model_of(m)).__name__}")
             templates = []
             for layer in layers:
                 templates.append(copy.deepcopy(layer).to("meta"))  # structure only, one layer at a time
@@ -551,7 +551,7 @@ def _graph_blocker(cfg: DistillConfig, student: torch.nn.Module, device: torch.d
 def _activation_checkpointing(model: torch.nn.Module, on: bool) -> None:
     """Turn transformers' per-layer activation checkpointing on or off (non-reentrant, no RNG
     stashing: no dropout here, and reading the CUDA RNG state is not allowed in a graph capture)."""
-    base = _base(model)
+    base = base_model_of(model)
     kw = {"use_reentrant": False, "preserve_rng_state": False}
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
         base.activation_checkpointing_enable(kw) if on else base.activation_checkpointing_disable()

@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import zoo
+from .utils import strip_gguf_quant_config  # noqa: F401
 from .utils import RecoverLoraError, log, resolve_device, resolve_dtype
 from .config import LoadConfig  # noqa: F401 - re-exported
 
@@ -46,25 +47,6 @@ def resolve_spec(spec: str) -> str:
     """Turn an embedded model name into its cached GGUF path (fetching it once)."""
     name = _zoo_name(str(spec))
     return str(zoo.fetch(name)) if name else str(spec)
-
-
-def _strip_gguf_quant_config(model: PreTrainedModel) -> None:
-    # transformers marks GGUF-loaded models as "quantized" and refuses save_pretrained, yet the
-    # weights are already dequantized dense tensors: the marker is only a stale label.
-    for obj in (model.config, model):
-        if hasattr(obj, "quantization_config"):
-            try:
-                delattr(obj, "quantization_config")
-            except AttributeError:
-                pass
-    for attr in ("hf_quantizer", "is_quantized"):
-        if hasattr(model, attr):
-            try:
-                setattr(model, attr, None if attr == "hf_quantizer" else False)
-            except AttributeError:
-                pass
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
 
 
 def _suffix(path: Path) -> str:
@@ -148,7 +130,7 @@ def _load_gguf(path: Path, kw: dict) -> PreTrainedModel:
     with _reading(str(path)):
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                      **{**kw, "dtype": torch.float32})
-    _strip_gguf_quant_config(model)
+    strip_gguf_quant_config(model)
     if conv is not None:
         try:
             conv.parent.mkdir(parents=True, exist_ok=True)
@@ -336,7 +318,7 @@ def fingerprint(model: PreTrainedModel) -> str:
 def save_model_dir(model: PreTrainedModel, path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
     """Write a plain HF folder (safetensors); works for GGUF-loaded models too."""
     path = Path(path)
-    _strip_gguf_quant_config(model)
+    strip_gguf_quant_config(model)
     model.save_pretrained(str(path), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))

@@ -269,6 +269,14 @@ def attach_planned_adapters(model: nn.Module, plan: AdapterPlan, seed: int = 0, 
     return student
 
 
+def recommend(diag: dict[str, Any], degraded: nn.Module, cfg) -> AdapterPlan:
+    """The placement a diagnosis recommends (``cfg``: its DiagnoseConfig's rank, alpha, budget and
+    temper), also recorded in ``diag["recommendation"]`` for the diagnosis files."""
+    plan = auto_placement(diag, degraded, rank=cfg.rank, budget=cfg.budget, alpha=cfg.alpha, temper=cfg.temper)
+    diag["recommendation"] = {**plan.to_dict(), "summary": plan.summary()}
+    return plan
+
+
 def auto_plan(reference: nn.Module, degraded: nn.Module, tokenizer: Any, heldout_ids: torch.Tensor | None,
               out_dir: str | Path, rank: int = 16, alpha: float | None = None, budget: int | None = None,
               dropout: float = 0.0, init: str = "default", write: bool = True, **diagnose_kw: Any) -> AdapterPlan:
@@ -289,9 +297,38 @@ def auto_plan(reference: nn.Module, degraded: nn.Module, tokenizer: Any, heldout
         return plan
     cfg = DiagnoseConfig(rank=rank, alpha=2.0 * rank if alpha is None else alpha, budget=budget, **diagnose_kw)
     diag = diagnose(reference, degraded, tokenizer, cfg, heldout_ids=heldout_ids)
-    plan = AdapterPlan.from_dict(diag["recommendation"])
+    plan = recommend(diag, degraded, cfg)
     plan.dropout, plan.init = dropout, init
     diag["recommendation"].update(dropout=dropout, init=init)
     if write:
         write_diagnosis(diag, out)
     return plan
+
+
+def diagnose_cli(args) -> int:
+    """``recover-lora diagnose`` (``commands.DiagnoseCmd``)."""
+    import copy
+
+    from .diagnose import diagnose, kl_str, write_diagnosis
+    from .load import load_pair
+    from .utils import resolve_device
+
+    cfg = copy.copy(args.diagnose)
+    # seq_len 0: 128 on a GPU, 64 on a CPU (the diagnosis runs about three forwards a layer)
+    cfg.seq_len = cfg.seq_len or (128 if resolve_device(args.load.device).type == "cuda" else 64)
+    cfg.validate()
+    lcfg = args.load
+    print(f"loading {args.reference} and {args.degraded} ...", flush=True)
+    pair = load_pair(args.reference, args.degraded, lcfg)
+    diag = diagnose(pair.reference, pair.degraded, pair.tokenizer, cfg, progress=True)
+    diag["reference"], diag["degraded"] = str(args.reference), str(args.degraded)
+    recommend(diag, pair.degraded, cfg)
+    paths = write_diagnosis(diag, args.out_dir)
+    for n, e in diag["nonfinite"].items():
+        print(f"non-finite weights: {n}: {e['nan']} NaN, {e['inf']} Inf")
+    f = diag["functional"]
+    if f:
+        print(f"held-out KL {kl_str(f['base'])}; layers by damage: {diag['ranking'][:10]}")
+    print(f"recommendation: {diag['recommendation']['summary']}")
+    print(f"wrote {paths['markdown']}, {paths['json']}, {paths['png']}, {paths['plan']}")
+    return 0

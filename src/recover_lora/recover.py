@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .baselines import (METHODS, FullKDConfig, SFTConfig, degraded_view, prepare_full_kd, run_full_kd,
                         run_sft_lora, snapshot_state)
-from .distill import (CADENCE_FIELDS, AdapterConfig, DistillConfig, TrainState, init_distributed, measure,
+from .distill import (CADENCE_FIELDS, AdapterConfig, DistillConfig, TrainState, adapter_targets, init_distributed, measure,
                       trainable_parameters, train)
 from .load import LoadConfig, fingerprint, load_pair, save_model_dir, vocab_size
 from .card import command_line, finish_adapter, write_merged_card
@@ -34,7 +34,7 @@ from .run_dir import RunLock, check_identity, check_run_dir, run_identity, write
 from .svd_init import SVD_INITS, attach_with_init
 from .synth import SynthConfig, barrier, check_token_ids, load_synthetic, manifest, synthesize
 from .utils import RecoverLoraError, atomic_write_json, log, save_figure
-from .config import RecoverConfig, _coerce, typed_fields  # noqa: F401 - re-exported
+from .config import RecoverConfig, train_synth_config, typed_fields  # noqa: F401 - re-exported
 
 HELDOUT_SEED_OFFSET = 1_000_003  # held-out data never shares a seed with training data
 
@@ -76,15 +76,6 @@ def validate_config(cfg: RecoverConfig) -> None:
 
         for t in cfg.sft.tasks:
             get_task(t)
-
-
-def train_synth_config(cfg: RecoverConfig) -> SynthConfig:
-    s = SynthConfig(**asdict(cfg.synth))
-    if s.num_sequences <= 0:
-        # One pass over fresh data: as many sequences as the training run consumes.
-        s.num_sequences = max(cfg.distill.steps * cfg.distill.batch_size * cfg.distill.grad_accum,
-                              cfg.distill.batch_size)
-    return s
 
 
 def config_identity(cfg: RecoverConfig) -> dict[str, Any]:
@@ -231,7 +222,7 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
                                           calib_ids=train_ids if train_ids is not None else held_ids)
         n_train = trainable_parameters(student)
     else:
-        n_modules = len(cfg.adapter.target_modules(degraded))
+        n_modules = len(adapter_targets(cfg.adapter, degraded))
         student = attach_with_init(degraded, cfg.adapter, reference, seed=cfg.distill.seed,
                                    calib_ids=train_ids if train_ids is not None else held_ids)
         n_train = trainable_parameters(student)

@@ -29,7 +29,7 @@ from .config import ReportConfig  # noqa: F401 - re-exported
 MODELS = ("reference", "degraded", "recovered")
 
 
-def _task_results(res: Any) -> dict:
+def task_results(res: Any) -> dict:
     """Accept evaluate()'s dict, an ``eval --out-file`` JSON (``{"results": ...}``) or a path to one."""
     if isinstance(res, (str, Path)):
         try:
@@ -104,7 +104,7 @@ def _boot_means(rng: np.random.Generator, arrays: list[np.ndarray], n_boot: int)
 def compute_report(reference_results, degraded_results, recovered_results, cfg: ReportConfig | None = None) -> dict:
     """The numbers of the report (no files written)."""
     cfg = cfg or ReportConfig()
-    runs = [_task_results(r) for r in (reference_results, degraded_results, recovered_results)]
+    runs = [task_results(r) for r in (reference_results, degraded_results, recovered_results)]
     tasks = [t for t in runs[0] if t in runs[1] and t in runs[2]]
     if not tasks:
         raise RecoverLoraError("no task was evaluated on all three models "
@@ -165,7 +165,7 @@ def compute_measures(reference_results, model_results, cfg: ReportConfig | None 
     and the mean answer-token KL to the reference (``evaluate(reference=...)``); their unweighted
     means over tasks; 95% bootstrap CIs over items (tasks resampled independently)."""
     cfg = cfg or ReportConfig()
-    ref, mod = _task_results(reference_results), _task_results(model_results)
+    ref, mod = task_results(reference_results), task_results(model_results)
     tasks = [t for t in ref if t in mod]
     rng = np.random.default_rng(cfg.seed)
     rows, boots = {}, {"agreement": [], "answer_kl": []}

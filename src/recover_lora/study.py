@@ -812,9 +812,9 @@ def run_study(cfg: StudyConfig, only: list[str] | None = None, dry_run: bool = F
 
 def pool_mmlu(results: dict) -> dict:
     """Results with the MMLU subjects pooled into one 'mmlu' task (items concatenated), in place of the first."""
-    from .report import _task_results, item_array
+    from .report import task_results, item_array
 
-    res = _task_results(results)
+    res = task_results(results)
     subj = [t for t in res if t.startswith("mmlu_")]
     if len(subj) < 2:
         return res

@@ -36,7 +36,7 @@ from transformers import PreTrainedModel
 
 from .utils import RecoverLoraError, log
 
-SVD_INITS = ("svd", "eora", "eora-diag")
+from .config import SVD_INITS  # noqa: E402,F401 - its home is the config
 CALIB_SEQUENCES = 32  # eora: synthetic sequences whose reference activations give the input covariance
 EORA_SHRINK = 0.25  # eora: covariance used = (1 - shrink) E[x x^T] + shrink diag(E[x x^T])
 FULL_SVD_MAX_DIM = 8192  # exact SVD up to this min(out, in); randomized svd_lowrank above

@@ -124,7 +124,7 @@ def _static_cache(config, length: int):
     return StaticCache(config=config, max_cache_len=length)
 
 
-class _Decoder:
+class Decoder:
     """One batch of hybrid-sampled sequences with a KV cache.
 
     ``kind`` is the cache ("static", "dynamic", or "auto": static on GPU). With a static cache on
@@ -301,7 +301,7 @@ def decode_dtype(model: PreTrainedModel, cfg: SynthConfig) -> torch.dtype:
 
 def generate_shard(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: SynthConfig,
                    shard: int, n: int, bos: bool, progress: tqdm | None = None,
-                   decoders: dict[int, _Decoder] | None = None) -> torch.Tensor:
+                   decoders: dict[int, Decoder] | None = None) -> torch.Tensor:
     """Generate shard ``shard`` (n sequences). All randomness comes from (seed, shard).
 
     ``decoders`` (batch size -> decoder) lets consecutive shards reuse one captured graph.
@@ -330,7 +330,7 @@ def generate_shard(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, c
             rows = torch.cat([rows, rows[:1].repeat(bs - b)])
         size = len(rows)
         if size not in decoders:
-            decoders[size] = _Decoder(model, size, cfg.seq_len, cfg.cache)
+            decoders[size] = Decoder(model, size, cfg.seq_len, cfg.cache)
         out.append(decoders[size].run(prefix[rows], n_greedy[rows], noise[rows], cfg.top_k, cfg.temperature)[:b])
         if progress is not None:
             progress.update(b)
@@ -398,7 +398,7 @@ def synthesize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: 
     else:
         total, done = cfg.num_sequences, cfg.num_sequences - sum(n for _, n, _ in todo)
     bar = tqdm(total=total, initial=done, desc="synthesize", unit="seq", disable=not progress or rank != 0)
-    decoders: dict[int, _Decoder] = {}  # shared by all shards: one graph capture per batch size
+    decoders: dict[int, Decoder] = {}  # shared by all shards: one graph capture per batch size
     if mine and dtype != next(model.parameters()).dtype:  # a decode copy; the model itself stays as it is
         model = copy.deepcopy(model).to(dtype)
     try:

@@ -17,7 +17,7 @@ import copy
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .load import _strip_gguf_quant_config
+from .utils import strip_gguf_quant_config
 from .utils import RecoverLoraError
 
 def _text_config(config):
@@ -49,7 +49,7 @@ def mha_twin(model: PreTrainedModel) -> PreTrainedModel:
         state[name] = t
     dtype = next(model.parameters()).dtype
     twin = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    _strip_gguf_quant_config(twin)
+    strip_gguf_quant_config(twin)
     missing, unexpected = twin.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
     if [k for k in missing if k not in tied] or unexpected:

@@ -157,3 +157,23 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def strip_gguf_quant_config(model) -> None:
+    """Drop the stale "quantized" markers transformers leaves on a GGUF-loaded (dequantized) model."""
+    # transformers marks GGUF-loaded models as "quantized" and refuses save_pretrained, yet the
+    # weights are already dequantized dense tensors: the marker is only a stale label.
+    for obj in (model.config, model):
+        if hasattr(obj, "quantization_config"):
+            try:
+                delattr(obj, "quantization_config")
+            except AttributeError:
+                pass
+    for attr in ("hf_quantizer", "is_quantized"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, None if attr == "hf_quantizer" else False)
+            except AttributeError:
+                pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

@@ -8,7 +8,7 @@ the head turns them back into the same logits (checked when built). A study eval
 reference once, keeps these, and every later model's answer-token KL costs one head product at the
 answer positions instead of a second forward pass.
 
-    cache = ReferenceAnswers.build(reference, requests)      # one scoring pass of the reference
+    cache, results = keep_answers(reference, requests)       # scorer.py: one scoring pass of the reference
     cache.save(path); cache = ReferenceAnswers.load(path, reference)
     score(model, requests, reference=cache)                  # same KL as reference=the model itself
 """
@@ -69,16 +69,6 @@ class ReferenceAnswers:
         """The reference's log-probabilities from kept states (float32)."""
         w = self.model.get_output_embeddings().weight
         return torch.log_softmax(head_logits(self.model, hidden.to(w.device)).float(), dim=-1)
-
-    @classmethod
-    def build(cls, reference, requests, progress: bool = True, **score_kw) -> tuple["ReferenceAnswers", list]:
-        """Score ``requests`` with ``reference`` once, keeping its states at the answer tokens.
-        Returns the cache and the scoring results (the reference's own evaluation comes free)."""
-        from .scorer import score  # noqa: PLC0415
-
-        kept: dict[int, torch.Tensor] = {}
-        res = score(reference, requests, progress=progress, keep_hidden=kept, **score_kw)
-        return cls.from_kept(reference, requests, kept), res
 
     @classmethod
     def from_kept(cls, reference, requests, kept: dict) -> "ReferenceAnswers":

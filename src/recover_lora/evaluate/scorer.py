@@ -380,3 +380,13 @@ def _kept_logits(model, inputs: dict, keep: torch.Tensor, state: dict) -> torch.
     if logits is None:
         logits = model(**inputs, use_cache=False).logits[keep]
     return logits
+
+
+def keep_answers(reference, requests, progress: bool = False, **score_kw):
+    """Score ``requests`` with ``reference`` once, keeping its states at the answer tokens:
+    ``(ReferenceAnswers, its scoring results)`` (the reference's own evaluation comes free)."""
+    from .refcache import ReferenceAnswers  # noqa: PLC0415
+
+    kept: dict = {}
+    res = score(reference, requests, progress=progress, keep_hidden=kept, **score_kw)
+    return ReferenceAnswers.from_kept(reference, requests, kept), res
