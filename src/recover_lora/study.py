@@ -57,10 +57,9 @@ import yaml
 from .recover import RecoverConfig, train_synth_config
 from .recover import recover as run_recover  # module-level name: tests count calls by patching it
 from .report import ReportConfig, build_report, compute_report
+from .evaluate.tasks import DEFAULT_TASKS  # the seven benchmarks, MMLU as its three subjects
 from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, log, read_json, save_figure
 
-SEVEN_TASKS = ["hellaswag", "arc_challenge", "arc_easy", "winogrande", "piqa", "openbookqa", "boolq",
-               "mmlu_philosophy", "mmlu_management", "mmlu_astronomy"]  # MMLU as its three subjects
 
 
 @dataclass
@@ -76,7 +75,7 @@ class StudyConfig:
     damage_overrides: dict[str, dict[str, list]] = field(default_factory=dict)
     damage_seed: int = 0
     recover: dict[str, Any] = field(default_factory=dict)  # RecoverConfig fields common to every run
-    eval: dict[str, Any] = field(default_factory=lambda: {"tasks": list(SEVEN_TASKS), "data_dir": None,
+    eval: dict[str, Any] = field(default_factory=lambda: {"tasks": list(DEFAULT_TASKS), "data_dir": None,
                                                           "limit": None})
     methods: dict[str, dict] = field(default_factory=dict)  # name -> RecoverConfig overrides
     sweep: dict[str, Any] | None = None  # {method, sequences: [1000, ...], steps: one-pass | N}
