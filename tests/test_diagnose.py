@@ -12,7 +12,8 @@ from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
 from recover_lora.diagnose import DiagnoseConfig, diagnose, to_markdown
 from recover_lora.provenance import zero_nonfinite
 from recover_lora.distill import trainable_parameters
-from recover_lora.placement import (AdapterPlan, attach_planned_adapters, auto_placement, lora_parameters,
+from recover_lora.adapters import attach
+from recover_lora.placement import (AdapterPlan, auto_placement, lora_parameters,
                                     preset_budget)
 
 FAST = DiagnoseConfig(sequences=8, seq_len=24)
@@ -74,7 +75,7 @@ def test_planted_attention_damage_gets_the_adapters(ref, tok, tmp_path):
     assert plan.parameters == lora_parameters(deg, plan.ranks)
 
     # PEFT: the plan attaches with its per-module ranks, saves, and reloads to identical logits
-    student = attach_planned_adapters(copy.deepcopy(deg), plan, seed=0)
+    student = attach(copy.deepcopy(deg), plan, seed=0)
     assert trainable_parameters(student) == plan.parameters <= budget
     for n, r in plan.ranks.items():
         lora = student.get_submodule("base_model.model." + n)
@@ -109,7 +110,7 @@ def test_budget_is_respected_when_everything_is_damaged(ref, tok):
         plan = auto_placement(d, deg, rank=8, budget=budget)
         limit = preset_budget(deg, 8) if budget is None else budget
         assert 0 < plan.parameters <= limit
-        student = attach_planned_adapters(copy.deepcopy(deg), plan)
+        student = attach(copy.deepcopy(deg), plan)
         assert trainable_parameters(student) == plan.parameters
     small = auto_placement(d, deg, rank=8, budget=500)
     assert len(small.ranks) < len(d["modules"])  # the budget leaves the least damaged modules out

@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 from tiny import tiny_model
 
 from recover_lora.distill import AdapterConfig, adapter_targets, attach_adapters
-from recover_lora.svd_init import EORA_SHRINK, SVD_INITS, attach_with_init, input_moments, svd_init_, truncated_svd
+from recover_lora.svd_init import EORA_SHRINK, SVD_INITS, input_moments, svd_init_, truncated_svd
 from recover_lora.utils import RecoverLoraError
 
 
@@ -62,7 +62,7 @@ def test_exact_when_difference_has_rank_at_most_r(kind, use_rslora, model):
 def test_best_rank_r_approximation_when_rank_exceeds_r():
     ref, deg = _low_rank_pair(rank=12)
     r = 4
-    student = attach_with_init(deg, AdapterConfig(modules="attn-mlp", rank=r, alpha=16, init="svd"), ref)
+    student = attach_adapters(deg, AdapterConfig(modules="attn-mlp", rank=r, alpha=16, init="svd"), reference=ref)
     for name, layer in zip(_lora_names(student), [student.get_base_model().get_submodule(n)
                                                   for n in _lora_names(student)]):
         w_ref = ref.get_submodule(name).weight
@@ -132,7 +132,7 @@ def test_each_init_is_optimal_for_its_own_error():
             e["eora-plain"] += torch.trace(res @ cov[n] @ res.T).item()
         return e
 
-    got = {kind: errors(attach_with_init(copy.deepcopy(deg), AdapterConfig(modules="mlp", rank=3, init=kind), ref,
+    got = {kind: errors(attach_adapters(copy.deepcopy(deg), AdapterConfig(modules="mlp", rank=3, init=kind), reference=ref,
                                          calib_ids=calib)) for kind in SVD_INITS}
     for objective in SVD_INITS:  # (eora-plain is no init's objective here)
         best = min(got, key=lambda k: got[k][objective])
@@ -149,7 +149,7 @@ def test_each_init_is_optimal_for_its_own_error():
     assert got["eora"]["eora"] == pytest.approx(bound(shrunk), rel=1e-3)
     by_shrink = {}
     for shrink in (0.0, 1.0):
-        student = attach_with_init(copy.deepcopy(deg), AdapterConfig(modules="mlp", rank=3), ref)
+        student = attach_adapters(copy.deepcopy(deg), AdapterConfig(modules="mlp", rank=3), reference=ref)
         svd_init_(student, ref, kind="eora", calib_ids=calib, shrink=shrink)
         by_shrink[shrink] = errors(student)
     assert by_shrink[0.0]["eora-plain"] == pytest.approx(bound(cov), rel=1e-3)  # plain EoRA: its own optimum
@@ -199,7 +199,7 @@ def test_components_the_difference_does_not_fill_stay_trainable():
             if name.endswith(("k_proj", "v_proj")) and name != "model.layers.0.self_attn.k_proj":
                 o, i = mod.weight.shape
                 mod.weight += 0.05 * torch.randn(o, 2, generator=g) @ torch.randn(2, i, generator=g)
-    student = attach_with_init(deg, AdapterConfig(modules="kv", rank=4, init="svd"), ref)
+    student = attach_adapters(deg, AdapterConfig(modules="kv", rank=4, init="svd"), reference=ref)
     x = _ids()
     with torch.no_grad():
         torch.testing.assert_close(student(x).logits, ref(x).logits, atol=1e-4, rtol=1e-4)

@@ -27,7 +27,8 @@ import torch
 from recover_lora.degrade import DegradeConfig, degrade, parse_op
 from recover_lora.distill import AdapterConfig, DistillConfig, measure, train
 from recover_lora.load import LoadConfig, load_model, load_tokenizer
-from recover_lora.svd_init import EORA_SHRINK, SVD_INITS, attach_with_init
+from recover_lora.distill import attach_adapters
+from recover_lora.svd_init import EORA_SHRINK, SVD_INITS
 from recover_lora.synth import SynthConfig, load_synthetic, synthesize
 
 
@@ -72,9 +73,9 @@ def main() -> None:
               + (" | |" if a.steps else ""), flush=True)
         for init in a.inits.split(","):
             t0 = time.perf_counter()
-            student = attach_with_init(copy.deepcopy(deg), AdapterConfig(modules=a.modules, rank=a.rank,
-                                                                         alpha=2 * a.rank, init=init),
-                                       ref, calib_ids=ids["calib"], calib_sequences=a.calib, shrink=a.shrink)
+            student = attach_adapters(copy.deepcopy(deg), AdapterConfig(modules=a.modules, rank=a.rank,
+                                                                        alpha=2 * a.rank, init=init),
+                                      reference=ref, calib_ids=ids["calib"], calib_sequences=a.calib, shrink=a.shrink)
             r = {"init": measure(student, ref, ids["heldout"], 8), "seconds": round(time.perf_counter() - t0, 1)}
             line = f"| `{spec}` | {init} | {r['init']['kl']:.4f} | {100 * r['init']['top1']:.1f}% | {r['seconds']:.0f} |"
             if a.steps:

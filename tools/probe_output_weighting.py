@@ -11,9 +11,9 @@ Result: a few percent of held-out KL, less than shrinking the covariance (EORA_S
 import copy, math, sys, tempfile, time
 import torch
 from recover_lora.degrade import DegradeConfig, degrade, parse_op
-from recover_lora.distill import AdapterConfig, measure, hidden_states
+from recover_lora.distill import attach_adapters, AdapterConfig, measure, hidden_states
 from recover_lora.load import LoadConfig, load_model, load_tokenizer
-from recover_lora.svd_init import attach_with_init, input_moments, _root, _lora_layers, truncated_svd
+from recover_lora.svd_init import input_moments, _root, _lora_layers, truncated_svd
 from recover_lora.synth import SynthConfig, load_synthetic, synthesize
 
 torch.manual_seed(0)
@@ -115,11 +115,11 @@ for spec in sys.argv[1:]:
     degrade(deg, DegradeConfig(ops=[parse_op(x) for x in spec.split(";")], seed=0))
     print(spec, "degraded", measure(deg, ref, ids["heldout"], 8), flush=True)
     for init in ["eora", "eora-diag"]:
-        st = attach_with_init(copy.deepcopy(deg), AdapterConfig(modules="all-linear", rank=16, alpha=32, init=init), ref,
+        st = attach_adapters(copy.deepcopy(deg), AdapterConfig(modules="all-linear", rank=16, alpha=32, init=init), reference=ref,
                               calib_ids=ids["calib"], shrink=0.0)
         print(spec, init, measure(st, ref, ids["heldout"], 8), flush=True)
     for mode, rdiag in [("qkv", False), ("k", False), ("v", False), ("qk", False), ("qkv", True)]:
         t0 = time.time()
-        st = attach_with_init(copy.deepcopy(deg), AdapterConfig(modules="all-linear", rank=16, alpha=32, init="default"), ref)
+        st = attach_adapters(copy.deepcopy(deg), AdapterConfig(modules="all-linear", rank=16, alpha=32, init="default"), reference=ref)
         init_outw(st, ref, ids["calib"], mode, rdiag)
         print(spec, f"outw-{mode}{'-rdiag' if rdiag else ''}", measure(st, ref, ids["heldout"], 8), f"{time.time()-t0:.0f}s", flush=True)

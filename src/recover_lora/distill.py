@@ -27,34 +27,20 @@ from . import graphs
 from .degrade import parse_layers, parse_modules, select_modules
 from .losses import LOSSES, chunked_loss_backward, hidden_match_loss
 from .synth import dist_rank_world
+from .adapters import adapter_targets, attach, preset_plan  # noqa: F401 - re-exported
+from .forward import base_model_of, decoder_of, hidden_states, lm_head_of  # noqa: F401 - re-exported
 from .metrics import MetricsLog
 from .utils import RecoverLoraError, atomic_torch_save, log, sigterm_as_interrupt
 from .config import AdapterConfig, DistillConfig  # noqa: F401 - re-exported
 
 
-def adapter_targets(cfg: AdapterConfig, model: PreTrainedModel) -> list[str]:
-    """Full names of the nn.Linear modules that get an adapter (same selection rules as degrade)."""
-    layers = parse_layers(cfg.layers)
-    patterns = parse_modules(cfg.modules) or ["all-linear"]
-    names = [n for n, m in select_modules(model, patterns, layers) if isinstance(m, torch.nn.Linear)]
-    if not names:
-        raise RecoverLoraError(f"adapter targets {cfg.modules!r} (layers {cfg.layers}) match no linear module "
-                               f"of this {model.config.model_type} model")
-    return names
-
-
-def peft_lora_config(cfg: AdapterConfig, model: PreTrainedModel) -> LoraConfig:
-    init: bool | str = True if cfg.init == "default" else cfg.init
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=adapter_targets(cfg, model), init_lora_weights=init,
-                      bias="none", task_type="CAUSAL_LM")
-
-
-def attach_adapters(model: PreTrainedModel, cfg: AdapterConfig, seed: int = 0) -> PeftModel:
-    """Wrap the degraded model with fresh LoRA adapters (only they are trainable)."""
-    torch.manual_seed(seed)  # adapter init is then reproducible
-    peft_model = get_peft_model(model, peft_lora_config(cfg, model))
-    return peft_model
+def attach_adapters(model: PreTrainedModel, cfg: AdapterConfig, seed: int = 0, reference=None,
+                    calib_ids: torch.Tensor | None = None, **warm_start) -> PeftModel:
+    """Wrap the degraded model with fresh LoRA adapters on ``cfg``'s modules (only they train): the
+    preset as an :class:`~recover_lora.adapters.AdapterPlan` of uniform ranks, through the one
+    :func:`~recover_lora.adapters.attach` (svd / eora starts need ``reference``; ``warm_start``:
+    its calib_sequences / shrink)."""
+    return attach(model, preset_plan(cfg, model), seed=seed, reference=reference, calib_ids=calib_ids, **warm_start)
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:
@@ -81,31 +67,6 @@ def lora_casts_off(model: torch.nn.Module, active: bool):
 
 def autocast_on(cfg: DistillConfig, device: torch.device) -> bool:
     return cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
-
-
-def lm_head_of(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]:
-    """hidden -> logits exactly as the model's forward does (incl. Gemma-2 style soft-capping)."""
-    lm_head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        return lambda h: torch.tanh(lm_head(h) / cap) * cap
-    return lm_head
-
-
-def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    return base.get_decoder()
-
-
-def base_model_of(model: torch.nn.Module) -> PreTrainedModel:
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-def hidden_states(model: torch.nn.Module, ids: torch.Tensor, all_layers: bool = False):
-    """Final (normed) hidden states: the lm_head is applied chunk by chunk in the loss. With
-    ``all_layers``, the tuple (embeddings, output of layer 0, ..., of layer L-2, final normed)."""
-    out = decoder_of(model)(input_ids=ids, use_cache=False, output_hidden_states=all_layers)
-    return tuple(out.hidden_states) if all_layers else out.last_hidden_state
 
 
 @torch.no_grad()

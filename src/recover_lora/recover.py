@@ -31,7 +31,8 @@ from .card import command_line, finish_adapter, write_merged_card
 from .metrics import MetricsLog
 from .provenance import nonfinite_weights, write_adapter_provenance, zero_nonfinite
 from .run_dir import RunLock, check_identity, check_run_dir, run_identity, write_identity
-from .svd_init import SVD_INITS, attach_with_init
+from .config import SVD_INITS
+from .adapters import attach, preset_plan
 from .synth import SynthConfig, barrier, check_token_ids, load_synthetic, manifest, synthesize
 from .utils import RecoverLoraError, atomic_write_json, log, save_figure
 from .config import RecoverConfig, train_synth_config, typed_fields  # noqa: F401 - re-exported
@@ -211,20 +212,14 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
         n_modules = 0
         student = degraded
         n_train = prepare_full_kd(student, reference, cfg.full_kd)
-    elif cfg.placement == "auto":
-        # diagnose on the held-out sequences (or reuse out/diagnosis/plan.json when resuming), then
-        # attach per-module ranks within the budget
-        from .placement import attach_planned_adapters
-
-        plan = placement_plan(cfg, reference, degraded, tokenizer, held_ids, write=rank == 0)
-        n_modules = len(plan.ranks)
-        student = attach_planned_adapters(degraded, plan, seed=cfg.distill.seed, reference=reference,
-                                          calib_ids=train_ids if train_ids is not None else held_ids)
-        n_train = trainable_parameters(student)
     else:
-        n_modules = len(adapter_targets(cfg.adapter, degraded))
-        student = attach_with_init(degraded, cfg.adapter, reference, seed=cfg.distill.seed,
-                                   calib_ids=train_ids if train_ids is not None else held_ids)
+        # auto: diagnose on the held-out sequences (or reuse out/diagnosis/plan.json when resuming)
+        # and plan per-module ranks within the budget; preset: cfg.adapter's modules at one rank
+        plan = placement_plan(cfg, reference, degraded, tokenizer, held_ids, write=rank == 0) \
+            if cfg.placement == "auto" else preset_plan(cfg.adapter, degraded)
+        n_modules = len(plan.ranks)
+        student = attach(degraded, plan, seed=cfg.distill.seed, reference=reference,
+                         calib_ids=train_ids if train_ids is not None else held_ids)
         n_train = trainable_parameters(student)
     svd_start = cfg.method != "full-kd" and cfg.adapter.init in SVD_INITS
     with student.disable_adapter() if svd_start else contextlib.nullcontext():  # "before" = the degraded model
@@ -294,7 +289,8 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
         "zeroed_nonfinite": zeroed,
         "trainable_parameters": n_train, "processes": world,
         "adapter_modules": n_modules,
-        "placement": ({"kind": "auto", "diagnosis": str(out / "diagnosis"), **plan.to_dict()} if plan is not None else
+        "placement": ({"kind": "auto", "diagnosis": str(out / "diagnosis"), **plan.to_dict()}
+                      if plan is not None and cfg.placement == "auto" else
                       {"kind": "preset", "modules": cfg.adapter.modules, "layers": cfg.adapter.layers,
                        "rank": cfg.adapter.rank}),
         "method": cfg.method, "init": cfg.adapter.init if cfg.method != "full-kd" else None,

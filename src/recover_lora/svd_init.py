@@ -21,7 +21,7 @@ B and A split it, each component's norm shared evenly between them (both divided
 
 Distillation then continues from there.
 
-    student = attach_with_init(degraded, AdapterConfig(init="svd", rank=16), reference)
+    student = attach_adapters(degraded, AdapterConfig(init="svd", rank=16), reference=reference)
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def input_moments(reference: PreTrainedModel, names: list[str], calib_ids: torch
     """The uncentred second moment of the input to each named linear of ``reference`` over the
     ``calib_ids`` tokens, in fp32: ``E[x x^T]`` (in x in) with ``full``, else its diagonal
     ``E[x_j^2]``. Linears fed the same tensor (q/k/v, gate/up) share one matrix."""
-    from .distill import hidden_states
+    from .forward import hidden_states
 
     device = next(reference.parameters()).device
     sums: dict[str, torch.Tensor] = {}
@@ -247,22 +247,3 @@ def svd_init_(peft_model: torch.nn.Module, reference: PreTrainedModel | Mapping[
     log.info("%s init of %d LoRA pairs: mean relative residual of the weight difference %.4f",
              kind, len(stats), mean_res)
     return stats
-
-
-def attach_with_init(model: PreTrainedModel, cfg, reference: PreTrainedModel, seed: int = 0,
-                     calib_ids: torch.Tensor | None = None, calib_sequences: int = CALIB_SEQUENCES,
-                     shrink: float = EORA_SHRINK) -> PeftModel:
-    """``distill.attach_adapters`` that also understands ``cfg.init`` in :data:`SVD_INITS`:
-    attach with PEFT's default init, then overwrite every pair with :func:`svd_init_`.
-    Any other ``init`` goes to PEFT unchanged. ``calib_ids`` (eora): synthetic token ids, of
-    which the first ``calib_sequences`` are used."""
-    from .distill import attach_adapters
-
-    if cfg.init not in SVD_INITS:
-        return attach_adapters(model, cfg, seed=seed)
-    plain = copy.copy(cfg)
-    plain.init = "default"
-    student = attach_adapters(model, plain, seed=seed)
-    ids = calib_ids[:calib_sequences] if calib_ids is not None else None
-    svd_init_(student, reference, kind=cfg.init, calib_ids=ids, shrink=shrink)
-    return student

@@ -35,12 +35,9 @@ def request_key(ctx: Sequence[int], cont: Sequence[int]) -> str:
 
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """The model's logits from its LM head's input (the final soft-capping too, where a model has one)."""
-    out = model.get_output_embeddings()(hidden.to(model.get_output_embeddings().weight.dtype))
-    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    if cap:
-        out = torch.tanh(out / cap) * cap
-    return out
+    from ..forward import lm_head_of  # noqa: PLC0415
+
+    return lm_head_of(model)(hidden.to(model.get_output_embeddings().weight.dtype))
 
 
 class ReferenceAnswers:
