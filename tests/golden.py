@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny import WORDS, tiny_model, tiny_tokenizer  # noqa: E402
+from tiny import arc_records, tiny_model, tiny_tokenizer  # noqa: E402
 
 CASES = {  # name -> RecoverConfig overrides (on top of COMMON)
     "default": {},
@@ -49,18 +49,6 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def _arc(n: int) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    words = WORDS[6:40]
-    out = []
-    for i in range(n):
-        p = torch.randperm(len(words), generator=g)[:7].tolist()
-        out.append({"id": f"q{i}", "question": " ".join(words[j] for j in p[:3]),
-                    "choices": {"text": [words[p[3 + j]] for j in range(4)], "label": list("ABCD")},
-                    "answerKey": "ABCD"[i % 4]})
-    return out
-
-
 def fingerprint(folder: Path) -> str:
     """sha256 over the trained tensors (names sorted, raw float32 bytes)."""
     from safetensors.torch import load_file
@@ -84,7 +72,7 @@ def compute() -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "eval" / "arc_easy"
         data.mkdir(parents=True)
-        (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _arc(16)))
+        (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arc_records(16)))
         tok = tiny_tokenizer()
         for name, over in CASES.items():
             ref = tiny_model("llama", initializer_range=0.2)

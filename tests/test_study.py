@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import yaml
-from tiny import WORDS, tiny_model, tiny_tokenizer
+from tiny import arc_records, tiny_model, tiny_tokenizer
 
 from recover_lora import study
 from recover_lora.cli import main
@@ -45,24 +45,12 @@ def test_twin_spec_loads_the_twin(tmp_path):
     assert twin.config.num_key_value_heads == twin.config.num_attention_heads == 4
 
 
-def _arc(n):
-    g = torch.Generator().manual_seed(0)
-    words = WORDS[6:40]
-    recs = []
-    for i in range(n):
-        p = torch.randperm(len(words), generator=g)[:7].tolist()
-        recs.append({"id": f"q{i}", "question": " ".join(words[j] for j in p[:3]),
-                     "choices": {"text": [words[p[3 + j]] for j in range(4)], "label": list("ABCD")},
-                     "answerKey": "ABCD"[i % 4]})
-    return recs
-
-
 @pytest.fixture
 def study_yaml(tmp_path):
     save_model_dir(tiny_model("llama", initializer_range=0.2), tmp_path / "tiny", tiny_tokenizer())
     d = tmp_path / "eval" / "arc_easy"
     d.mkdir(parents=True)
-    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _arc(24)))
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arc_records(24)))
     cfg = {
         "study_dir": "study", "results": "RESULTS.md",
         "models": {"tiny": str(tmp_path / "tiny")},

@@ -50,3 +50,16 @@ def tiny_model(kind: str = "llama", seed: int = 0, **overrides):
     model = AutoModelForCausalLM.from_config(tiny_config(kind, **overrides), dtype=torch.float32)
     model.eval()
     return model
+
+
+def arc_records(n: int) -> list[dict]:
+    """``n`` ARC-shaped records in the tiny vocabulary (question, four choices, answers A..D in turn)."""
+    g = torch.Generator().manual_seed(0)
+    words = WORDS[6:40]
+    recs = []
+    for i in range(n):
+        p = torch.randperm(len(words), generator=g)[:7].tolist()
+        recs.append({"id": f"q{i}", "question": " ".join(words[j] for j in p[:3]),
+                     "choices": {"text": [words[p[3 + j]] for j in range(4)], "label": list("ABCD")},
+                     "answerKey": "ABCD"[i % 4]})
+    return recs
