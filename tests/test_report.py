@@ -100,6 +100,26 @@ def test_resolved_average_leaves_out_tasks_whose_gap_is_noise():
     assert lo < 0.9 < hi
 
 
+def test_gap_closed_counts_the_distance_to_the_reference_either_side():
+    """A damage that lifts a task above the reference (BoolQ under noise): moving it back down is
+    repair, not harm. Hand-computed: "up" ref 300, deg 200, rep 280 (closes 80 of 100 points);
+    "down" ref 100, deg 300, rep 200 (closes 100 of 200): (80 + 100) / (100 + 200) = 60%, 22.5
+    accuracy points a task on average; averaging accuracies first would say (240 - 250) / (200 - 250) = 20%."""
+    def res(a, b):
+        return {"up": {"acc": a / 400, "n": 400, "items": {"acc": [1] * a + [0] * (400 - a)}},
+                "down": {"acc": b / 400, "n": 400, "items": {"acc": [1] * b + [0] * (400 - b)}}}
+
+    rep = compute_report(res(300, 100), res(200, 300), res(280, 200))
+    avg = rep["resolved_average"]
+    assert avg["tasks"] == ["up", "down"] and avg["gap_closed"] == pytest.approx(0.6)
+    assert avg["points_closed"] == pytest.approx((20 + 25) / 2)  # accuracy points closed, mean over the tasks
+    lo, hi = avg["ci"]["gap_closed"]
+    assert lo < 0.6 < hi
+    down = rep["tasks"]["down"]
+    assert down["distance_closed"] == pytest.approx(25.0) and down["ci"]["distance_closed"][0] > 0  # not worse
+    assert down["recovered_points"] == pytest.approx(-25.0)  # what the old check called a loss
+
+
 def test_agreement_and_answer_kl_by_hand():
     from recover_lora.report import compute_measures
 

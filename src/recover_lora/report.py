@@ -76,8 +76,12 @@ def _stats(ref, deg, rec) -> dict[str, np.ndarray]:
     gap = ref - deg
     with np.errstate(divide="ignore", invalid="ignore"):
         closed = np.where(np.abs(gap) < 1e-12, np.nan, (rec - deg) / np.where(gap == 0, 1, gap))
+    # the distance to the reference closed, in points: a repair moves a task back toward the
+    # reference whichever side of it the damage left the task (a damaged model can score above it)
+    dist = 100 * (np.abs(gap) - np.abs(ref - rec))
     return {"reference": 100 * ref, "degraded": 100 * deg, "recovered": 100 * rec,
-            "drop": 100 * gap, "recovered_points": 100 * (rec - deg), "gap_closed": closed}
+            "drop": 100 * gap, "recovered_points": 100 * (rec - deg), "gap_closed": closed,
+            "distance_closed": dist}
 
 
 def _interval(samples: np.ndarray, ci: float) -> list[float] | None:
@@ -144,12 +148,32 @@ def compute_report(reference_results, degraded_results, recovered_results, cfg: 
         rows[t]["resolved"] = t in resolved
     res_avg = None
     if resolved:
+        # accuracies averaged over the resolved tasks; the gap closed is the share of the summed
+        # distance to the reference closed (sum |ref - deg| - |ref - rec| over sum |ref - deg|): the
+        # usual (rec - deg) / (ref - deg) when every gap has the sign of a drop, and still right when
+        # the damage lifted a task above the reference (BoolQ under noise), where averaging
+        # accuracies would let that task cancel the others
         acc = [float(np.mean([rows[t][m] for t in resolved])) / 100 for m in MODELS]
         res_avg = {"metric": "mean", "tasks": resolved, "n": int(sum(rows[t]["n"] for t in resolved)),
-                   **{k: (None if (k == "gap_closed" and np.isnan(v)) else float(v)) for k, v in _stats(*acc).items()},
+                   **{k: float(v) for k, v in _stats(*acc).items() if k not in ("gap_closed", "distance_closed")},
                    "ci": None}
+
+        def closed(r, d, c):  # lists over the resolved tasks of accuracies (or bootstrap arrays)
+            gaps = sum(np.abs(np.asarray(a) - np.asarray(b)) for a, b in zip(r, d))
+            left = sum(np.abs(np.asarray(a) - np.asarray(b)) for a, b in zip(r, c))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return np.where(gaps < 1e-12, np.nan, (gaps - left) / np.where(gaps == 0, 1, gaps)), \
+                    100 * (gaps - left) / len(r)
+
+        g, pts = closed(*[[rows[t][m] / 100 for t in resolved] for m in MODELS])
+        res_avg["gap_closed"] = None if np.isnan(g) else float(g)
+        res_avg["points_closed"] = float(pts)
         means = [np.mean([boot_acc[t][i] for t in resolved], axis=0) for i in range(3)]
-        res_avg["ci"] = {k: _interval(v, cfg.ci) for k, v in _stats(*means).items()}
+        res_avg["ci"] = {k: _interval(v, cfg.ci) for k, v in _stats(*means).items()
+                         if k not in ("gap_closed", "distance_closed")}
+        gb, pb = closed(*[[boot_acc[t][i] for t in resolved] for i in range(3)])
+        res_avg["ci"]["gap_closed"] = _interval(gb, cfg.ci)
+        res_avg["ci"]["points_closed"] = _interval(pb, cfg.ci)
     return {"config": asdict(cfg), "tasks": rows, "average": avg, "task_order": tasks,
             "resolved_average": res_avg, "unresolved": [t for t in tasks if t not in resolved]}
 

@@ -959,15 +959,15 @@ def check_goals(runs: dict, goals: dict) -> dict[str, tuple[str, str]]:
         if strict:  # beating a baseline: on the answer tokens of the benchmarks too, where measured
             ok = ok and all(akl(best) is None or akl(n) is None or akl(best) < akl(n) for n in names)
         out[key] = ("PASS" if ok else "FAIL", ", ".join(f"{n} {after(n):.3f}" for n in names) or "none named")
-    worse = []
+    worse = []  # a task moved farther from the reference than the degraded model was, beyond its CI
     for m, v in runs.items():
         if not v.get("acc_tier"):
             continue
         rep = v["report"]
         for t in rep["task_order"]:
-            ci = (rep["tasks"][t].get("ci") or {}).get("recovered_points")
+            ci = (rep["tasks"][t].get("ci") or {}).get("distance_closed")
             if ci and ci[1] < 0:
-                worse.append(f"{m}: {t} {_pts(rep['tasks'][t]['recovered_points'], ci)}")
+                worse.append(f"{m}: {t} {_pts(rep['tasks'][t]['distance_closed'], ci)} (distance to the reference)")
     checked = sum(bool(v.get("acc_tier")) for v in runs.values())
     out["no_worse"] = (("FAIL" if worse else "PASS") if checked else "n/a",
                        "; ".join(worse) if worse else f"{checked} methods with accuracy checked")
@@ -1038,8 +1038,11 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
          "cannot; brackets are 95% bootstrap CIs over items (mean over tasks).", "",
          f"Accuracy (acc_norm where the task defines it, else acc) on {acc.get('limit') or 'the same'} items a "
          "task for the reference, the degraded model and the headline methods: a task's gap is *resolved* when the "
-         "95% paired-bootstrap CI of reference - degraded excludes zero; *gap closed* = (repaired - degraded) / "
-         "(reference - degraded) of the mean over the resolved tasks only (the others are named, not averaged in). "
+         "95% paired-bootstrap CI of reference - degraded excludes zero; *gap closed* = the share of the distance to "
+         "the reference closed, sum |ref - deg| - |ref - rep| over sum |ref - deg|, over the resolved tasks only (the "
+         "others are named, not averaged in): (repaired - degraded) / (reference - degraded) when the damage lowered "
+         "every task, and still right when it lifted one above the reference (BoolQ under noise); a task is *worse* "
+         "when the repaired model is farther from the reference than the degraded one, beyond its CI. "
          "*minutes*: of `recover` (data of its own, training, saving) and of the run's evaluations; on a CPU "
          "the process's CPU minutes (all threads; time spent waiting does not count), on a GPU wall minutes; "
          "*synthetic tokens*: tokens distilled on.", ""]
@@ -1118,17 +1121,17 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
                 rr = rep.get("resolved_average") or {}
                 L.append(f"| {m} | " + " | ".join(f"{rep['tasks'][t]['recovered']:.1f}" for t in tasks)
                          + f" | {rep['average']['recovered']:.1f} | {_m(rr.get('recovered'), digits=1)} |")
-            L += ["", "| method | points recovered, resolved avg | gap closed, resolved | gap closed, all tasks | worst task, pts |",
+            L += ["", "| method | distance closed, resolved avg (pts) | gap closed, resolved | gap closed, all tasks | worst task (distance closed, pts) |",
                   "|---|---:|---:|---:|---|"]
             for m, r in shown.items():
                 rep = r["report"]
                 rr, a = rep.get("resolved_average") or {}, rep["average"]
                 rci, aci = rr.get("ci") or {}, a.get("ci") or {}
-                wt = min(tasks, key=lambda t: rep["tasks"][t]["recovered_points"])
-                wci = (rep["tasks"][wt].get("ci") or {}).get("recovered_points")
-                L.append(f"| {m} | {_pts(rr.get('recovered_points'), rci.get('recovered_points'))} | "
+                wt = min(tasks, key=lambda t: rep["tasks"][t]["distance_closed"])
+                wci = (rep["tasks"][wt].get("ci") or {}).get("distance_closed")
+                L.append(f"| {m} | {_pts(rr.get('points_closed'), rci.get('points_closed'))} | "
                          f"{_pct(rr.get('gap_closed'), rci.get('gap_closed'))} | {_pct(a['gap_closed'], aci.get('gap_closed'))} | "
-                         f"{wt} {_pts(rep['tasks'][wt]['recovered_points'], wci)} |")
+                         f"{wt} {_pts(rep['tasks'][wt]['distance_closed'], wci)} |")
             if rep0.get("unresolved"):
                 L.append(f"\nGap not resolved (not averaged in): {', '.join(rep0['unresolved'])}.")
             L.append("")
