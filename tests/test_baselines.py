@@ -5,10 +5,15 @@ import pytest
 import torch
 from tiny import WORDS, tiny_model, tiny_tokenizer
 
-from recover_lora.baselines import (FullKDConfig, SFTConfig, build_sft_examples, degraded_view, gold_nll,
-                                    prepare_full_kd, run_full_kd, run_sft_lora, snapshot_state)
+from recover_lora.config import FullKDConfig, SFTConfig
+
+from recover_lora.methods.sft_lora import build_sft_examples, gold_nll, run_sft_lora
+
+from recover_lora.methods.full_kd import degraded_view, prepare_full_kd, run_full_kd, snapshot_state
 from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
-from recover_lora.distill import AdapterConfig, DistillConfig, attach_adapters, measure
+from recover_lora.config import AdapterConfig, DistillConfig
+from recover_lora.distill import attach_adapters
+from recover_lora.kl import measure
 from recover_lora.synth import SynthConfig, generate_shard
 from recover_lora.utils import RecoverLoraError
 

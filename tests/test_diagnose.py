@@ -11,7 +11,7 @@ from tiny import tiny_model, tiny_tokenizer
 from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
 from recover_lora.diagnose import DiagnoseConfig, diagnose, to_markdown
 from recover_lora.provenance import zero_nonfinite
-from recover_lora.distill import trainable_parameters
+from recover_lora.forward import trainable_parameters
 from recover_lora.adapters import attach
 from recover_lora.placement import (AdapterPlan, auto_placement, lora_parameters,
                                     preset_budget)
@@ -144,7 +144,8 @@ def test_restorations_start_at_the_restored_layer_and_equal_the_full_forward(kin
     import copy
 
     from recover_lora.degrade import DegradeConfig, degrade, parse_op
-    from recover_lora.diagnose import _KL, _restored
+    from recover_lora.diagnose import restored
+    from recover_lora.kl import KLMeter
     from tiny import tiny_model
 
     ref = tiny_model(kind, num_hidden_layers=4, initializer_range=0.2,
@@ -152,14 +153,14 @@ def test_restorations_start_at_the_restored_layer_and_equal_the_full_forward(kin
     deg = copy.deepcopy(ref)
     degrade(deg, DegradeConfig(ops=[parse_op("noise:rel=0.3")]))
     ids = torch.randint(4, 100, (6, 24), generator=torch.Generator().manual_seed(0))
-    kl = _KL(ref, ids, batch_size=4, chunk_tokens=0)
+    kl = KLMeter(ref, ids, batch_size=4, cache=True)
     kl.keep_inputs()
     base = kl(deg)
     assert base == kl(deg)  # the recording pass is an ordinary pass
     names = lambda i: [n for n, _ in deg.named_parameters() if f"layers.{i}." in n]  # noqa: E731
     for i in range(4):
-        fast = _restored(deg, ref, names(i), lambda: kl(deg, start=i))
-        full = _restored(deg, ref, names(i), lambda: kl(deg))
+        fast = restored(deg, ref, names(i), lambda: kl(deg, start=i))
+        full = restored(deg, ref, names(i), lambda: kl(deg))
         assert fast["kl"] == pytest.approx(full["kl"], rel=1e-5, abs=1e-7) and fast["kl"] < base["kl"]
         assert fast["top1"] == pytest.approx(full["top1"])
     if kind == "gemma3":
@@ -167,10 +168,11 @@ def test_restorations_start_at_the_restored_layer_and_equal_the_full_forward(kin
 
 
 def test_cached_reference_probabilities_give_the_same_kl(monkeypatch):
-    """The pass that reads the reference's cached probabilities equals the chunked full-vocabulary KL."""
+    """The pass that reads the reference's cached probabilities equals the chunked full-vocabulary KL
+    (the one recover measures with)."""
     import copy
 
-    from recover_lora import diagnose as dg
+    from recover_lora import kl as dg
     from recover_lora.degrade import DegradeConfig, degrade, parse_op
     from tiny import tiny_model
 
@@ -178,9 +180,9 @@ def test_cached_reference_probabilities_give_the_same_kl(monkeypatch):
     deg = copy.deepcopy(ref)
     degrade(deg, DegradeConfig(ops=[parse_op("noise:rel=0.3")]))
     ids = torch.randint(4, 100, (5, 20), generator=torch.Generator().manual_seed(1))
-    cached = dg._KL(ref, ids, batch_size=2, chunk_tokens=0)
+    cached = dg.KLMeter(ref, ids, batch_size=2, cache=True)
     monkeypatch.setattr(dg, "CACHE_BYTES", 0)
-    plain = dg._KL(ref, ids, batch_size=2, chunk_tokens=0)
+    plain = dg.KLMeter(ref, ids, batch_size=2, cache=True)
     assert cached.t_cache is not None and plain.t_cache is None
     a, b = cached(deg), plain(deg)
     assert a["kl"] == pytest.approx(b["kl"], rel=1e-5) and a["top1"] == b["top1"] and a["kl"] > 0

@@ -13,9 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recover_lora import graphs
-from recover_lora.distill import AdapterConfig, DistillConfig, _activation_checkpointing, attach_adapters, \
-    hidden_states, train
+from recover_lora.train import graphs
+from recover_lora.config import AdapterConfig, DistillConfig
+from recover_lora.forward import activation_checkpointing, hidden_states
+from recover_lora.distill import attach_adapters, train
 from recover_lora.utils import RecoverLoraError
 from tiny import tiny_model
 
@@ -159,12 +160,12 @@ def _saved_bytes(model, ids) -> int:
     return total
 
 
-def test_activation_checkpointing_same_math_less_memory():
+def testactivation_checkpointing_same_math_less_memory():
     teacher, student, ids = _setup(layers=4)
     plain = _saved_bytes(student, ids[:8])
-    _activation_checkpointing(student, True)
+    activation_checkpointing(student, True)
     ckpt = _saved_bytes(student, ids[:8])
-    _activation_checkpointing(student, False)
+    activation_checkpointing(student, False)
     assert ckpt < 0.35 * plain, (ckpt, plain)
     assert _saved_bytes(student, ids[:8]) == plain  # off again
 

@@ -7,7 +7,7 @@ import torch
 
 from recover_lora import zoo
 from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
-from recover_lora.distill import AdapterConfig, DistillConfig
+from recover_lora.config import AdapterConfig, DistillConfig
 from recover_lora.load import LoadConfig, check_compatible, load_model, load_tokenizer
 from recover_lora.recover import RecoverConfig, recover
 from recover_lora.synth import SynthConfig

@@ -146,7 +146,8 @@ def test_an_adapter_not_trained_with_the_nan_is_refused(t, capsys):
 
 
 def test_a_run_whose_loss_is_not_finite_stops(tmp_path):
-    from recover_lora.distill import AdapterConfig, DistillConfig, attach_adapters, train
+    from recover_lora.config import AdapterConfig, DistillConfig
+    from recover_lora.distill import attach_adapters, train
 
     teacher, student = tiny_model("llama"), attach_adapters(tiny_model("llama", seed=1), AdapterConfig(rank=4))
     with torch.no_grad():

@@ -5,7 +5,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tiny import tiny_model
 
-from recover_lora.distill import AdapterConfig, adapter_targets, attach_adapters
+from recover_lora.config import AdapterConfig
+
+from recover_lora.adapters import adapter_targets
+
+from recover_lora.distill import attach_adapters
 from recover_lora.svd_init import EORA_SHRINK, SVD_INITS, input_moments, svd_init_, truncated_svd
 from recover_lora.utils import RecoverLoraError
 

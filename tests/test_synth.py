@@ -135,7 +135,7 @@ def test_one_default_for_how_much_data_python_api_and_cli_alike(tmp_path):
     """SynthConfig's default count is 'one fresh pass of the training steps' wherever a config is
     made (the README's Python example once trained on 1024 sequences repeated); synthesizing alone
     without a count is refused by name."""
-    from recover_lora.distill import DistillConfig
+    from recover_lora.config import DistillConfig
     from recover_lora.recover import RecoverConfig, train_synth_config
     from recover_lora.synth import synthesize
     from recover_lora.utils import RecoverLoraError

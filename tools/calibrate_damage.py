@@ -18,7 +18,7 @@ import time
 import torch
 
 from recover_lora.degrade import DegradeConfig, degrade, parse_op
-from recover_lora.distill import measure
+from recover_lora.kl import measure
 from recover_lora.load import LoadConfig, load_model, load_tokenizer
 from recover_lora.synth import SynthConfig, load_synthetic, synthesize
 

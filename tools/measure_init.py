@@ -25,7 +25,9 @@ import time
 import torch
 
 from recover_lora.degrade import DegradeConfig, degrade, parse_op
-from recover_lora.distill import AdapterConfig, DistillConfig, measure, train
+from recover_lora.config import AdapterConfig, DistillConfig
+from recover_lora.kl import measure
+from recover_lora.distill import train
 from recover_lora.load import LoadConfig, load_model, load_tokenizer
 from recover_lora.distill import attach_adapters
 from recover_lora.svd_init import EORA_SHRINK, SVD_INITS

@@ -19,7 +19,9 @@ import time
 import torch
 
 from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
-from recover_lora.distill import AdapterConfig, DistillConfig, attach_adapters, measure, train
+from recover_lora.config import AdapterConfig, DistillConfig
+from recover_lora.distill import attach_adapters, train
+from recover_lora.kl import measure
 from recover_lora.load import LoadConfig, load_model, load_tokenizer
 from recover_lora.synth import SynthConfig, load_synthetic, synthesize
 

@@ -11,7 +11,10 @@ Result: a few percent of held-out KL, less than shrinking the covariance (EORA_S
 import copy, math, sys, tempfile, time
 import torch
 from recover_lora.degrade import DegradeConfig, degrade, parse_op
-from recover_lora.distill import attach_adapters, AdapterConfig, measure, hidden_states
+from recover_lora.distill import attach_adapters
+from recover_lora.config import AdapterConfig
+from recover_lora.kl import measure
+from recover_lora.forward import hidden_states
 from recover_lora.load import LoadConfig, load_model, load_tokenizer
 from recover_lora.svd_init import input_moments, _root, _lora_layers, truncated_svd
 from recover_lora.synth import SynthConfig, load_synthetic, synthesize

@@ -94,7 +94,7 @@ class AdapterPlan:
                 f"of a {self.budget:,} budget: {shown}")
 
 
-def adapter_targets(cfg: AdapterConfig, model: PreTrainedModel) -> list[str]:
+def adapter_targets(cfg: AdapterConfig, model: nn.Module) -> list[str]:
     """Full names of the nn.Linear modules that get an adapter (same selection rules as degrade)."""
     layers = parse_layers(cfg.layers)
     patterns = parse_modules(cfg.modules) or ["all-linear"]

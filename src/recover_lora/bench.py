@@ -41,8 +41,11 @@ from typing import Any
 
 import torch
 
-from .distill import AdapterConfig, DistillConfig, attach_adapters, batch_indices, lr_lambda, measure, train
-from .losses import naive_loss
+from .config import AdapterConfig, DistillConfig
+from .distill import attach_adapters, train
+from .kl import measure
+from .train.losses import naive_loss
+from .train.state import batch_indices, lr_lambda
 from .synth import Decoder
 from .utils import RecoverLoraError, atomic_write_json, log, resolve_device
 from .config import H100_BF16_DENSE_TFLOPS, BenchConfig  # noqa: F401 - re-exported
@@ -485,7 +488,7 @@ def bench_distill(ref32, deg32, train_ids, held_ids, cfg: BenchConfig, device: t
             _load_trainable(student, init)
             lora_dtype = str(next(p.dtype for p in student.parameters() if p.requires_grad))
             if compiled:
-                from .distill import decoder_of
+                from .forward import decoder_of
                 decoder_of(student).compile(dynamic=False)
                 decoder_of(teacher).compile(dynamic=False)
             dcfg = dcfg_for(B * mult, steps, **extra)

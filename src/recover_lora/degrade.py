@@ -741,15 +741,8 @@ def _public(e: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def degrade(model: nn.Module, cfg: DegradeConfig) -> DamageRecord:
-    """Damage ``model`` in place as ``cfg`` says and return the measured :class:`DamageRecord`."""
-    t0 = time.perf_counter()
-    if not cfg.ops:
-        raise RecoverLoraError("DegradeConfig has no ops")
-    for op in cfg.ops:
-        op.validate()
-    seed = int(cfg.seed)
-    # Resolve every op's targets up front (and refuse ops that match nothing).
+def _targets(model: nn.Module, cfg: DegradeConfig) -> list[dict[str, nn.Module]]:
+    """Every op's target modules, resolved up front (an op that matches nothing is refused)."""
     targets: list[dict[str, nn.Module]] = []
     for i, op in enumerate(cfg.ops):
         mods = parse_modules(op.modules if op.modules is not None else cfg.modules)
@@ -758,32 +751,63 @@ def degrade(model: nn.Module, cfg: DegradeConfig) -> DamageRecord:
         if not sel:
             raise RecoverLoraError(f"damage op {i} ({op.kind}, modules={mods}, layers={layers}) matches no module")
         targets.append(dict(sel))
+    return targets
+
+
+def _flip_plan(op: "BitflipOp", targets: dict[str, nn.Module], order: list[str], seed: int,
+               i: int) -> dict[str, tuple[torch.Tensor, list[int]]]:
+    """Bit flips planned over all of an op's targets at once: N distinct eligible bits overall."""
+    names = [n for n in order if n in targets]
+    sizes, bit_lists = [], []
+    for n in names:
+        w = targets[n].weight
+        bl = _field_bits(w.dtype, op.bits)
+        bit_lists.append(bl)
+        sizes.append(w.numel() * len(bl))
+    total = sum(sizes)
+    count = op.n if op.n is not None else int(round(op.rate * total))
+    g = torch.Generator(device="cpu")
+    g.manual_seed(stable_seed(seed, i, "bitflip"))
+    pos = _sample_distinct(total, count, g).sort().values
+    offsets = torch.tensor([0] + sizes).cumsum(0)
+    plan = {}
+    for j, n in enumerate(names):
+        lo, hi = torch.searchsorted(pos, offsets[j]).item(), torch.searchsorted(pos, offsets[j + 1]).item()
+        plan[n] = (pos[lo:hi] - offsets[j], bit_lists[j])
+    return plan
+
+
+def _apply(op, w: torch.Tensor, name: str, gen: torch.Generator | None, flips) -> dict[str, Any]:
+    """Apply one op to the weight ``w`` in place; returns what the op records beside the measures."""
+    if isinstance(op, NoiseOp):
+        _apply_noise(w, op, gen)
+    elif isinstance(op, RtnOp):
+        _apply_rtn(w, op)
+    elif isinstance(op, DtypeOp):
+        _apply_dtype(w, op)
+    elif isinstance(op, BitflipOp):
+        _apply_bitflips(w, *flips)
+        return {"flips": int(flips[0].numel())}
+    elif isinstance(op, PruneOp):
+        _apply_prune(w, op)
+    elif isinstance(op, GgufOp):
+        _apply_gguf(w, op, name)
+        return {"sparsity": (w == 0).sum().item() / max(1, w.numel())}
+    return {}
+
+
+def degrade(model: nn.Module, cfg: DegradeConfig) -> DamageRecord:
+    """Damage ``model`` in place as ``cfg`` says and return the measured :class:`DamageRecord`."""
+    t0 = time.perf_counter()
+    if not cfg.ops:
+        raise RecoverLoraError("DegradeConfig has no ops")
+    for op in cfg.ops:
+        op.validate()
+    seed = int(cfg.seed)
+    targets = _targets(model, cfg)
     order = [name for name, _ in model.named_modules() if any(name in t for t in targets)]
     module_of = {name: mod for t in targets for name, mod in t.items()}
-
-    # Bit flips are planned over all of an op's targets at once: N distinct eligible bits overall.
-    flip_plan: dict[int, dict[str, tuple[torch.Tensor, list[int]]]] = {}
-    for i, op in enumerate(cfg.ops):
-        if not isinstance(op, BitflipOp):
-            continue
-        names = [n for n in order if n in targets[i]]
-        sizes, bit_lists = [], []
-        for n in names:
-            w = targets[i][n].weight
-            bl = _field_bits(w.dtype, op.bits)
-            bit_lists.append(bl)
-            sizes.append(w.numel() * len(bl))
-        total = sum(sizes)
-        count = op.n if op.n is not None else int(round(op.rate * total))
-        g = torch.Generator(device="cpu")
-        g.manual_seed(stable_seed(seed, i, "bitflip"))
-        pos = _sample_distinct(total, count, g).sort().values
-        offsets = torch.tensor([0] + sizes).cumsum(0)
-        plan = {}
-        for j, n in enumerate(names):
-            lo, hi = torch.searchsorted(pos, offsets[j]).item(), torch.searchsorted(pos, offsets[j + 1]).item()
-            plan[n] = (pos[lo:hi] - offsets[j], bit_lists[j])
-        flip_plan[i] = plan
+    flip_plan = {i: _flip_plan(op, targets[i], order, seed, i) for i, op in enumerate(cfg.ops) if isinstance(op, BitflipOp)}
 
     op_entries: list[dict[str, dict[str, Any]]] = [{} for _ in cfg.ops]
     final: dict[str, dict[str, Any]] = {}
@@ -796,22 +820,8 @@ def degrade(model: nn.Module, cfg: DegradeConfig) -> DamageRecord:
             if name not in targets[i]:
                 continue
             before = w.clone() if applied else orig
-            extra: dict[str, Any] = {}
-            if isinstance(op, NoiseOp):
-                _apply_noise(w, op, _generator(seed, i, name))
-            elif isinstance(op, RtnOp):
-                _apply_rtn(w, op)
-            elif isinstance(op, DtypeOp):
-                _apply_dtype(w, op)
-            elif isinstance(op, BitflipOp):
-                positions, bl = flip_plan[i][name]
-                _apply_bitflips(w, positions, bl)
-                extra["flips"] = int(positions.numel())
-            elif isinstance(op, PruneOp):
-                _apply_prune(w, op)
-            elif isinstance(op, GgufOp):
-                _apply_gguf(w, op, name)
-                extra["sparsity"] = (w == 0).sum().item() / max(1, w.numel())
+            extra = _apply(op, w, name, _generator(seed, i, name) if isinstance(op, NoiseOp) else None,
+                           flip_plan[i][name] if isinstance(op, BitflipOp) else None)
             m = _measure(before, w, orig_norm if before is orig else None)
             op_entries[i][name] = {"rel_l2": m["rel_l2"], "max_abs": m["max_abs"], "numel": m["numel"], **extra,
                                    **({"nonfinite": m["nonfinite"]} if "nonfinite" in m else {}),

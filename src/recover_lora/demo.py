@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from .degrade import DegradeConfig, NoiseOp, degrade
-from .distill import AdapterConfig, DistillConfig
-from .load import LoadConfig, load_model, load_tokenizer
+from .config import AdapterConfig, DistillConfig
+from .load import load_model, load_tokenizer
 from .recover import RecoverConfig, recover
 from .synth import SynthConfig
 from .utils import log, resolve_device

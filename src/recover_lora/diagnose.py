@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .config import DistillConfig, SynthConfig
 from .degrade import decoder_layers_prefix, select_modules
+from .kl import KLMeter
+from .synth import heldout
 from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, log, save_figure
 from .config import DiagnoseConfig  # noqa: F401 - re-exported
 
@@ -116,128 +119,9 @@ def weight_damage(reference: nn.Module, degraded: nn.Module) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def heldout_sequences(reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n: int, seq_len: int,
-                      seed: int = 0) -> torch.Tensor:
-    """``n`` synthetic sequences from the reference (hybrid sampling, as for training data)."""
-    from .load import needs_bos
-    from .synth import SynthConfig, generate_shard
-
-    scfg = SynthConfig(num_sequences=n, seq_len=seq_len, seed=seed + HELDOUT_SEED)
-    return generate_shard(reference, tokenizer, scfg, 0, n, needs_bos(tokenizer, reference.config)).long()
-
-
-CACHE_BYTES = 1.5e9  # the reference's probabilities kept in memory up to this size (SmolLM2, 2048 tokens: 0.4 GB)
-
-
-def _kl_from_cache(hs: torch.Tensor, s_head, pt: torch.Tensor, neg_ent: torch.Tensor, mass: torch.Tensor,
-                   t_arg: torch.Tensor, chunk: int = 512) -> tuple[float, float]:
-    """Mean KL(reference || model) and top-1 agreement per token from the reference's cached
-    probabilities p, its per-row sum p log p and sum p: KL = sum p log p - (sum p s' - lse(s') sum p)
-    with s' the student's logits less their row maximum (small where p is large, so the fp32 row
-    sums stay exact to ~1e-5; rows are totalled in fp64). No log-softmax of the student is written."""
-    h = hs.reshape(-1, hs.shape[-1])
-    kl, agree = 0.0, 0
-    for i in range(0, h.shape[0], chunk):
-        s = s_head(h[i:i + chunk]).float()
-        top, arg = s.max(dim=-1, keepdim=True)
-        s = s.sub_(top)
-        cross = (pt[i:i + chunk] * s).sum(-1) - torch.logsumexp(s, dim=-1) * mass[i:i + chunk]
-        kl += float((neg_ent[i:i + chunk].double() - cross.double()).sum())
-        agree += int((arg.squeeze(-1) == t_arg[i:i + chunk]).sum())
-    n = h.shape[0]
-    return kl / n, agree / n
-
-
-def suffix_hidden(model: PreTrainedModel, h_in: torch.Tensor, start: int) -> torch.Tensor:
-    """Final (normed) hidden states computed from ``h_in``, the input of decoder layer ``start``,
-    through layers ``start``.. only: what the full forward gives when layers before ``start`` are
-    unchanged. (The decoder runs with its layer list, and the per-layer attention types Gemma and
-    Qwen index by position, cut to the suffix; ``inputs_embeds`` stands in for the prefix's output.)"""
-    from .distill import decoder_of
-
-    dec = decoder_of(model)
-    layers, types = dec.layers, getattr(dec.config, "layer_types", None)
-    try:
-        dec.layers = nn.ModuleList(list(layers)[start:])
-        if types is not None:
-            dec.config.layer_types = list(types)[start:]
-        return dec(inputs_embeds=h_in, use_cache=False).last_hidden_state
-    finally:
-        dec.layers = layers
-        if types is not None:
-            dec.config.layer_types = types
-
-
-class _KL:
-    """KL(reference || model) on fixed ids, the reference's final hidden states computed once.
-    ``keep_inputs()`` records the model's input to every decoder layer on its next call; a later call
-    with ``start=i`` (only layers >= i changed since) runs from there: on average half the layers."""
-
-    def __init__(self, reference: PreTrainedModel, ids: torch.Tensor, batch_size: int, chunk_tokens: int):
-        from .distill import DistillConfig, train_autocast, lm_head_of, hidden_states
-
-        self.dcfg = DistillConfig(chunk_tokens=chunk_tokens)
-        self.device = next(reference.parameters()).device
-        self.batches = [ids[i:i + batch_size].to(self.device) for i in range(0, len(ids), batch_size)]
-        self.t_head = lm_head_of(reference)
-        with torch.no_grad(), train_autocast(self.dcfg, self.device):
-            self.t_hidden = [hidden_states(reference, x) for x in self.batches]
-        self.calls = 0
-        # The reference's distribution is the same on every pass: keep its probabilities (and its
-        # negative entropy and argmax) when they fit, so a pass costs the student's head alone.
-        vocab = reference.get_output_embeddings().weight.shape[0]
-        self.t_cache = None
-        if ids.numel() * vocab * 4 <= CACHE_BYTES:
-            self.t_cache = []
-            with torch.no_grad():
-                for ht in self.t_hidden:
-                    lt = torch.log_softmax(self.t_head(ht.reshape(-1, ht.shape[-1])).float(), dim=-1)
-                    pt = lt.exp()
-                    self.t_cache.append((pt, (pt * lt).sum(-1), pt.sum(-1), lt.argmax(-1)))
-                    del lt
-        self.layer_inputs: list[tuple[torch.Tensor, ...]] | None = None
-        self._keep = False
-
-    def keep_inputs(self) -> None:
-        self._keep = True
-
-    @torch.no_grad()
-    def __call__(self, model: PreTrainedModel, start: int | None = None) -> dict[str, Any]:
-        from .distill import train_autocast, lm_head_of, hidden_states
-        from .losses import chunked_loss_backward
-
-        self.calls += 1
-        kl_sum, agree_sum, n = 0.0, 0.0, 0
-        s_head = lm_head_of(model)
-        keep, self._keep = self._keep, False
-        if keep:
-            self.layer_inputs = []
-        for b, (x, ht) in enumerate(zip(self.batches, self.t_hidden)):
-            with train_autocast(self.dcfg, self.device):
-                if keep:
-                    hs_all = hidden_states(model, x, all_layers=True)
-                    self.layer_inputs.append(hs_all[:-1])  # embeddings, outputs of layers 0 .. L-2
-                    hs = hs_all[-1]
-                elif start is not None and self.layer_inputs is not None:
-                    hs = suffix_hidden(model, self.layer_inputs[b][start], start)
-                else:
-                    hs = hidden_states(model, x)
-            if self.t_cache is not None:
-                kl, agree = _kl_from_cache(hs, s_head, *self.t_cache[b])
-                k = x.numel()
-                kl_sum += kl * k
-                agree_sum += agree * k
-                n += k
-                continue
-            with train_autocast(self.dcfg, self.device):
-                kl, agree = chunked_loss_backward(hs, ht, s_head, self.t_head, "kl", 1.0, self.dcfg.chunk_tokens,
-                                                  backward=False)
-            k = x.numel()
-            kl_sum += kl * k
-            agree_sum += agree * k
-            n += k
-        kl = kl_sum / n
-        return {"kl": _finite_or_none(kl), "finite": math.isfinite(kl), "top1": agree_sum / n}
+def _kl_entry(m: dict[str, float]) -> dict[str, Any]:
+    """A KLMeter reading as the diagnosis records it: a non-finite KL as None with ``finite`` false."""
+    return {"kl": _finite_or_none(m["kl"]), "finite": math.isfinite(m["kl"]), "top1": m["top1"]}
 
 
 def _progress(total: int, enabled: bool):
@@ -248,7 +132,7 @@ def _progress(total: int, enabled: bool):
 
 
 @torch.no_grad()
-def _restored(degraded: nn.Module, reference: nn.Module, names: list[str], fn):
+def restored(degraded: nn.Module, reference: nn.Module, names: list[str], fn):
     """Run ``fn()`` with the named parameters of ``degraded`` set to the reference's, then undo."""
     dp = dict(degraded.named_parameters())
     rp = dict(reference.named_parameters())
@@ -281,24 +165,10 @@ def _num(x: float) -> float | str:
 # ----------------------------------------------------------------------------------------------
 
 
-def diagnose(reference: PreTrainedModel, degraded: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
-             cfg: DiagnoseConfig | None = None, heldout_ids: torch.Tensor | None = None,
-             progress: bool = False) -> dict[str, Any]:
-    """Weight and functional damage per layer and module (measurements only: the placement they
-    recommend is :func:`recover_lora.placement.recommend`'s).
-
-    ``degraded`` is modified during the functional measurements and restored exactly afterwards.
-    ``heldout_ids`` (e.g. recover's held-out synthetic shard): the first ``cfg.sequences`` rows are
-    used; None generates them from the reference (needs ``tokenizer``).
-    """
-    cfg = cfg or DiagnoseConfig()
-    cfg.validate()
-    t0 = time.perf_counter()
-    wd = weight_damage(reference, degraded)
+def _layer_table(wd: dict[str, Any], n_layers: int) -> tuple[dict, list[str], list[dict[str, Any]]]:
+    """Per layer: its changed tensors by group (attention / MLP / ...) and its weight damage; the
+    tensors outside the decoder layers."""
     prefix = wd["layers_prefix"]
-    n_layers = len(degraded.get_submodule(prefix)) if prefix else 0
-
-    # per layer: which tensors changed, per group
     layer_params: dict[int, dict[str, list[str]]] = {i: {} for i in range(n_layers)}
     outside: list[str] = []
     for name in wd["tensors"]:
@@ -326,6 +196,73 @@ def diagnose(reference: PreTrainedModel, degraded: PreTrainedModel, tokenizer: P
             "inf": sum(wd["tensors"][n]["inf"] for n in all_names),
             "groups": {g: {"damaged": damaged(ns)} for g, ns in layer_params[i].items()},
         })
+    return layer_params, outside, layers
+
+
+def _functional(reference: nn.Module, degraded: nn.Module, ids: torch.Tensor, cfg: DiagnoseConfig, wd: dict,
+                layer_params: dict, outside: list[str], layers: list[dict[str, Any]], progress: bool) -> dict[str, Any]:
+    """The held-out KL with each damaged layer (and block) restored in turn; fills ``layers``."""
+    def damaged(names: list[str]) -> bool:
+        return any(wd["tensors"][n]["damaged"] for n in names)
+
+    meter = KLMeter(reference, ids, cfg.batch_size, DistillConfig(chunk_tokens=cfg.chunk_tokens), cache=True)
+
+    def kl(model, start=None):
+        return _kl_entry(meter(model, start))
+
+    meter.keep_inputs()  # restoring layer i changes nothing before it: later passes start at i
+    base = kl(degraded)
+    todo = sum(1 + len([g for g, ns in layer_params[L["layer"]].items() if damaged(ns)]) * cfg.per_group
+               for L in layers if L["damaged"])
+    bar = _progress(todo, progress)
+    functional = {"sequences": len(ids), "seq_len": ids.shape[1], "base": base}
+    for L in layers:
+        i = L["layer"]
+        names = [n for ns in layer_params[i].values() for n in ns]
+        if not L["damaged"]:
+            L["restore"] = dict(base)  # nothing to restore: the same model
+            L["kl_reduction"] = 0.0
+            continue
+        L["restore"] = restored(degraded, reference, names, lambda: kl(degraded, start=i))
+        L["kl_reduction"] = _reduction(base, L["restore"])
+        bar.update(1)
+        dgroups = [g for g, ns in layer_params[i].items() if damaged(ns)]
+        for g in dgroups:
+            G = L["groups"][g]
+            if len(dgroups) == 1:  # restoring the one damaged block = restoring the layer
+                G["restore"], G["kl_reduction"] = L["restore"], L["kl_reduction"]
+            elif cfg.per_group:
+                G["restore"] = restored(degraded, reference, layer_params[i][g], lambda: kl(degraded, start=i))
+                G["kl_reduction"] = _reduction(base, G["restore"])
+            if cfg.per_group:
+                bar.update(1)
+    bar.close()
+    outside_damaged = [n for n in outside if wd["tensors"][n]["damaged"]]
+    if outside_damaged:
+        r = restored(degraded, reference, outside, lambda: kl(degraded))
+        functional["outside_layers"] = {"tensors": outside_damaged, "restore": r,
+                                        "kl_reduction": _num(_reduction(base, r))}
+    functional["forward_passes"] = meter.calls
+    return functional
+
+
+def diagnose(reference: PreTrainedModel, degraded: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
+             cfg: DiagnoseConfig | None = None, heldout_ids: torch.Tensor | None = None,
+             progress: bool = False) -> dict[str, Any]:
+    """Weight and functional damage per layer and module (measurements only: the placement they
+    recommend is :func:`recover_lora.placement.recommend`'s).
+
+    ``degraded`` is modified during the functional measurements and restored exactly afterwards.
+    ``heldout_ids`` (e.g. recover's held-out synthetic shard): the first ``cfg.sequences`` rows are
+    used; None generates them from the reference (needs ``tokenizer``).
+    """
+    cfg = cfg or DiagnoseConfig()
+    cfg.validate()
+    t0 = time.perf_counter()
+    wd = weight_damage(reference, degraded)
+    prefix = wd["layers_prefix"]
+    n_layers = len(degraded.get_submodule(prefix)) if prefix else 0
+    layer_params, outside, layers = _layer_table(wd, n_layers)
     outside_damaged = [n for n in outside if wd["tensors"][n]["damaged"]]
 
     functional: dict[str, Any] | None = None
@@ -333,46 +270,14 @@ def diagnose(reference: PreTrainedModel, degraded: PreTrainedModel, tokenizer: P
         if heldout_ids is None:
             if tokenizer is None:
                 raise RecoverLoraError("diagnose needs a tokenizer (or heldout_ids) for the functional measurements")
-            heldout_ids = heldout_sequences(reference, tokenizer, cfg.sequences, cfg.seq_len, cfg.seed)
-        ids = heldout_ids[:cfg.sequences].long()
+            heldout_ids = heldout(reference, tokenizer, SynthConfig(seq_len=cfg.seq_len, seed=cfg.seed), cfg.sequences,
+                                  offset=HELDOUT_SEED)
         was = (reference.training, degraded.training)
         reference.eval()
         degraded.eval()
         try:
-            kl = _KL(reference, ids, cfg.batch_size, cfg.chunk_tokens)
-            kl.keep_inputs()  # restoring layer i changes nothing before it: later passes start at i
-            base = kl(degraded)
-            todo = sum(1 + len([g for g, ns in layer_params[L["layer"]].items() if damaged(ns)]) * cfg.per_group
-                       for L in layers if L["damaged"])
-            bar = _progress(todo, progress)
-            functional = {"sequences": len(ids), "seq_len": ids.shape[1], "base": base}
-            for L in layers:
-                i = L["layer"]
-                names = [n for ns in layer_params[i].values() for n in ns]
-                if not L["damaged"]:
-                    L["restore"] = dict(base)  # nothing to restore: the same model
-                    L["kl_reduction"] = 0.0
-                    continue
-                L["restore"] = _restored(degraded, reference, names, lambda: kl(degraded, start=i))
-                L["kl_reduction"] = _reduction(base, L["restore"])
-                bar.update(1)
-                dgroups = [g for g, ns in layer_params[i].items() if damaged(ns)]
-                for g in dgroups:
-                    G = L["groups"][g]
-                    if len(dgroups) == 1:  # restoring the one damaged block = restoring the layer
-                        G["restore"], G["kl_reduction"] = L["restore"], L["kl_reduction"]
-                    elif cfg.per_group:
-                        G["restore"] = _restored(degraded, reference, layer_params[i][g],
-                                                 lambda: kl(degraded, start=i))
-                        G["kl_reduction"] = _reduction(base, G["restore"])
-                    if cfg.per_group:
-                        bar.update(1)
-            bar.close()
-            if outside_damaged:
-                r = _restored(degraded, reference, outside, lambda: kl(degraded))
-                functional["outside_layers"] = {"tensors": outside_damaged, "restore": r,
-                                                "kl_reduction": _num(_reduction(base, r))}
-            functional["forward_passes"] = kl.calls
+            functional = _functional(reference, degraded, heldout_ids[:cfg.sequences].long(), cfg, wd, layer_params,
+                                     outside, layers, progress)
         finally:
             reference.train(was[0])
             degraded.train(was[1])

@@ -1,8 +1,10 @@
 """Forward helpers every stage shares: the decoder of a (PEFT-wrapped) model, its final hidden
-states, and the head that turns them into logits exactly as the model's own forward does."""
+states, the head that turns them into logits exactly as the model's own forward does, and the
+autocast / activation-checkpointing settings a forward runs under."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -33,3 +35,44 @@ def lm_head_of(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]
     if cap:
         return lambda h: torch.tanh(lm_head(h) / cap) * cap
     return lm_head
+
+
+def autocast_on(cfg, device: torch.device) -> bool:
+    """``cfg.autocast``: "auto" is bf16 on a GPU and off on a CPU; "bf16"; "off"."""
+    return cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
+
+
+def train_autocast(cfg, device: torch.device):
+    # No weight-cast cache: each weight is cast once a forward anyway, and a CUDA graph capture
+    # forbids the cache (it would replay casts of stale weights).
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_on(cfg, device), cache_enabled=False)
+
+
+def lora_casts_off(model: torch.nn.Module, active: bool):
+    """Under autocast, stop peft from casting each LoRA input to fp32 (autocast casts it back to
+    bf16 for the matmul anyway: two wasted passes over the activations per adapted module)."""
+    if not active:
+        return contextlib.nullcontext()
+    try:
+        from peft.helpers import disable_input_dtype_casting
+    except ImportError:  # older peft
+        return contextlib.nullcontext()
+    return disable_input_dtype_casting(model)
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def activation_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Turn transformers' per-layer activation checkpointing on or off (non-reentrant, no RNG
+    stashing: no dropout here, and reading the CUDA RNG state is not allowed in a graph capture)."""
+    base = base_model_of(model)
+    kw = {"use_reentrant": False, "preserve_rng_state": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        base.activation_checkpointing_enable(kw) if on else base.activation_checkpointing_disable()
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw) if on else \
+            base.gradient_checkpointing_disable()
+    if not on and hasattr(base, "disable_input_require_grads"):
+        base.disable_input_require_grads()  # enable registered an embedding hook; drop it

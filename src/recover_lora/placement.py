@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from torch import nn
 
 from .degrade import select_modules
 from .adapters import AdapterPlan  # noqa: F401 - re-exported
-from .utils import RecoverLoraError, atomic_write_json, log, read_json
+from .utils import RecoverLoraError, log
 
 RANK_FACTORS = (0.25, 0.5, 1, 2, 4)
 FUNCTIONAL_FLOOR = 0.01  # a damaged block whose restoration shows no KL gain still scores this share

@@ -12,40 +12,34 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import types
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .baselines import (METHODS, FullKDConfig, SFTConfig, degraded_view, prepare_full_kd, run_full_kd,
-                        run_sft_lora, snapshot_state)
-from .distill import (CADENCE_FIELDS, AdapterConfig, DistillConfig, TrainState, adapter_targets, init_distributed, measure,
-                      trainable_parameters, train)
-from .load import LoadConfig, fingerprint, load_pair, save_model_dir, vocab_size
+from .kl import KLMeter
+from .methods import get_method
+from .methods.full_kd import degraded_view
+from .methods.recover_lora import placement_plan  # noqa: F401 - the study plans placements with it
+from .train.checkpoint import CADENCE_FIELDS
+from .train.parallel import barrier, init_distributed
+from .load import fingerprint, load_pair, save_model_dir, vocab_size
 from .card import command_line, finish_adapter, write_merged_card
 from .metrics import MetricsLog
 from .provenance import nonfinite_weights, write_adapter_provenance, zero_nonfinite
 from .run_dir import RunLock, check_identity, check_run_dir, run_identity, write_identity
 from .config import SVD_INITS
-from .adapters import attach, preset_plan
-from .synth import SynthConfig, barrier, check_token_ids, load_synthetic, manifest, synthesize
+from .synth import check_token_ids, heldout, load_synthetic, manifest, synthesize
 from .utils import RecoverLoraError, atomic_write_json, log, save_figure
 from .config import RecoverConfig, train_synth_config, typed_fields  # noqa: F401 - re-exported
-
-HELDOUT_SEED_OFFSET = 1_000_003  # held-out data never shares a seed with training data
-
 
 def validate_config(cfg: RecoverConfig) -> None:
     """Every check that needs no model, so that a bad input fails before any work is done."""
     cfg.distill.validate()
     cfg.adapter.validate()
-    if cfg.method not in METHODS:
-        raise RecoverLoraError(f"unknown method {cfg.method!r}; use one of {METHODS}")
+    method = get_method(cfg.method)
     if cfg.placement not in ("preset", "auto"):
         raise RecoverLoraError(f"unknown placement {cfg.placement!r}; use preset or auto")
     if cfg.heldout_sequences < 1:
@@ -72,11 +66,7 @@ def validate_config(cfg: RecoverConfig) -> None:
         if cfg.eval.limit is not None and cfg.eval.limit < 1:
             raise RecoverLoraError(f"eval.limit must be >= 1, got {cfg.eval.limit}")
         build_requests(cfg.eval)
-    if cfg.method == "sft-lora":
-        from .evaluate.tasks import get_task
-
-        for t in cfg.sft.tasks:
-            get_task(t)
+    method.validate(cfg)
 
 
 def config_identity(cfg: RecoverConfig) -> dict[str, Any]:
@@ -86,41 +76,14 @@ def config_identity(cfg: RecoverConfig) -> dict[str, Any]:
     ident: dict[str, Any] = {"method": cfg.method, "distill": distill, "heldout_sequences": cfg.heldout_sequences,
                              "synth": {**synth.content_key(), "num_sequences": synth.num_sequences},
                              "given_data": bool(cfg.data)}
-    if cfg.method != "full-kd":
-        ident["adapter"] = asdict(cfg.adapter)
-        ident["placement"] = cfg.placement
-        ident["placement_budget"] = cfg.placement_budget
-    if cfg.method == "full-kd":
-        ident["full_kd"] = asdict(cfg.full_kd)
-    if cfg.method == "sft-lora":
-        ident["sft"] = asdict(cfg.sft)
-    return ident
-
-
-def heldout_synth_config(cfg: RecoverConfig) -> SynthConfig:
-    s = train_synth_config(cfg)
-    s.num_sequences = cfg.heldout_sequences
-    s.seed = s.seed + HELDOUT_SEED_OFFSET
-    return s
+    return {**ident, **get_method(cfg.method).identity(cfg)}
 
 
 def make_heldout(cfg: RecoverConfig, reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  progress: bool = True) -> torch.Tensor:
     """The held-out synthetic sequences of a run (``out_dir/heldout``; reused when complete)."""
-    held_dir = Path(cfg.out_dir) / "heldout"
-    synthesize(reference, tokenizer, heldout_synth_config(cfg), held_dir, progress=progress)
-    return load_synthetic(held_dir)
-
-
-def placement_plan(cfg: RecoverConfig, reference: PreTrainedModel, degraded: PreTrainedModel,
-                   tokenizer: PreTrainedTokenizerBase, held_ids: torch.Tensor, write: bool = True):
-    """``--placement auto``: diagnose on ``held_ids`` and plan per-module ranks, or reuse
-    ``out_dir/diagnosis/plan.json`` (a resumed run, or one given a sibling's plan)."""
-    from .placement import auto_plan
-
-    return auto_plan(reference, degraded, tokenizer, held_ids, Path(cfg.out_dir) / "diagnosis",
-                     rank=cfg.adapter.rank, alpha=cfg.adapter.alpha, budget=cfg.placement_budget,
-                     dropout=cfg.adapter.dropout, init=cfg.adapter.init, write=write)
+    return heldout(reference, tokenizer, train_synth_config(cfg), cfg.heldout_sequences,
+                   Path(cfg.out_dir) / "heldout", progress)
 
 
 def plot_training(history: list[dict], evals: list[dict], before: dict, after: dict, path: str | Path) -> Path:
@@ -166,8 +129,8 @@ def recover(cfg: RecoverConfig, reference: PreTrainedModel | None = None, degrad
 
 
 @dataclass
-class _Run:
-    """What the stages of one recover() call hand each other."""
+class Run:
+    """What the stages of one recover() call (and its method) hand each other."""
 
     cfg: RecoverConfig
     out: Path
@@ -188,9 +151,17 @@ class _Run:
     n_train: int = 0
     n_modules: int = 0
     seconds: dict = field(default_factory=dict)
+    meter: KLMeter | None = None
+
+    @property
+    def method(self):
+        return get_method(self.cfg.method)
 
     def measure(self, model) -> dict:
-        return measure(model, self.reference, self.held_ids, self.cfg.distill.eval_batch_size, self.cfg.distill)
+        """Held-out KL and top-1 (the reference's side computed once a run)."""
+        self.meter = self.meter or KLMeter(self.reference, self.held_ids, self.cfg.distill.eval_batch_size,
+                                           self.cfg.distill)
+        return self.meter(model)
 
 
 def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool, rank: int, world: int) -> dict:
@@ -201,7 +172,7 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
     if bad := nonfinite_weights(reference):
         raise RecoverLoraError(f"the reference {cfg.reference} holds NaN/Inf weights "
                                f"({dict(list(bad.items())[:3])}): it cannot teach")
-    r = _Run(cfg, Path(cfg.out_dir), reference, degraded, tokenizer, progress, rank, world)
+    r = Run(cfg, Path(cfg.out_dir), reference, degraded, tokenizer, progress, rank, world)
     sized = plan_cost(cfg, reference, next(reference.parameters()).device, r.out, rank == 0)
     r.identity = run_identity(config_identity(cfg), reference, degraded, cfg.data)
     check_identity(r.out, r.identity, lambda old: config_identity(RecoverConfig.from_dict(old)))  # before any write
@@ -209,7 +180,7 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
         write_identity(r.out, r.identity)
         atomic_write_json(r.out / "config.json", cfg.to_dict())
     _data(r)  # 1. synthetic data from the reference
-    _student(r)  # 2. the degraded model with fresh adapters (full-kd: itself, every weight)
+    r.method.student(r)  # 2. the degraded model with fresh adapters (full-kd: itself, every weight)
     before, at_init, zeroed_before = _starts(r)
     state, sft, after = _distill(r, before, at_init)  # 3. distillation (resumes from out/checkpoint.pt)
     if rank != 0:
@@ -223,12 +194,12 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
     return report
 
 
-def _data(r: _Run) -> None:
+def _data(r: Run) -> None:
     """Training ids (synthesized, resumably, or the given folder's; none for sft-lora, which trains
     on labeled data) and the held-out ids; NaN/Inf weights of the degraded model zeroed and recorded."""
     cfg, t0 = r.cfg, time.perf_counter()
     data_dir = Path(cfg.data) if cfg.data else r.out / "synth"
-    if cfg.method != "sft-lora":
+    if r.method.synthetic:
         if not cfg.data:
             synthesize(r.reference, r.tokenizer, train_synth_config(cfg), data_dir, progress=r.progress)
         r.train_ids = load_synthetic(data_dir)
@@ -246,27 +217,9 @@ def _data(r: _Run) -> None:
         r.zeroed = zero_nonfinite(r.degraded)
 
 
-def _student(r: _Run) -> None:
-    """full-kd: the degraded model itself, every weight trainable. Otherwise fresh adapters by plan:
-    auto (diagnose on the held-out ids, or reuse out/diagnosis/plan.json when resuming, and plan
-    per-module ranks within the budget) or a preset (cfg.adapter's modules at one rank)."""
-    cfg = r.cfg
-    if cfg.method == "full-kd":
-        r.snapshot = snapshot_state(r.degraded) if cfg.eval.tasks and r.rank == 0 else None
-        r.student = r.degraded
-        r.n_train = prepare_full_kd(r.student, r.reference, cfg.full_kd)
-        return
-    r.plan = placement_plan(cfg, r.reference, r.degraded, r.tokenizer, r.held_ids, write=r.rank == 0) \
-        if cfg.placement == "auto" else preset_plan(cfg.adapter, r.degraded)
-    r.n_modules = len(r.plan.ranks)
-    r.student = attach(r.degraded, r.plan, seed=cfg.distill.seed, reference=r.reference,
-                       calib_ids=r.train_ids if r.train_ids is not None else r.held_ids)
-    r.n_train = trainable_parameters(r.student)
-
-
-def _starts(r: _Run) -> tuple[dict, dict | None, dict | None]:
+def _starts(r: Run) -> tuple[dict, dict | None, dict | None]:
     """Held-out KL of the degraded model ("before", as given: NaN/Inf included) and at a warm start."""
-    svd_start = r.cfg.method != "full-kd" and r.cfg.adapter.init in SVD_INITS
+    svd_start = r.method.adapters and r.cfg.adapter.init in SVD_INITS
     with r.student.disable_adapter() if svd_start else contextlib.nullcontext():  # "before" = the degraded model
         before = r.measure(r.student)
     zeroed_before = None
@@ -279,42 +232,33 @@ def _starts(r: _Run) -> tuple[dict, dict | None, dict | None]:
     return before, at_init, zeroed_before
 
 
-def _distill(r: _Run, before: dict, at_init: dict | None):
+def _distill(r: Run, before: dict, at_init: dict | None):
     """Train by the method (its metrics streamed to metrics.jsonl / TensorBoard as they come:
-    before, each step, after); returns (state, sft-lora's result or None, held-out after)."""
-    cfg, ckpt, t0, sft = r.cfg, r.out / "checkpoint.pt", time.perf_counter(), None
+    before, each step, after); returns (state, the method's summary or None, held-out after)."""
+    t0 = time.perf_counter()
     metrics = MetricsLog(r.out / "metrics.jsonl", r.out / "tensorboard", enabled=r.rank == 0)
     if r.rank == 0 and not (r.out / "metrics.jsonl").exists():  # a fresh run (a resumed one has these lines)
         metrics.log("heldout", {"step": 0, "model": "degraded", **before})
         if at_init:
             metrics.log("heldout", {"step": 0, "model": "warm start", **at_init})
     try:
-        if cfg.method == "sft-lora":
-            sft = run_sft_lora(r.student, r.tokenizer, None, cfg.sft.data_dir or cfg.eval.data_dir, cfg.sft, ckpt,
-                               progress=r.progress, metrics=metrics)
-            state = TrainState(step=sft["steps"], history=sft["history"], elapsed=sft["seconds"])
-        elif cfg.method == "full-kd":
-            state = run_full_kd(r.reference, r.student, r.train_ids, cfg.distill, r.held_ids, ckpt, cfg.full_kd,
-                                progress=r.progress, metrics=metrics)
-        else:
-            state = train(r.student, r.reference, r.train_ids, cfg.distill, r.held_ids, ckpt, progress=r.progress,
-                          metrics=metrics)
+        state, summary = r.method.train(r, metrics)
         r.seconds["train"] = round(time.perf_counter() - t0, 2)
         after = r.measure(r.student)
         metrics.log("heldout", {"step": state.step, "model": "repaired", "final": True, **after})
     finally:
         metrics.close()
     log.info("after: held-out KL %.4f, top-1 %.3f", after["kl"], after["top1"])
-    return state, sft, after
+    return state, summary, after
 
 
-def _save(r: _Run, state, sft) -> tuple[Path, int, Path | None]:
+def _save(r: Run, state, sft) -> tuple[Path, int, Path | None]:
     """The repair: a PEFT adapter (for a GGUF degraded model also a llama.cpp LoRA) or, for
     full-kd, the whole model. Returns (folder, tokens trained on, adapter.gguf or None)."""
     cfg, gguf_lora = r.cfg, None
     steps_tokens = state.step * cfg.distill.batch_size * cfg.distill.grad_accum * \
         (r.train_ids.shape[1] if r.train_ids is not None else 0)
-    if cfg.method == "full-kd":
+    if not r.method.adapters:
         return save_model_dir(r.student, r.out / "model", r.tokenizer), steps_tokens, None
     r.student.save_pretrained(str(r.out / "adapter"))
     saved = r.out / "adapter"
@@ -328,7 +272,7 @@ def _save(r: _Run, state, sft) -> tuple[Path, int, Path | None]:
     return saved, (sft["loss_tokens"] if sft else steps_tokens), gguf_lora
 
 
-def _report(r: _Run, state, sft, before, after, at_init, zeroed_before, sized) -> dict[str, Any]:
+def _report(r: Run, state, sft, before, after, at_init, zeroed_before, sized) -> dict[str, Any]:
     """Write the repair and its report (plot, benchmarks, model cards, merged folder); return it."""
     cfg, out = r.cfg, r.out
     saved, tokens, gguf_lora = _save(r, state, sft)
@@ -347,14 +291,14 @@ def _report(r: _Run, state, sft, before, after, at_init, zeroed_before, sized) -
                       if r.plan is not None and cfg.placement == "auto" else
                       {"kind": "preset", "modules": cfg.adapter.modules, "layers": cfg.adapter.layers,
                        "rank": cfg.adapter.rank}),
-        "method": cfg.method, "init": cfg.adapter.init if cfg.method != "full-kd" else None,
+        "method": cfg.method, "init": cfg.adapter.init if r.method.adapters else None,
         "steps": state.step, "train_tokens": tokens, "step_mode": state.step_mode,
         "synthetic_sequences": len(r.train_ids) if r.train_ids is not None else 0,
         "seconds": {"synthesize": r.seconds["synthesize"], "train": train_s},
         "train_tokens_per_second": round(tokens / train_s, 1) if train_s > 0 and state.step else None,
         "loss_curve": state.history, "heldout_curve": state.evals,
-        "adapter": str(saved) if cfg.method != "full-kd" else None,
-        "model": str(saved) if cfg.method == "full-kd" else None, "config": cfg.to_dict(),
+        "adapter": str(saved) if r.method.adapters else None,
+        "model": str(saved) if not r.method.adapters else None, "config": cfg.to_dict(),
     }
     if sized:
         report["cost_estimate"] = sized
@@ -366,11 +310,11 @@ def _report(r: _Run, state, sft, before, after, at_init, zeroed_before, sized) -
     if cfg.eval.tasks:  # before merging: the degraded model is the student with adapters disabled
         report["eval"] = evaluate_triplet(cfg, r.reference, r.student, r.tokenizer, out, r.progress, r.snapshot)
     report["command"] = command_line()
-    if cfg.method != "full-kd":  # a base PEFT loads from anywhere, and a card instead of PEFT's template
+    if r.method.adapters:  # a base PEFT loads from anywhere, and a card instead of PEFT's template
         report["adapter_base"] = finish_adapter(saved, report, _abs_spec(cfg.degraded))
     else:
         write_merged_card(saved, report, _abs_spec(cfg.degraded))
-    if cfg.merge and cfg.method != "full-kd":  # full-kd's out/model already is the whole model
+    if cfg.merge and r.method.adapters:  # full-kd's out/model already is the whole model
         save_model_dir(r.student.merge_and_unload(), out / "merged", r.tokenizer)
         write_merged_card(out / "merged", report, _abs_spec(cfg.degraded))
         report["merged"] = str(out / "merged")
@@ -434,7 +378,7 @@ def _gguf_lora(degraded: str | None, adapter: Path, out: Path) -> Path | None:
 def evaluate_triplet(cfg: RecoverConfig, reference: PreTrainedModel, student, tokenizer: PreTrainedTokenizerBase,
                      out: Path, progress: bool = True, snapshot: dict | None = None) -> dict[str, Any]:
     """Benchmarks on reference, degraded (adapters disabled) and recovered; writes the eval report."""
-    from .evaluate import EvalConfig, evaluate, evaluate_reference
+    from .evaluate import evaluate, evaluate_reference
     from .report import build_report, compute_measures, measures_markdown
 
     ecfg = cfg.eval

@@ -26,7 +26,6 @@ Distillation then continues from there.
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Mapping
 
@@ -146,6 +145,45 @@ def _root(cov: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _input_roots(reference: PreTrainedModel, names: list[str], calib_ids: torch.Tensor, batch_size: int, kind: str,
+                 shrink: float) -> dict[str, torch.Tensor]:
+    """Per module, R with R R^T its input's second moment (eora; shrunk toward the diagonal by
+    ``shrink``) or R's diagonal (eora-diag); linears that share an input share one root."""
+    moments = input_moments(reference, names, calib_ids, batch_size, full=kind == "eora")
+    roots: dict[int, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor] = {}
+    for n, m in moments.items():
+        if id(m) not in roots:
+            if kind == "eora":
+                c = (1 - shrink) * m + shrink * torch.diag(torch.diagonal(m)) if shrink else m
+                roots[id(m)] = _root(c)
+            else:
+                roots[id(m)] = m.sqrt()  # eora-diag: R's diagonal
+        weights[n] = roots[id(m)]
+    return weights
+
+
+def _difference(layer, name: str, reference, degraded_state) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference weight and dW = W_ref - W_deg of one LoRA layer's module, fp32 on its device."""
+    base_w = layer.get_base_layer().weight
+    if base_w.ndim != 2 or not base_w.dtype.is_floating_point:
+        raise RecoverLoraError(f"svd init: {name} has a {base_w.dtype} {tuple(base_w.shape)} base weight "
+                               "(quantized or not a linear layer); pass degraded_state")
+    device = base_w.device
+    w_deg = degraded_state[f"{name}.weight"] if degraded_state is not None else base_w
+    w_deg = w_deg.to(device=device, dtype=torch.float32)
+    w_ref = _reference_weight(reference, name).to(device=device, dtype=torch.float32)
+    if getattr(layer, "fan_in_fan_out", False):  # Conv1D-style (in, out) storage
+        w_deg, w_ref = w_deg.T, w_ref.T
+    if w_ref.shape != w_deg.shape:
+        raise RecoverLoraError(f"svd init: {name} is {tuple(w_ref.shape)} in the reference and "
+                               f"{tuple(w_deg.shape)} in the degraded model")
+    dw = w_ref - w_deg
+    if not torch.isfinite(dw).all():
+        raise RecoverLoraError(f"svd init: {name} has NaN/Inf in its weight difference")
+    return w_ref, dw
+
+
 def svd_init_(peft_model: torch.nn.Module, reference: PreTrainedModel | Mapping[str, torch.Tensor],
               degraded_state: Mapping[str, torch.Tensor] | None = None, *, kind: str = "svd",
               calib_ids: torch.Tensor | None = None, adapter_name: str | None = None,
@@ -179,37 +217,13 @@ def svd_init_(peft_model: torch.nn.Module, reference: PreTrainedModel | Mapping[
     if kind in ("eora", "eora-diag"):
         if calib_ids is None or isinstance(reference, Mapping):
             raise RecoverLoraError(f"{kind} init needs the reference model and calibration token ids")
-        moments = input_moments(reference, [n for n, _ in layers], calib_ids, calib_batch_size, full=kind == "eora")
-        roots: dict[int, torch.Tensor] = {}  # linears that share an input share one root
-        for n, m in moments.items():
-            if id(m) not in roots:
-                if kind == "eora":
-                    c = (1 - shrink) * m + shrink * torch.diag(torch.diagonal(m)) if shrink else m
-                    roots[id(m)] = _root(c)
-                else:
-                    roots[id(m)] = m.sqrt()  # eora-diag: R's diagonal
-            weights[n] = roots[id(m)]
+        weights = _input_roots(reference, [n for n, _ in layers], calib_ids, calib_batch_size, kind, shrink)
     stats: dict[str, dict] = {}
     for name, layer in layers:
         if getattr(layer, "use_dora", {}).get(adapter_name, False):
             raise RecoverLoraError(f"svd init does not support DoRA ({name})")
-        base_w = layer.get_base_layer().weight
-        if base_w.ndim != 2 or not base_w.dtype.is_floating_point:
-            raise RecoverLoraError(f"svd init: {name} has a {base_w.dtype} {tuple(base_w.shape)} base weight "
-                                   "(quantized or not a linear layer); pass degraded_state")
-        device = base_w.device
-        w_deg = degraded_state[f"{name}.weight"] if degraded_state is not None else base_w
-        w_ref = _reference_weight(reference, name)
-        w_deg = w_deg.to(device=device, dtype=torch.float32)
-        w_ref = w_ref.to(device=device, dtype=torch.float32)
-        if getattr(layer, "fan_in_fan_out", False):  # Conv1D-style (in, out) storage
-            w_deg, w_ref = w_deg.T, w_ref.T
-        if w_ref.shape != w_deg.shape:
-            raise RecoverLoraError(f"svd init: {name} is {tuple(w_ref.shape)} in the reference and "
-                                   f"{tuple(w_deg.shape)} in the degraded model")
-        dw = w_ref - w_deg
-        if not torch.isfinite(dw).all():
-            raise RecoverLoraError(f"svd init: {name} has NaN/Inf in its weight difference")
+        w_ref, dw = _difference(layer, name, reference, degraded_state)
+        device = dw.device
         A_mod, B_mod = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
         r = A_mod.weight.shape[0]
         s = float(layer.scaling[adapter_name])

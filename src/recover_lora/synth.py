@@ -15,7 +15,7 @@ import copy
 import inspect
 import math
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,24 +26,11 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase,
 from .load import fingerprint, needs_bos
 from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, log, read_json, sigterm_as_interrupt
 from .config import SynthConfig  # noqa: F401 - re-exported
+from .train.parallel import barrier, dist_rank_world
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-
-
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world size) of an initialised torch.distributed job; (0, 1) otherwise."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    dist.barrier()
+HELDOUT_SEED = 1_000_003  # held-out data never shares a seed with training data
 
 
 def start_token_pool(tokenizer: PreTrainedTokenizerBase, model_vocab: int) -> torch.Tensor:
@@ -337,6 +324,25 @@ def generate_shard(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, c
     return torch.cat(out).to(torch.int32)
 
 
+def _missing_shards(out_dir: Path, cfg: SynthConfig, n_shards: int, have: list[dict]) -> list[tuple[int, int, str]]:
+    """(shard, sequences, file) of each shard still to make; whole shards already there go to ``have``."""
+    todo = []
+    for s in range(n_shards):
+        n = min(cfg.shard_size, cfg.num_sequences - s * cfg.shard_size)
+        name = f"shard-{s:05d}.safetensors"
+        path = out_dir / name
+        if path.exists():
+            try:
+                ids = load_file(str(path))["input_ids"]
+                if tuple(ids.shape) == (n, cfg.seq_len):
+                    have.append({"file": name, "num_sequences": n})
+                    continue
+            except Exception:  # noqa: BLE001 - an unreadable shard is simply regenerated
+                pass
+        todo.append((s, n, name))
+    return todo
+
+
 def synthesize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: SynthConfig,
                out_dir: str | Path, progress: bool = True) -> Path:
     """Generate (or finish generating) a synthetic data set in ``out_dir``; returns the folder.
@@ -373,20 +379,7 @@ def synthesize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: 
            "model_type": model.config.model_type, "bos_token_id": tokenizer.bos_token_id if bos else None,
            "shards": [], "complete": False}
     rank, world = dist_rank_world()
-    todo = []
-    for s in range(n_shards):
-        n = min(cfg.shard_size, cfg.num_sequences - s * cfg.shard_size)
-        name = f"shard-{s:05d}.safetensors"
-        path = out_dir / name
-        if path.exists():
-            try:
-                ids = load_file(str(path))["input_ids"]
-                if tuple(ids.shape) == (n, cfg.seq_len):
-                    man["shards"].append({"file": name, "num_sequences": n})
-                    continue
-            except Exception:  # noqa: BLE001 - an unreadable shard is simply regenerated
-                pass
-        todo.append((s, n, name))
+    todo = _missing_shards(out_dir, cfg, n_shards, man["shards"])
     if world > 1:
         # Every rank has scanned the folder before any writes to it: they all hold the same list.
         barrier()
@@ -456,3 +449,15 @@ def load_synthetic(path: str | Path) -> torch.Tensor:
 
 def manifest(path: str | Path) -> dict:
     return read_json(Path(path) / MANIFEST)
+
+
+def heldout(reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: SynthConfig, n: int,
+            out_dir: str | Path | None = None, progress: bool = True, offset: int = HELDOUT_SEED) -> torch.Tensor:
+    """``n`` held-out sequences made as the training data is (``cfg``'s hybrid sampling) on a seed the
+    training data never uses (``cfg.seed + offset``): written to ``out_dir`` and reused when complete,
+    or, without a folder, made in memory in one shard."""
+    cfg = replace(cfg, num_sequences=n, seed=cfg.seed + offset)
+    if out_dir is None:
+        return generate_shard(reference, tokenizer, cfg, 0, n, needs_bos(tokenizer, reference.config)).long()
+    synthesize(reference, tokenizer, cfg, out_dir, progress=progress)
+    return load_synthetic(out_dir)

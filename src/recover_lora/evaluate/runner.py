@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 
 from ..utils import RecoverLoraError, log
 from .data import load_task_docs
 from .scorer import encode_pairs, score
-from .tasks import FEWSHOT_SEED, FewshotSampler, Formatted, get_task, parse_tasks
+from .tasks import FewshotSampler, Formatted, get_task, parse_tasks
 from ..config import EvalConfig  # noqa: F401 - re-exported
 
 

@@ -172,6 +172,144 @@ def _bins(rows, packable: list[int], capacity: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
+def _lines(requests, max_length: int, share_context: bool, window, groups):
+    """The requests as rows (a shared prefix and its tails) packed into input lines: ("packed", [rows])
+    under a block mask, or ("own", [row]) under the plain causal mask. Returns (rows, where, by_row,
+    lines, line widths)."""
+    rows, where = _rows(requests, max_length, share_context, window, groups)
+    width = [len(p) + sum(len(t) for t in tails) for p, tails, _ in rows]
+    by_row: list[list[int]] = [[] for _ in rows]
+    for i, w in enumerate(where):
+        by_row[w[0]].append(i)
+    packable = [r for r in range(len(rows)) if rows[r][2]]
+    capacity = max([256] + [width[r] for r in packable])
+    lines = [("packed", b) for b in _bins(rows, packable, capacity)]
+    lines += [("own", [r]) for r in range(len(rows)) if not rows[r][2]]
+    return rows, where, by_row, lines, [sum(width[r] for r in rs) for _, rs in lines]
+
+
+def _batches(lines: list, lw: list[int], batch_size: int | None, max_batch_tokens: int) -> list[list[int]]:
+    """Input lines grouped into forwards: one kind a forward, longest first (an overrun shows at once),
+    at most ``batch_size`` lines and ``max_batch_tokens`` padded tokens."""
+    order = sorted(range(len(lines)), key=lambda k: (lines[k][0], -lw[k]))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for k in order:
+        w = lw[cur[0]] if cur else lw[k]
+        if cur and ((batch_size and len(cur) >= batch_size) or (len(cur) + 1) * w > max_batch_tokens
+                    or lines[cur[0]][0] != lines[k][0]):
+            batches.append(cur)
+            cur = []
+        cur.append(k)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def _layout(line_rows: list[list[int]], T: int, rows, by_row, where, pad_id: int):
+    """One forward's inputs: each line's rows (a shared prefix, then its tails) laid side by side, and
+    the positions whose logits score each request. Returns (ids, keep, unit, sub, pos, need, req_ids)."""
+    B = len(line_rows)
+    ids = np.full((B, T), pad_id, dtype=np.int64)
+    keep = np.zeros((B, T), dtype=bool)
+    unit = np.full((B, T), -1, dtype=np.int64)  # which row (question) a position belongs to; -1 padding
+    sub = np.zeros((B, T), dtype=np.int64)  # 0 its prefix, t+1 its tail t
+    pos = np.zeros((B, T), dtype=np.int64)
+    need: list[np.ndarray] = []
+    req_ids: list[int] = []
+    for b, line in enumerate(line_rows):
+        o = 0
+        for r in line:
+            prefix, tails, _ = rows[r]
+            P = len(prefix)
+            ids[b, o:o + P], unit[b, o:o + P], pos[b, o:o + P] = prefix, r, np.arange(P)
+            s, starts = o + P, []
+            for t, tail in enumerate(tails):
+                e = s + len(tail)
+                ids[b, s:e], unit[b, s:e], sub[b, s:e] = tail, r, t + 1
+                pos[b, s:e] = np.arange(P, P + len(tail))
+                starts.append(s)
+                s = e
+            for i in by_row[r]:
+                _, t, first, cont = where[i]
+                # input positions first .. first+k-1 predict the continuation; those past the
+                # prefix live in the request's tail
+                q = first + np.arange(len(cont))
+                p = np.where(q < P, o + q, (starts[t] if t >= 0 else 0) + q - P)
+                keep[b, p] = True
+                need.append(b * T + p)
+                req_ids.append(i)
+            o = s
+    return ids, keep, unit, sub, pos, need, req_ids
+
+
+def _inputs(kind: str, layout, where, model, device: torch.device):
+    """A forward's model inputs (position ids and block mask for packed lines), the kept positions,
+    and per request its positions among the kept ones, its target ids and its index in the batch."""
+    ids, keep, unit, sub, pos, need, req_ids = layout
+    flat = np.cumsum(keep.reshape(-1)) - 1  # index of a kept position among the kept ones
+    sel_pos = [flat[x] for x in need]
+    tgt = torch.from_numpy(np.concatenate([np.asarray(where[i][3], dtype=np.int64) for i in req_ids])).to(device)
+    segr = torch.from_numpy(np.concatenate([np.full(len(x), j, dtype=np.int64) for j, x in enumerate(need)])).to(device)
+    inputs = {"input_ids": torch.from_numpy(ids).to(device)}
+    if kind == "packed":
+        inputs["position_ids"] = torch.from_numpy(pos).to(device)
+        inputs["attention_mask"] = _block_mask(unit, sub, model, device)
+    return inputs, torch.from_numpy(keep).to(device), sel_pos, tgt, segr, req_ids
+
+
+def _head_inputs(model, h: torch.Tensor, keep_t: torch.Tensor, logits: torch.Tensor, check: bool) -> torch.Tensor:
+    """The LM head's input at the kept positions (``check``: it gives back these very logits)."""
+    from .refcache import head_logits  # noqa: PLC0415
+
+    h = h[keep_t] if h.dim() == 3 and h.shape[:2] == keep_t.shape else h.reshape(-1, h.shape[-1])
+    if h.shape[0] != logits.shape[0]:
+        raise RuntimeError(f"LM head saw {h.shape[0]} positions, the logits have {logits.shape[0]}")
+    if check:
+        diff = (head_logits(model, h[:64]).float() - logits[:64]).abs().max().item()
+        if diff > 1e-3 * max(1.0, logits[:64].abs().max().item()):
+            raise RuntimeError(f"this model's logits are not its LM head of the kept states (max diff {diff:.2g})")
+    return h
+
+
+def _kept_answer_kl(reference, hid: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) at each answer position, the reference's side from its kept answers."""
+    pos_kl = torch.empty(len(p), dtype=torch.float32, device=logits.device)
+    for a in range(0, len(p), 512):  # [tokens x vocabulary] at a time: bounded memory
+        z = min(a + 512, len(p))
+        lq = logits[p[a:z]] - lse[p[a:z], None]
+        lr = reference.log_probs(hid[a:z]).to(logits.device)
+        pos_kl[a:z] = (lr.exp() * (lr - lq)).sum(-1)
+    return pos_kl
+
+
+def _request_stats(logits: torch.Tensor, p: torch.Tensor, tgt: torch.Tensor, segr: torch.Tensor, n_req: int,
+                   reference, hid: torch.Tensor | None, reference_logits) -> tuple:
+    """Per request of a forward: summed log p of its targets, whether each was the argmax, and the
+    summed KL(reference || model) over them (None without a reference; ``hid``: the reference's kept
+    head inputs, else ``reference_logits()`` runs it on the same rows)."""
+    # log p(target) = logit - logsumexp: no [positions x vocabulary] log-softmax is written
+    lse = torch.logsumexp(logits, dim=-1)
+    lp = logits[p, tgt] - lse[p]
+    miss = (logits.argmax(dim=-1)[p] != tgt).to(torch.int64)
+    kl = None
+    if hid is not None:
+        kl = _sum_by(segr, n_req, _kept_answer_kl(reference, hid, logits, lse, p))
+    elif reference is not None:
+        lq = logits.sub_(lse[:, None])
+        lr = torch.log_softmax(reference_logits().float(), dim=-1)
+        pos_kl = (lr.exp() * (lr - lq)).sum(-1)  # KL(reference || model) per kept position
+        del lr, lq
+        kl = _sum_by(segr, n_req, pos_kl[p])
+    misses = torch.zeros(n_req, dtype=torch.int64, device=logits.device).index_add_(0, segr, miss)
+    return _sum_by(segr, n_req, lp), (misses == 0).cpu(), kl
+
+
+def _sum_by(segr: torch.Tensor, n: int, values: torch.Tensor) -> torch.Tensor:
+    """Per-request sums (fp64, on the CPU) of per-position values."""
+    return torch.zeros(n, dtype=torch.float64, device=values.device).index_add_(0, segr, values.double()).cpu()
+
+
 def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int | None = None,
           max_batch_tokens: int | None = None, max_length: int | None = None, progress: bool = False,
           pad_id: int = 0, desc: str = "scoring", share_context: bool = True,
@@ -195,7 +333,7 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
     tokens ([tokens, hidden], float32, CPU): what ReferenceAnswers keeps.
     Results do not depend on the request order or on the batching.
     """
-    from .refcache import ReferenceAnswers, head_logits  # noqa: PLC0415
+    from .refcache import ReferenceAnswers  # noqa: PLC0415
 
     kept_refs = isinstance(reference, ReferenceAnswers)
     if kept_refs and (missing := reference.has(requests)):
@@ -207,29 +345,8 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
     max_length = max_length or model_max_length(model)
     if max_batch_tokens is None:
         max_batch_tokens = 32768 if device.type == "cuda" else 4096
-    rows, where = _rows(requests, max_length, share_context, _window(model), groups)
-    width = [len(p) + sum(len(t) for t in tails) for p, tails, _ in rows]
-    by_row: list[list[int]] = [[] for _ in rows]
-    for i, w in enumerate(where):
-        by_row[w[0]].append(i)
-    packable = [r for r in range(len(rows)) if rows[r][2]]
-    capacity = max([256] + [width[r] for r in packable])
-    # input lines: ("packed", [rows]) under a block mask, or ("own", [row]) under the plain causal mask
-    lines = [("packed", b) for b in _bins(rows, packable, capacity)]
-    lines += [("own", [r]) for r in range(len(rows)) if not rows[r][2]]
-    lw = [sum(width[r] for r in rs) for _, rs in lines]
-    order = sorted(range(len(lines)), key=lambda k: (lines[k][0], -lw[k]))  # longest first: an overrun shows at once
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    for k in order:
-        w = lw[cur[0]] if cur else lw[k]
-        if cur and ((batch_size and len(cur) >= batch_size) or (len(cur) + 1) * w > max_batch_tokens
-                    or lines[cur[0]][0] != lines[k][0]):
-            batches.append(cur)
-            cur = []
-        cur.append(k)
-    if cur:
-        batches.append(cur)
+    rows, where, by_row, lines, lw = _lines(requests, max_length, share_context, _window(model), groups)
+    batches = _batches(lines, lw, batch_size, max_batch_tokens)
 
     n = len(requests)
     ll = torch.zeros(n, dtype=torch.float64)
@@ -248,95 +365,26 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
         bar = tqdm(total=n, desc=desc, unit="req", dynamic_ncols=True)
     try:
         for batch in batches:
-            T = lw[batch[0]]
-            B = len(batch)
-            ids = np.full((B, T), pad_id, dtype=np.int64)
-            keep = np.zeros((B, T), dtype=bool)
-            unit = np.full((B, T), -1, dtype=np.int64)  # which row (question) a position belongs to; -1 padding
-            sub = np.zeros((B, T), dtype=np.int64)  # 0 its prefix, t+1 its tail t
-            pos = np.zeros((B, T), dtype=np.int64)
-            need: list[np.ndarray] = []
-            req_ids: list[int] = []
-            for b, k in enumerate(batch):
-                o = 0
-                for r in lines[k][1]:
-                    prefix, tails, _ = rows[r]
-                    P = len(prefix)
-                    ids[b, o:o + P], unit[b, o:o + P], pos[b, o:o + P] = prefix, r, np.arange(P)
-                    s, starts = o + P, []
-                    for t, tail in enumerate(tails):
-                        e = s + len(tail)
-                        ids[b, s:e], unit[b, s:e], sub[b, s:e] = tail, r, t + 1
-                        pos[b, s:e] = np.arange(P, P + len(tail))
-                        starts.append(s)
-                        s = e
-                    for i in by_row[r]:
-                        _, t, first, cont = where[i]
-                        # input positions first .. first+k-1 predict the continuation; those past the
-                        # prefix live in the request's tail
-                        q = first + np.arange(len(cont))
-                        p = np.where(q < P, o + q, (starts[t] if t >= 0 else 0) + q - P)
-                        keep[b, p] = True
-                        need.append(b * T + p)
-                        req_ids.append(i)
-                    o = s
-            flat = np.cumsum(keep.reshape(-1)) - 1  # index of a kept position among the kept ones
-            sel_pos = [flat[x] for x in need]
-            sel_tgt = [np.asarray(where[i][3], dtype=np.int64) for i in req_ids]
-            sel_req = [np.full(len(x), j, dtype=np.int64) for j, x in enumerate(need)]
-            inputs = {"input_ids": torch.from_numpy(ids).to(device)}
-            if lines[batch[0]][0] == "packed":
-                inputs["position_ids"] = torch.from_numpy(pos).to(device)
-                inputs["attention_mask"] = _block_mask(unit, sub, model, device)
-            keep_t = torch.from_numpy(keep).to(device)
+            inputs, keep_t, sel_pos, tgt, segr, req_ids = _inputs(
+                lines[batch[0]][0], _layout([lines[k][1] for k in batch], lw[batch[0]], rows, by_row, where, pad_id),
+                where, model, device)
             captured.clear()
             logits = _kept_logits(model, inputs, keep_t, state).float()
             p = torch.from_numpy(np.concatenate(sel_pos)).to(device)
             if keep_hidden is not None:
-                h = captured[-1]
-                h = h[keep_t] if h.dim() == 3 and h.shape[:2] == keep_t.shape else h.reshape(-1, h.shape[-1])
-                if h.shape[0] != logits.shape[0]:
-                    raise RuntimeError(f"LM head saw {h.shape[0]} positions, the logits have {logits.shape[0]}")
-                if not checked:  # the head must turn kept states back into these very logits
-                    diff = (head_logits(model, h[:64]).float() - logits[:64]).abs().max().item()
-                    if diff > 1e-3 * max(1.0, logits[:64].abs().max().item()):
-                        raise RuntimeError(f"this model's logits are not its LM head of the kept states (max diff {diff:.2g})")
-                    checked = True
+                h = _head_inputs(model, captured[-1], keep_t, logits, check=not checked)
+                checked = True
                 for j, x in enumerate(sel_pos):
                     keep_hidden[req_ids[j]] = h[torch.from_numpy(x).to(device)].float().cpu().clone()
-            tgt = torch.from_numpy(np.concatenate(sel_tgt)).to(device)
-            segr = torch.from_numpy(np.concatenate(sel_req)).to(device)
-            n_req = len(req_ids)
             idx = torch.as_tensor(req_ids, dtype=torch.long)
-            # log p(target) = logit - logsumexp: no [positions x vocabulary] log-softmax is written
-            lse = torch.logsumexp(logits, dim=-1)
-            lp = logits[p, tgt] - lse[p]
-            miss = (logits.argmax(dim=-1)[p] != tgt).to(torch.int64)
-            if kept_refs:
-                hid = torch.cat([reference.hidden_for(*requests[i]) for i in req_ids])
-                pos_kl = torch.empty(len(p), dtype=torch.float32, device=device)
-                for a in range(0, len(p), 512):  # [tokens x vocabulary] at a time: bounded memory
-                    z = min(a + 512, len(p))
-                    lq = logits[p[a:z]] - lse[p[a:z], None]
-                    lr = reference.log_probs(hid[a:z]).to(device)
-                    pos_kl[a:z] = (lr.exp() * (lr - lq)).sum(-1)
-                del lq, lr
-                kl[idx] = torch.zeros(n_req, dtype=torch.float64, device=device).index_add_(
-                    0, segr, pos_kl.double()).cpu()
-            elif reference is not None:
-                lq = logits.sub_(lse[:, None])
-                lr = torch.log_softmax(_kept_logits(reference, inputs, keep_t, state).float(), dim=-1)
-                pos_kl = (lr.exp() * (lr - lq)).sum(-1)  # KL(reference || model) per kept position
-                del lr, lq
-                kl[idx] = torch.zeros(n_req, dtype=torch.float64, device=device).index_add_(
-                    0, segr, pos_kl[p].double()).cpu()
+            hid = torch.cat([reference.hidden_for(*requests[i]) for i in req_ids]) if kept_refs else None
+            ll[idx], greedy[idx], k = _request_stats(logits, p, tgt, segr, len(req_ids), reference, hid,
+                                                     lambda: _kept_logits(reference, inputs, keep_t, state))
+            if k is not None:
+                kl[idx] = k
             del logits
-            sums = torch.zeros(n_req, dtype=torch.float64, device=device).index_add_(0, segr, lp.double())
-            misses = torch.zeros(n_req, dtype=torch.int64, device=device).index_add_(0, segr, miss)
-            ll[idx] = sums.cpu()
-            greedy[idx] = (misses == 0).cpu()
             if bar is not None:
-                bar.update(n_req)
+                bar.update(len(req_ids))
     finally:
         if hook is not None:
             hook.remove()

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .utils import log
+from ..utils import log
 
 StepFn = Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]]
 
@@ -162,3 +162,27 @@ def capture_step(fn: StepFn, example_inputs: Sequence[torch.Tensor], params: lis
         opt.zero_grad(set_to_none=True)
         log.warning("CUDA graph capture of the training step failed, training eagerly: %s", e)
         return None, f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def blocker(cfg, model: torch.nn.Module, device: torch.device, world: int) -> str | None:
+    """Why the training step cannot be a CUDA graph here (None: it can). ``cfg.cuda_graph``: auto | on | off
+    (a config without the field: off)."""
+    if getattr(cfg, "cuda_graph", "off") == "off":
+        return "cuda_graph='off'"
+    if device.type != "cuda" and capture_impl is _cuda_capture:
+        return "not on a CUDA device"
+    if world > 1:
+        return "data-parallel run (DDP all-reduce is not captured)"
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return "dropout (its random numbers are not captured)"
+    return None
+
+
+def keep_tensor_lrs(opt: torch.optim.Optimizer, tensors: list[torch.Tensor]) -> None:
+    """The captured step reads the lr tensors it was captured with: should the scheduler have put a
+    new object in a param group (a float, in torch versions that do not fill tensor lrs in place),
+    copy its value into the captured tensor and put that back."""
+    for g, t in zip(opt.param_groups, tensors):
+        if g["lr"] is not t:
+            t.fill_(float(g["lr"]))
+            g["lr"] = t

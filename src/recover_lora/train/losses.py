@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import LOSSES  # noqa: E402,F401 - its home is the config
+from ..config import LOSSES  # noqa: E402,F401 - its home is the config
 
 
 def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "kl",

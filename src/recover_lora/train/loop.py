@@ -1,0 +1,170 @@
+"""The one training loop. A method says what a step trains on and what its loss is (a
+:class:`Step`); :func:`fit` runs it, top to bottom: AdamW with linear warmup and cosine decay,
+gradient clipping, one host sync a step, held-out measurements, metrics streamed as they come,
+and atomic checkpoints from which an interrupted run resumes bit for bit (the batch order is a
+pure function of seed and step). Data parallel (``parallel.py``) wraps the student before this
+loop sees it; a CUDA graph (``graphs.py``) replays the step when it can.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..forward import autocast_on, lora_casts_off
+from ..metrics import MetricsLog
+from ..utils import RecoverLoraError, log, sigterm_as_interrupt
+from . import graphs
+from .checkpoint import load_checkpoint, save_checkpoint
+from .parallel import mean_over_ranks
+from .state import TrainState, lr_lambda
+
+
+@dataclass
+class Step:
+    """What one method trains: ``batches(step)`` the micro-batches of a step (on the device);
+    ``loss(batch, n, last)`` one forward and backward of one of the step's ``n`` micro-batches
+    (gradients scaled by 1/n; ``last``: the step's last, where data parallel all-reduces), returning
+    detached tensors named ``names`` (the loss first); ``tokens(batches)`` the tokens a step trains
+    on (all ranks)."""
+
+    batches: Callable[[int], list]
+    loss: Callable[[Any, int, bool], tuple[torch.Tensor, ...]]
+    names: tuple[str, ...]
+    tokens: Callable[[list], int]
+
+
+def _optimizer(params: list[torch.Tensor], cfg, device: torch.device, graph: bool):
+    # capturable: the optimizer keeps its step count on the device and reads a tensor lr, so a
+    # captured step does not freeze them.
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                            fused=device.type == "cuda", capturable=graph and device.type == "cuda")
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+def _capture(one_step, xs, params, opt, cfg, device, state: TrainState):
+    """The step as a CUDA graph (its lr tensors with it), or (None, []) where the capture failed."""
+    for g in opt.param_groups:  # a float lr would be frozen into the graph
+        g["lr"] = torch.tensor(float(g["lr"]), device=device)
+    graphed, why = graphs.capture_step(one_step, xs, params, opt)
+    if graphed is None and cfg.cuda_graph == "on":
+        raise RecoverLoraError(f"cuda_graph='on' but the capture failed: {why}")
+    state.step_mode = "cuda_graph" if graphed is not None else f"eager (graph capture failed: {why})"
+    return graphed, [g["lr"] for g in opt.param_groups]
+
+
+def _finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):  # the step already spoiled the weights: keep the last checkpoint
+        raise RecoverLoraError(
+            f"the loss is not finite ({loss}) at step {step}; stopped without saving it (the checkpoint of an "
+            "earlier step stays). Start over in a new --out-dir with a lower learning rate, or check the models")
+
+
+def _record(state: TrainState, entry: dict, metrics: MetricsLog | None, bar, kind: str = "train") -> None:
+    """A step's numbers (or a held-out measurement) into the state, the metrics stream and the bar."""
+    (state.history if kind == "train" else state.evals).append(entry)
+    if metrics is not None:
+        metrics.log(kind, entry)
+    if kind == "train":
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in list(entry.items())[1:3] if k != "lr"})
+    else:
+        bar.write(f"step {entry['step']}: held-out KL {entry['kl']:.4f}, top-1 {entry['top1']:.3f}")
+
+
+def fit(model: torch.nn.Module, step: Step, cfg, checkpoint: str | Path | None = None, progress: bool = True,
+        stop_after: int | None = None, metrics: MetricsLog | None = None,
+        heldout: Callable[[], dict] | None = None, desc: str = "train", rank: int = 0, world: int = 1,
+        sharded: bool = False) -> TrainState:
+    """Train the trainable parameters of ``model`` for ``cfg.steps`` optimizer steps of ``step``.
+
+    ``cfg`` (a DistillConfig or SFTConfig) gives lr, weight_decay, warmup_steps, min_lr_ratio,
+    max_grad_norm, steps, checkpoint_every, autocast and (when it has them) eval_every and
+    cuda_graph. With ``checkpoint`` set, resumes from it when present and writes it every
+    ``cfg.checkpoint_every`` steps and on interruption (Ctrl-C, SIGTERM); ``stop_after`` ends the
+    call after that many steps (to test resumption). ``heldout()`` measures the held-out KL every
+    ``cfg.eval_every`` steps. Under data parallel only rank 0 writes; ``sharded``: FSDP (an
+    interrupted sharded run keeps its last checkpoint, since gathering needs every rank).
+    """
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RecoverLoraError("the student has no trainable parameters")
+    graph_why = graphs.blocker(cfg, model, device, world)
+    if graph_why and getattr(cfg, "cuda_graph", "off") == "on":
+        raise RecoverLoraError(f"cuda_graph='on' but {graph_why}")
+    opt, sched = _optimizer(params, cfg, device, graph_why is None)
+    ckpt, state = Path(checkpoint) if checkpoint else None, TrainState()
+    if ckpt and ckpt.exists():
+        state = load_checkpoint(ckpt, model, opt, sched, cfg)
+        log.info("%s: resumed from %s at step %d", desc, ckpt, state.step)
+    metrics = metrics if rank == 0 else None
+    if metrics is not None:
+        metrics.resume(state.step)
+
+    def one_step(xs) -> tuple[torch.Tensor, ...]:
+        """One optimizer step over the micro-batches ``xs``; its outputs stay on the device."""
+        opt.zero_grad(set_to_none=True)
+        sums = None
+        for a, x in enumerate(xs):
+            outs = step.loss(x, len(xs), a == len(xs) - 1)
+            sums = [o / len(xs) for o in outs] if sums is None else [s + o / len(xs) for s, o in zip(sums, outs)]
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        return tuple(sums)
+
+    model.train()
+    graphed, graph_lrs, try_graph = None, [], graph_why is None
+    state.step_mode = "eager" + (f" ({graph_why})" if graph_why and getattr(cfg, "cuda_graph", "") == "auto" else "")
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, unit="step", disable=not progress or rank != 0)
+    start_step, lr_at = state.step, lr_lambda(cfg)
+    tokens = state.history[-1]["tokens"] if state.history else 0
+    t0 = time.perf_counter() - state.elapsed
+    with sigterm_as_interrupt(), lora_casts_off(model, autocast_on(cfg, device)):
+        try:
+            while state.step < cfg.steps and (stop_after is None or state.step - start_step < stop_after):
+                xs = step.batches(state.step)
+                if try_graph:  # one try a run
+                    try_graph = False
+                    graphed, graph_lrs = _capture(one_step, xs, params, opt, cfg, device, state)
+                outs = graphed(xs) if graphed is not None else one_step(xs)
+                # the step's one host sync
+                means = mean_over_ranks(list(outs), device) if world > 1 else [float(o) for o in outs]
+                _finite(means[0], state.step + 1)
+                lr = cfg.lr * lr_at(state.step)
+                sched.step()
+                if graphed is not None:
+                    graphs.keep_tensor_lrs(opt, graph_lrs)
+                state.step += 1
+                state.elapsed = time.perf_counter() - t0
+                tokens += step.tokens(xs)
+                _record(state, {"step": state.step, **dict(zip(step.names, means)), "lr": lr, "tokens": tokens,
+                                "time": round(state.elapsed, 3)}, metrics, bar)
+                if heldout is not None and cfg.eval_every and state.step % cfg.eval_every == 0 \
+                        and state.step < cfg.steps:
+                    _record(state, {"step": state.step, **heldout()}, metrics, bar, "heldout")
+                if ckpt and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                    save_checkpoint(ckpt, model, opt, sched, state, cfg, rank, world)
+        except KeyboardInterrupt:
+            bar.close()
+            if not ckpt:
+                raise
+            if not sharded and rank == 0:  # (no barrier: the other ranks may be gone already)
+                save_checkpoint(ckpt, model, opt, sched, state, cfg)
+            # FSDP: gathering the shards needs every rank, so the last periodic checkpoint stays
+            kept = f"the checkpoint in {ckpt} (every {cfg.checkpoint_every} steps) stays" if sharded else \
+                f"checkpoint saved to {ckpt}"
+            raise RecoverLoraError(f"interrupted at step {state.step}; {kept}: run the same command again to resume") \
+                from None
+        finally:
+            bar.close()
+    if ckpt:
+        save_checkpoint(ckpt, model, opt, sched, state, cfg, rank, world)
+    return state
