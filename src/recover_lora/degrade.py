@@ -740,7 +740,6 @@ def _public(e: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in e.items() if not k.startswith("_")}
 
 
-@torch.no_grad()
 def _targets(model: nn.Module, cfg: DegradeConfig) -> list[dict[str, nn.Module]]:
     """Every op's target modules, resolved up front (an op that matches nothing is refused)."""
     targets: list[dict[str, nn.Module]] = []
@@ -796,6 +795,7 @@ def _apply(op, w: torch.Tensor, name: str, gen: torch.Generator | None, flips) -
     return {}
 
 
+@torch.no_grad()
 def degrade(model: nn.Module, cfg: DegradeConfig) -> DamageRecord:
     """Damage ``model`` in place as ``cfg`` says and return the measured :class:`DamageRecord`."""
     t0 = time.perf_counter()

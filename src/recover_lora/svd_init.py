@@ -144,7 +144,6 @@ def _root(cov: torch.Tensor) -> torch.Tensor:
     return evecs * evals.clamp_min(0).sqrt()
 
 
-@torch.no_grad()
 def _input_roots(reference: PreTrainedModel, names: list[str], calib_ids: torch.Tensor, batch_size: int, kind: str,
                  shrink: float) -> dict[str, torch.Tensor]:
     """Per module, R with R R^T its input's second moment (eora; shrunk toward the diagonal by
@@ -184,6 +183,7 @@ def _difference(layer, name: str, reference, degraded_state) -> tuple[torch.Tens
     return w_ref, dw
 
 
+@torch.no_grad()
 def svd_init_(peft_model: torch.nn.Module, reference: PreTrainedModel | Mapping[str, torch.Tensor],
               degraded_state: Mapping[str, torch.Tensor] | None = None, *, kind: str = "svd",
               calib_ids: torch.Tensor | None = None, adapter_name: str | None = None,

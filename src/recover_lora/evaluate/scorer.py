@@ -171,7 +171,6 @@ def _bins(rows, packable: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-@torch.inference_mode()
 def _lines(requests, max_length: int, share_context: bool, window, groups):
     """The requests as rows (a shared prefix and its tails) packed into input lines: ("packed", [rows])
     under a block mask, or ("own", [row]) under the plain causal mask. Returns (rows, where, by_row,
@@ -310,6 +309,7 @@ def _sum_by(segr: torch.Tensor, n: int, values: torch.Tensor) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.float64, device=values.device).index_add_(0, segr, values.double()).cpu()
 
 
+@torch.inference_mode()
 def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int | None = None,
           max_batch_tokens: int | None = None, max_length: int | None = None, progress: bool = False,
           pad_id: int = 0, desc: str = "scoring", share_context: bool = True,
