@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from recover_lora.bench import BenchConfig, run_bench
+from recover_lora_bench import BenchConfig, run_bench
 from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
 from recover_lora.distill import AdapterConfig, lm_head_of, attach_adapters, hidden_states
 from recover_lora.losses import chunked_loss_backward, naive_loss
@@ -112,7 +112,7 @@ def test_bench_flags_are_its_config_fields():
 
 
 def test_bench_table_rows_and_goal_checks(tmp_path):
-    from recover_lora.bench import bench_table
+    from recover_lora_bench import bench_table
     from recover_lora.cli import main
 
     ok = {"status": "ok"}
