@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from recover_lora.bench import BenchConfig, run_bench
+from recover_lora_bench import BenchConfig, run_bench
 from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
 from recover_lora.config import AdapterConfig
 from recover_lora.forward import lm_head_of, hidden_states
@@ -114,7 +114,7 @@ def test_bench_flags_are_its_config_fields():
 
 
 def test_bench_table_rows_and_goal_checks(tmp_path):
-    from recover_lora.bench import bench_table
+    from recover_lora_bench import bench_table
     from recover_lora.cli import main
 
     ok = {"status": "ok"}

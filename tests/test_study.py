@@ -9,6 +9,8 @@ from tiny import arc_records, tiny_model, tiny_tokenizer
 
 from recover_lora import study
 from recover_lora.cli import main
+from recover_lora.config import RecoverConfig
+from recover_lora.errors import RecoverLoraError
 from recover_lora.load import LoadConfig, load_model, save_model_dir
 from recover_lora.twin import mha_twin
 
@@ -74,8 +76,8 @@ def study_yaml(tmp_path):
 def test_miniature_study_runs_resumes_and_reports(study_yaml, monkeypatch, capsys):
     t = study_yaml.parent
     calls = []
-    real = study.run_recover
-    monkeypatch.setattr(study, "run_recover", lambda cfg, *a, **k: calls.append(cfg.out_dir) or real(cfg, *a, **k))
+    real = study.run.run_recover
+    monkeypatch.setattr(study.run, "run_recover", lambda cfg, *a, **k: calls.append(cfg.out_dir) or real(cfg, *a, **k))
     cfg = study.StudyConfig.from_yaml(study_yaml)
     assert list(cfg.all_methods()) == ["kv", "svd-only", "kv@16"]
     assert cfg.recover_config("tiny", "noise-all", "kv@16", None).distill.steps == 2  # one pass: 16 / 8
@@ -125,11 +127,11 @@ def test_miniature_study_runs_resumes_and_reports(study_yaml, monkeypatch, capsy
     assert not list((t / "study").rglob("*.pt")) and not list((t / "study").rglob("adapter"))
     assert (t / "RESULTS.md").read_text() == res
     # a later session on a fresh machine: the manifest came back, the shards did not; the pool is remade
-    assert not study._pool_ready(t / "study/tiny/synth")
+    assert not study.workers._pool_ready(t / "study/tiny/synth")
     for f in (t / "study/tiny/noise-all/kv").glob("done.json"):
         f.unlink()
     assert main(["study", "--config", str(study_yaml), "--only", "tiny/*/kv"]) == 0
-    assert study._pool_ready(t / "study/tiny/synth")
+    assert study.workers._pool_ready(t / "study/tiny/synth")
 
 
 def test_pool_mmlu_pools_the_subjects():
@@ -251,7 +253,7 @@ def test_pack_and_unpack_results(tmp_path):
     got = sorted(str(f.relative_to(dst)) for f in dst.rglob("*") if f.is_file())
     assert got == sorted(keep + ["m/d/old/done.json"])
     assert (dst / "m/d/kv/done.json").read_text() == f"content {keep.index('m/d/kv/done.json')}"
-    with pytest.raises(study.RecoverLoraError, match="cannot unpack"):
+    with pytest.raises(RecoverLoraError, match="cannot unpack"):
         study.unpack_results(tmp_path / "nope.tar.gz", dst)
 
 
@@ -276,7 +278,7 @@ def test_damage_overrides_per_model(study_yaml):
 
     d["damage_overrides"] = {"big": {"rtn3": ["rtn:bits=3"]}}  # a damage the study does not define
     study_yaml.write_text(yaml.safe_dump(d))
-    with pytest.raises(study.RecoverLoraError, match="damage_overrides"):
+    with pytest.raises(RecoverLoraError, match="damage_overrides"):
         study.StudyConfig.from_yaml(study_yaml)
 
 
@@ -338,7 +340,7 @@ def test_stop_after_starts_nothing_late_and_an_interrupt_still_packs(study_yaml,
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(study, "run_study", interrupted)
+    monkeypatch.setattr(study.cli, "run_study", interrupted)
     assert main(["study", "--config", str(study_yaml), "--pack", str(t / "b.tar.gz")]) == 130
     n = study.unpack_results(t / "b.tar.gz", t / "unpacked")
     assert n > 0 and (t / "unpacked/tiny/noise-all/kv/done.json").exists()
@@ -384,26 +386,26 @@ def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml):
     # a fresh checkout: the study folder is gone, the mirror is committed; nothing runs again
     import shutil
     shutil.rmtree(t / "study")
-    real = study.run_recover
-    study.run_recover = lambda *a, **k: pytest.fail("a finished run ran again")
+    real = study.run.run_recover
+    study.run.run_recover = lambda *a, **k: pytest.fail("a finished run ran again")
     try:
         assert main(["study", "--config", str(study_yaml)]) == 0
     finally:
-        study.run_recover = real
+        study.run.run_recover = real
     assert (base / "noise-kv/kv/done.json").exists() and (t / "RESULTS.md").read_text() == res
 
 
 def test_a_failing_run_is_recorded_and_the_others_go_on(study_yaml, monkeypatch, capsys):
     """Days of unattended runs: one run that raises is recorded in failed.json, the rest finish,
     the call ends with an error naming it, and the next call tries it again."""
-    real = study.run_recover
+    real = study.run.run_recover
 
     def flaky(cfg, *a, **k):
         if cfg.out_dir.endswith("/kv"):
             raise RuntimeError("out of memory (planted)")
         return real(cfg, *a, **k)
 
-    monkeypatch.setattr(study, "run_recover", flaky)
+    monkeypatch.setattr(study.run, "run_recover", flaky)
     assert main(["study", "--config", str(study_yaml)]) == 2
     base = study_yaml.parent / "study/tiny/noise-all"
     assert "planted" in json.loads((base / "kv/failed.json").read_text())["error"]
@@ -411,7 +413,7 @@ def test_a_failing_run_is_recorded_and_the_others_go_on(study_yaml, monkeypatch,
     assert "1 run(s) failed" in capsys.readouterr().err
     assert main(["study", "--config", str(study_yaml), "--dry-run"]) == 0
     assert "failed: RuntimeError: out of memory (planted)" in capsys.readouterr().out
-    monkeypatch.setattr(study, "run_recover", real)
+    monkeypatch.setattr(study.run, "run_recover", real)
     assert main(["study", "--config", str(study_yaml)]) == 0
     assert (base / "kv/done.json").exists() and not (base / "kv/failed.json").exists()
 
@@ -435,8 +437,8 @@ def test_measures_from_kept_answers_and_accuracy_items_equal_a_direct_evaluation
     cfg = study.StudyConfig.from_yaml(study_yaml)
     made = json.loads((study_yaml.parent / "study/tiny/noise-all/eval/degraded.json").read_text())
     assert made["derived_from"] == "degraded-accuracy.json"
-    ref = load_model(cfg.models["tiny"], study.RecoverConfig.from_dict(cfg.recover).load)
-    tok = load_tokenizer(cfg.models["tiny"], study.RecoverConfig.from_dict(cfg.recover).load)
+    ref = load_model(cfg.models["tiny"], RecoverConfig.from_dict(cfg.recover).load)
+    tok = load_tokenizer(cfg.models["tiny"], RecoverConfig.from_dict(cfg.recover).load)
     deg = copy.deepcopy(ref)
     degrade(deg, study.degrade_config(cfg, "noise-all", "tiny"))
     direct = study.slim(evaluate(deg, tok, study.eval_config(cfg), progress=False, reference=ref))["arc_easy"]

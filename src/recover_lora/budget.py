@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,12 +63,20 @@ def flop_params(model) -> int:
     return total - emb + head
 
 
-def gemm_rate(n: int = 1536, reps: int = 3, trials: int = 3) -> float:
-    """fp32 dense matmul FLOP/s on this CPU (``bench.gemm_rate``), the best of a few short trials
-    (about half a second: on a shared or virtual machine single trials vary by 20%)."""
-    from .bench import gemm_rate as one_trial
+def gemm_rate(n: int = 1536, reps: int = 3, trials: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """Dense matmul FLOP/s on this CPU at ``dtype`` (fp32: the decode limit's yardstick), the best of a
+    few short trials (about half a second: on a shared or virtual machine single trials vary by 20%)."""
 
-    return max(one_trial(torch.float32, n, reps) for _ in range(trials))
+    def trial() -> float:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        return reps * 2 * n ** 3 / (time.perf_counter() - t0)
+
+    return max(trial() for _ in range(trials))
 
 
 @dataclass

@@ -188,7 +188,7 @@ class BenchCmd(BenchConfig):
     table: list[str] | None = None  # print the markdown table and goal checks of earlier bench JSON files
 
     def run(self) -> int:
-        from .bench import cmd_bench
+        from recover_lora_bench import cmd_bench  # the bench is a package beside the library
 
         return cmd_bench(self)
 

@@ -22,7 +22,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .kl import KLMeter
 from .methods import get_method
 from .methods.full_kd import degraded_view
-from .methods.recover_lora import placement_plan  # noqa: F401 - the study plans placements with it
 from .train.checkpoint import CADENCE_FIELDS
 from .train.parallel import barrier, init_distributed
 from .load import fingerprint, load_pair, save_model_dir, vocab_size

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .evaluate import lmeval_compat as lc
-from .utils import RecoverLoraError, read_json
+from recover_lora.evaluate import lmeval_compat as lc
+from recover_lora.utils import RecoverLoraError, read_json
 
 
 def _timed(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
@@ -35,7 +35,7 @@ def _timed(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProces
 def bench_cpu_eval(model: str, data_dir: str | None, lmeval_python: str | None, limit: int, res: dict,
                    save: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Fill ``res`` with the three timings, the ratios and the per-item comparison."""
-    from .zoo import fetch
+    from recover_lora.zoo import fetch
 
     if not data_dir or not all((Path(data_dir) / lc.SPLIT_FILE[t]).is_file() for t in lc.TASKS):
         raise RecoverLoraError(f"--parts cpu-eval needs --eval-data with {', '.join(lc.SPLIT_FILE.values())}")

@@ -1,0 +1,85 @@
+"""``recover-lora study``: the command, and :func:`run_study`."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..utils import RecoverLoraError, atomic_write_json, sigterm_as_interrupt
+from .config import FAILED, Run, StudyConfig, describe_plan, plan
+from .results import mirror_results, pack_results, seed_from_mirror, unpack_results, write_results
+from .workers import execute, run_workers, worker_main
+
+
+def run_study(cfg: StudyConfig, only: list[str] | None = None, dry_run: bool = False, progress: bool = True,
+              command: str | None = None, jobs: int = 1, stop_after: float | None = None) -> list[Run]:
+    """Run every selected, unfinished run (see the package's docstring), ``jobs`` at a time, starting
+    none after ``stop_after`` seconds (a device lease: what is started should finish); then write
+    RESULTS.md."""
+    deadline = time.time() + stop_after if stop_after is not None else None
+    runs = plan(cfg, only)
+    if not runs:
+        raise RecoverLoraError(f"--only {only} selects no run; models {list(cfg.models)}, damages "
+                               f"{list(cfg.damages)}, methods {list(cfg.all_methods())}")
+    if jobs < 1:
+        raise RecoverLoraError(f"--jobs must be at least 1, not {jobs}")
+    print(describe_plan(cfg, runs), flush=True)
+    if dry_run:
+        return runs
+    study = Path(cfg.study_dir)
+    study.mkdir(parents=True, exist_ok=True)
+    if seed_from_mirror(cfg):
+        runs = plan(cfg, only)
+    atomic_write_json(study / "study.json", asdict(cfg))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    with open(study / "commands.log", "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}\t{device}\t{command or 'run_study()'}\n")
+    todo = [r for r in runs if r.status() != "done"]
+    if jobs > 1 and len(todo) > 1:
+        run_workers(cfg, todo, min(jobs, len(todo)), progress, deadline)
+    else:
+        execute(cfg, todo, progress, deadline=deadline)
+    write_results(cfg.study_dir, cfg.results, cfg)
+    mirror_results(cfg)
+    failed = [r.name for r in runs if (r.dir / FAILED).exists()]
+    if failed:
+        raise RecoverLoraError(f"{len(failed)} run(s) failed, the others went on: {', '.join(failed)} "
+                               f"(errors in each run's {FAILED}; the next call tries them again)")
+    return runs
+
+
+def run_cli(a) -> int:
+    """``recover-lora study`` (``commands.StudyCmd``)."""
+    if a.worker:
+        return worker_main(a.worker)
+    if not a.config:
+        raise RecoverLoraError("study needs --config STUDY.yaml")
+    cfg = StudyConfig.from_yaml(a.config)
+    if a.results:
+        cfg.results = a.results
+    if a.eval.data_dir:
+        cfg.eval["data_dir"] = a.eval.data_dir
+    only = [s for o in a.only for s in o.split(",") if s] if a.only else None
+    if getattr(a, "unpack", None):
+        print(f"unpacked {unpack_results(a.unpack, cfg.study_dir)} files into {cfg.study_dir}")
+        a.results_only = True
+    try:
+        with sigterm_as_interrupt():  # SIGTERM (a `timeout` around the command) ends the runs as Ctrl-C does
+            if a.results_only:
+                print(f"wrote {write_results(cfg.study_dir, cfg.results, cfg)}")
+            else:
+                argv = ["recover-lora", "study", "--config", a.config] + (["--only", *a.only] if a.only else [])
+                argv += ["--jobs", str(a.jobs)] if a.jobs != 1 else []
+                argv += ["--stop-after", str(a.stop_after)] if a.stop_after is not None else []
+                run_study(cfg, only, dry_run=a.dry_run, command=" ".join(shlex.quote(x) for x in argv), jobs=a.jobs,
+                          stop_after=a.stop_after)
+                if not a.dry_run:
+                    print(f"wrote {cfg.results}")
+    finally:  # whatever finished comes back, also from an interrupted or failed call
+        if getattr(a, "pack", None) and not a.dry_run and Path(cfg.study_dir).is_dir():
+            print(f"packed {pack_results(cfg.study_dir, a.pack)} files into {a.pack}")
+    return 0

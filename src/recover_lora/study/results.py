@@ -1,0 +1,402 @@
+"""RESULTS.md (the finished runs collected, the goals checked, one chart per model), and the small
+result files it is made from: packed for the trip back from a device, mirrored into the repository."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ..report import ReportConfig, compute_measures, compute_report, item_array, task_results
+from ..utils import RecoverLoraError, atomic_write_bytes, log, read_json, save_figure
+from .config import StudyConfig, pct, plan, slug
+
+
+def pool_mmlu(results: dict) -> dict:
+    """Results with the MMLU subjects pooled into one 'mmlu' task (items concatenated), in place of the first."""
+    res = task_results(results)
+    subj = [t for t in res if t.startswith("mmlu_")]
+    if len(subj) < 2:
+        return res
+    items = {m: np.concatenate([item_array(res[s]["items"][m]) for s in subj])
+             for m in ("acc", "acc_norm", "pred", "pred_norm", "answer_kl")
+             if all(m in res[s].get("items", {}) for s in subj)}
+    n = sum(res[s].get("n", 0) for s in subj)
+    entry = {m: float(np.mean(v)) for m, v in items.items() if m in ("acc", "acc_norm", "answer_kl")}
+    for m in ("acc", "acc_norm"):
+        if m not in entry and all(m in res[s] for s in subj):
+            entry[m] = sum(res[s][m] * res[s].get("n", 1) for s in subj) / max(n, 1)
+    entry.update(n=n, items=items)
+    out = {}
+    for t, r in res.items():
+        if t == subj[0]:
+            out["mmlu"] = entry
+        elif t not in subj:
+            out[t] = r
+    return out
+
+
+def _pts(x, ci=None) -> str:
+    return "n/a" if x is None else f"{x:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
+
+
+def _minutes(done: dict) -> str:
+    """train + eval minutes of a run: CPU minutes (all threads) on a CPU, wall minutes on a GPU (n sharing: --jobs)."""
+    n, cpu = done.get("concurrent_runs", 1), done.get("cpu_minutes")
+    sharing = f" ({n} sharing)" if n > 1 else ""
+    if cpu and done.get("device_name") == "cpu":
+        return f"{cpu['recover']:.1f} + {cpu['eval']:.1f} CPU{sharing}"
+    return f"{done['gpu_minutes']:.1f}{sharing} + {done.get('eval_minutes', 0):.1f}"
+
+
+def _num(n) -> str:
+    if n is None:
+        return "n/a"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _read_results(path: Path) -> dict | None:
+    return pool_mmlu(read_json(path)["results"]) if path.exists() else None
+
+
+def collect(study_dir: Path, cfg: dict) -> dict:
+    """{(model, damage): {"runs", "deg_measures", "methods"}} of the finished runs: per method
+    {"done", "report" (accuracy tier where run, else the measures' items), "acc_tier", "measures"
+    (agreement and answer-token KL to the reference)}; the degraded model's measures; the planned methods."""
+    rcfg = ReportConfig()
+    out = {}
+    by_pair: dict[tuple[str, str], list[str]] = {}
+    for r in plan(StudyConfig(**cfg)):
+        by_pair.setdefault((r.model, r.damage), []).append(r.method)
+    for (model, damage), methods in by_pair.items():
+        mdir, ddir = study_dir / slug(model), study_dir / slug(model) / slug(damage)
+        ref, deg = _read_results(mdir / "eval" / "reference.json"), _read_results(ddir / "eval" / "degraded.json")
+        ref_acc = _read_results(mdir / "eval" / "reference-accuracy.json")
+        deg_acc = _read_results(ddir / "eval" / "degraded-accuracy.json")
+        dirs = {m: ddir / slug(m) for m in methods if (ddir / slug(m) / "done.json").exists()}
+        if ref is None or deg is None:
+            continue
+        runs = {}
+        for m, d in dirs.items():
+            rec = _read_results(d / "eval" / "recovered.json")
+            rec_acc = _read_results(d / "eval" / "recovered-accuracy.json")
+            acc_tier = rec_acc is not None and ref_acc is not None and deg_acc is not None
+            rep = compute_report(ref_acc, deg_acc, rec_acc, rcfg) if acc_tier else compute_report(ref, deg, rec, rcfg)
+            runs[m] = {"done": read_json(d / "done.json"), "report": rep, "acc_tier": acc_tier,
+                       "measures": compute_measures(ref, rec, rcfg)}
+        out[(model, damage)] = {"runs": runs, "deg_measures": compute_measures(ref, deg, rcfg), "methods": methods}
+    return out
+
+
+def goal_methods(goals: dict) -> list[str]:
+    """The method(s) the goals are checked for: ``goals.method`` is one name or a list."""
+    m = goals["method"]
+    return [m] if isinstance(m, str) else list(m)
+
+
+def kl_closed(done: dict) -> float | None:
+    """Share of the held-out KL removed: 1 - after / before."""
+    h = done.get("heldout") or {}
+    b, a = (h.get("before") or {}).get("kl"), (h.get("after") or {}).get("kl")
+    return None if b is None or a is None or b <= 0 else 1 - a / b
+
+
+def check_goals(runs: dict, goals: dict) -> dict[str, tuple[str, str]]:
+    """The study issue's goals for one (model, damage): {goal: (PASS | FAIL | n/a, detail)}.
+    ``runs``: method -> {"done", "report", "measures"} (:func:`collect`)."""
+    best = goals["method"]
+    need = goals.get("min_gap_closed", 0.9)
+    if best not in runs:
+        return dict.fromkeys(("kl", "gap", "presets", "baselines", "no_worse"), ("n/a", f"{best} not run"))
+    r = runs[best]
+    out: dict[str, tuple[str, str]] = {}
+    kc = kl_closed(r["done"])
+    out["kl"] = ("n/a", "no held-out KL") if kc is None else ("PASS" if kc >= need else "FAIL", pct(kc))
+    res = r["report"].get("resolved_average")
+    if not res or res.get("gap_closed") is None:
+        out["gap"] = ("n/a", "no task's accuracy gap resolved (CI of reference - degraded includes 0)")
+    else:
+        g, ci = res["gap_closed"], (res.get("ci") or {}).get("gap_closed")
+        out["gap"] = ("PASS" if g >= need else "FAIL", f"{pct(g, ci)} over {', '.join(res['tasks'])}")
+
+    def after(m):
+        return runs[m]["done"]["heldout"]["after"]["kl"]
+
+    def akl(m):
+        return runs[m]["measures"]["average"].get("answer_kl")
+
+    for key, names, strict in (("presets", goals.get("presets", []), False), ("baselines", goals.get("baselines", []), True)):
+        missing = [n for n in names if n not in runs]
+        if missing:
+            out[key] = ("n/a", f"missing {', '.join(missing)}")
+            continue
+        ok = all(after(best) < after(n) if strict else after(best) <= after(n) for n in names)
+        if strict:  # beating a baseline: on the answer tokens of the benchmarks too, where measured
+            ok = ok and all(akl(best) is None or akl(n) is None or akl(best) < akl(n) for n in names)
+        out[key] = ("PASS" if ok else "FAIL", ", ".join(f"{n} {after(n):.3f}" for n in names) or "none named")
+    worse = []  # a task moved farther from the reference than the degraded model was, beyond its CI
+    for m, v in runs.items():
+        if not v.get("acc_tier"):
+            continue
+        rep = v["report"]
+        for t in rep["task_order"]:
+            ci = (rep["tasks"][t].get("ci") or {}).get("distance_closed")
+            if ci and ci[1] < 0:
+                worse.append(f"{m}: {t} {_pts(rep['tasks'][t]['distance_closed'], ci)} (distance to the reference)")
+    checked = sum(bool(v.get("acc_tier")) for v in runs.values())
+    out["no_worse"] = (("FAIL" if worse else "PASS") if checked else "n/a",
+                       "; ".join(worse) if worse else f"{checked} methods with accuracy checked")
+    return out
+
+
+def plot_kl(model: str, damages: list[str], methods: list[str], data: dict, path: Path) -> Path:
+    """Grouped bars: held-out KL to the reference after each method (the degraded model first),
+    one bar per damage, log scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["degraded"] + methods
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(names) + 2), 4))
+    w = 0.8 / max(1, len(damages))
+    x = np.arange(len(names))
+    for i, dmg in enumerate(damages):
+        runs = data.get((model, dmg), {}).get("runs", {})
+        before = next((v["done"]["heldout"]["before"]["kl"] for v in runs.values()), np.nan)
+        vals = [before] + [runs[m]["done"]["heldout"]["after"]["kl"] if m in runs else np.nan for m in methods]
+        ax.bar(x + (i - (len(damages) - 1) / 2) * w, vals, w, label=dmg)
+    ax.set_yscale("log")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("held-out KL to the reference (log)")
+    ax.set_title(f"{model}: held-out KL after each repair (lower is better)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _m(x, ci=None, pct=False, digits=3) -> str:
+    if x is None:
+        return "n/a"
+    if pct:
+        return f"{100 * x:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+    return f"{x:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: StudyConfig | dict | None = None) -> Path:
+    """RESULTS.md (and one chart per model in ``<out's folder>/results/``) from the finished runs."""
+    study_dir, out = Path(study_dir), Path(out)
+    if cfg is None:
+        if not (study_dir / "study.json").exists():
+            raise RecoverLoraError(f"{study_dir}/study.json not found: run the study (or --dry-run is not enough)")
+        cfg = read_json(study_dir / "study.json")
+    cfg = asdict(cfg) if isinstance(cfg, StudyConfig) else cfg
+    scfg = StudyConfig(**cfg)
+    goals = cfg["goals"]
+    data = collect(study_dir, cfg)
+    dones = [v["done"] for e in data.values() for v in e["runs"].values()]
+    devices = sorted({d.get("device_name") or "?" for d in dones})
+    ev, acc = cfg["eval"], cfg.get("accuracy") or {}
+    L = ["# Study results", "",
+         f"{len(dones)} of {len(plan(scfg))} planned runs finished, from `{os.path.relpath(study_dir, out.parent)}`. "
+         f"Device: {', '.join(devices) or 'n/a'}.", "",
+         "Measures of every run, against the reference: the **held-out KL** (KL(reference || model) per token on "
+         "held-out synthetic sequences, before -> after, and the share of it removed) and its top-1 agreement; on "
+         f"the benchmark items ({ev.get('limit') or 'all'} a task, MMLU = its three subjects pooled): the "
+         "**agreement** with the reference's choices (share of items where the model picks what the reference "
+         "picks, under the task's metric) and the **answer-token KL** (KL(reference || model) averaged over the "
+         "tokens of every choice of an item). Both resolve differences that accuracy on a few hundred items "
+         "cannot; brackets are 95% bootstrap CIs over items (mean over tasks).", "",
+         f"Accuracy (acc_norm where the task defines it, else acc) on {acc.get('limit') or 'the same'} items a "
+         "task for the reference, the degraded model and the headline methods: a task's gap is *resolved* when the "
+         "95% paired-bootstrap CI of reference - degraded excludes zero; *gap closed* = the share of the distance to "
+         "the reference closed, sum |ref - deg| - |ref - rep| over sum |ref - deg|, over the resolved tasks only (the "
+         "others are named, not averaged in): (repaired - degraded) / (reference - degraded) when the damage lowered "
+         "every task, and still right when it lifted one above the reference (BoolQ under noise); a task is *worse* "
+         "when the repaired model is farther from the reference than the degraded one, beyond its CI. "
+         "*minutes*: of `recover` (data of its own, training, saving) and of the run's evaluations; on a CPU "
+         "the process's CPU minutes (all threads; time spent waiting does not count), on a GPU wall minutes; "
+         "*synthetic tokens*: tokens distilled on.", ""]
+    names = goal_methods(goals)
+    L += ["## Goals", "",
+          f"For {' and '.join(f'`{m}`' for m in names)}: (1) removes >= {100 * goals.get('min_gap_closed', 0.9):.0f}% "
+          f"of the held-out KL; (2) closes >= {100 * goals.get('min_gap_closed', 0.9):.0f}% of the resolved accuracy "
+          f"gap; (3) held-out KL no worse than the presets ({', '.join(goals.get('presets', [])) or 'none named'}); "
+          f"(4) beats {', '.join(goals.get('baselines', [])) or 'none named'} on held-out and answer-token KL; (5) no "
+          "repaired model (any method with accuracy) is worse than the degraded one on any task beyond its CI.", "",
+          "| model | damage | method | (1) KL removed | (2) resolved gap closed | (3) >= presets | (4) beats baselines | (5) none worse |",
+          "|---|---|---|---|---|---|---|---|"]
+    for (model, damage), v in data.items():
+        for m in names:
+            if m not in v["methods"]:
+                continue
+            g = check_goals(v["runs"], {**goals, "method": m})
+            L.append(f"| {model} | {damage} | {m} | " + " | ".join(
+                f"**{g[k][0]}** {g[k][1]}" for k in ("kl", "gap", "presets", "baselines", "no_worse")) + " |")
+    if not data:
+        L.append("| - | - | - | no finished run | | | | |")
+    L.append("")
+    for model, spec in cfg["models"].items():
+        keys = [k for k in data if k[0] == model]
+        if not keys:
+            continue
+        methods = list(dict.fromkeys(m for k in keys for m in data[k]["methods"]))
+        chart = out.parent / "results" / f"{slug(model)}-heldout-kl.png"
+        plot_kl(model, [k[1] for k in keys], methods, data, chart)
+        L += [f"## {model} (`{spec}`)", "", f"![held-out KL]({os.path.relpath(chart, out.parent)})", ""]
+        timing = study_dir / slug(model) / "timing.json"
+        if timing.exists() and (study_dir / slug(model) / "synth" / "manifest.json").exists():
+            man = read_json(study_dir / slug(model) / "synth" / "manifest.json")
+            L += [f"Shared synthetic data pool: {man['num_sequences']:,} x {man['seq_len']} tokens, "
+                  f"{read_json(timing).get('synth_pool', 0) / 60:.1f} min.", ""]
+        for _, damage in keys:
+            v = data[(model, damage)]
+            ops = ((cfg.get("damage_overrides") or {}).get(model) or {}).get(damage, cfg["damages"][damage])
+            L += [f"### {damage}: `{'; '.join(map(str, ops))}`", "",
+                  "| method | held-out KL: before -> after (removed) | held-out top-1 | agreement with the reference | "
+                  "answer-token KL | trainable params | synthetic tokens | minutes (train + eval) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            dm = v["deg_measures"]["average"]
+            first = next(iter(v["runs"].values()), None)
+            hb = first["done"]["heldout"]["before"] if first else {}
+            L.append(f"| degraded | {_m(hb.get('kl'))} | {_m(hb.get('top1'), pct=True)} | "
+                     f"{_m(dm['agreement'], dm['agreement_ci'], pct=True)} | {_m(dm['answer_kl'], dm['answer_kl_ci'])} "
+                     "| - | - | - |")
+            for m, r in v["runs"].items():
+                done, ms = r["done"], r["measures"]["average"]
+                h = done["heldout"]
+                tokens = (f"0 (labeled: {_num(done['train_tokens'])})" if done.get("recover_method") == "sft-lora"
+                          else _num(done["train_tokens"]))
+                L.append(f"| {m} | {h['before']['kl']:.3f} -> {h['after']['kl']:.3f} ({pct(kl_closed(done))}) | "
+                         f"{_m(h['after'].get('top1'), pct=True)} | {_m(ms['agreement'], ms['agreement_ci'], pct=True)} | "
+                         f"{_m(ms['answer_kl'], ms['answer_kl_ci'])} | {_num(done['trainable_parameters'])} | {tokens} | "
+                         f"{_minutes(done)} |")
+            L.append("")
+            acc_runs = {m: r for m, r in v["runs"].items() if r["acc_tier"]}
+            shown = acc_runs or v["runs"]
+            if not shown:
+                continue
+            rep0 = next(iter(shown.values()))["report"]
+            tasks = rep0["task_order"]
+            n_items = ", ".join(f"{t} {rep0['tasks'][t]['n']}" for t in tasks)
+            L += [f"Accuracy (%), items: {n_items}; resolved tasks in bold." + ("" if acc_runs else
+                  " (These are the measures' items: no accuracy run on more items yet.)"), "",
+                  "| accuracy (%) | " + " | ".join(f"**{t}**" if rep0["tasks"][t].get("resolved") else t for t in tasks)
+                  + " | avg | avg, resolved |", "|---|" + "---:|" * (len(tasks) + 2)]
+            ra = rep0.get("resolved_average") or {}
+            for who in ("reference", "degraded"):
+                L.append(f"| {who} | " + " | ".join(f"{rep0['tasks'][t][who]:.1f}" for t in tasks)
+                         + f" | {rep0['average'][who]:.1f} | {_m(ra.get(who), digits=1)} |")
+            for m, r in shown.items():
+                rep = r["report"]
+                rr = rep.get("resolved_average") or {}
+                L.append(f"| {m} | " + " | ".join(f"{rep['tasks'][t]['recovered']:.1f}" for t in tasks)
+                         + f" | {rep['average']['recovered']:.1f} | {_m(rr.get('recovered'), digits=1)} |")
+            L += ["", "| method | distance closed, resolved avg (pts) | gap closed, resolved | gap closed, all tasks | worst task (distance closed, pts) |",
+                  "|---|---:|---:|---:|---|"]
+            for m, r in shown.items():
+                rep = r["report"]
+                rr, a = rep.get("resolved_average") or {}, rep["average"]
+                rci, aci = rr.get("ci") or {}, a.get("ci") or {}
+                wt = min(tasks, key=lambda t: rep["tasks"][t]["distance_closed"])
+                wci = (rep["tasks"][wt].get("ci") or {}).get("distance_closed")
+                L.append(f"| {m} | {_pts(rr.get('points_closed'), rci.get('points_closed'))} | "
+                         f"{pct(rr.get('gap_closed'), rci.get('gap_closed'))} | {pct(a['gap_closed'], aci.get('gap_closed'))} | "
+                         f"{wt} {_pts(rep['tasks'][wt]['distance_closed'], wci)} |")
+            if rep0.get("unresolved"):
+                L.append(f"\nGap not resolved (not averaged in): {', '.join(rep0['unresolved'])}.")
+            L.append("")
+    if any(d.get("recover_method") == "sft-lora" for d in dones):
+        L += ["sft-lora trains on labeled train splits (ARC-Easy, ARC-Challenge, OpenBookQA, PIQA by default); "
+              "HellaSwag, WinoGrande, BoolQ and MMLU ship no train split here, so on those it could not train "
+              "in-task and is measured out of task.", ""]
+    L += ["## Methods", "", "| method | RecoverConfig overrides |", "|---|---|"]
+    L += [f"| {m} | `{yaml.safe_dump(o, default_flow_style=True, width=1000).strip()}` |" for m, o in scfg.all_methods().items()]
+    L += ["", f"Common settings: `{yaml.safe_dump(cfg['recover'], default_flow_style=True, width=1000).strip()}`; "
+          f"measures: `{yaml.safe_dump({k: ev.get(k) for k in ('tasks', 'limit', 'answer_kl')}, default_flow_style=True, width=1000).strip()}`; "
+          f"accuracy: `{yaml.safe_dump(acc, default_flow_style=True, width=1000).strip()}`; damage seed {cfg['damage_seed']}.", ""]
+    log_p = study_dir / "commands.log"
+    if log_p.exists():
+        cmds = dict.fromkeys(line.split("\t", 2)[-1].strip() for line in log_p.read_text().splitlines() if line.strip())
+        L += ["## Commands", "", "Every invocation that ran part of the study (time, device and command are in "
+              f"`{os.path.relpath(log_p, out.parent)}`):", "", "```"] + list(cmds) + ["```", ""]
+    atomic_write_bytes(out, "\n".join(L).encode())
+    return out
+
+
+# What RESULTS.md and a later session need from study_dir; models, adapters, data and checkpoints stay.
+PACK_SUFFIXES = (".json", ".md", ".png", ".log", ".txt", ".yaml")
+PACK_SKIP_DIRS = {"model", "adapter", "merged"}  # (tokenizer.json alone is 3.5 MB); data shards are .pt
+MIRROR_MAX_BYTES = 4_000_000  # a larger file is not mirrored
+
+
+def _small_files(root: Path) -> list[Path]:
+    return sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in PACK_SUFFIXES
+                  and not PACK_SKIP_DIRS & set(f.relative_to(root).parts[:-1]) and not f.name.startswith("."))
+
+
+def pack_results(study_dir: str | Path, archive: str | Path) -> int:
+    """Write the small result files of ``study_dir`` (JSON, MD, PNG, logs) into one ``.tar.gz``:
+    the GPU machine returns at most 8 files a call. Returns the number of files packed."""
+    root = Path(study_dir)
+    if not root.is_dir():
+        raise RecoverLoraError(f"no study folder {root}")
+    files = _small_files(root)
+    Path(archive).parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        for f in files:
+            tar.add(f, arcname=str(f.relative_to(root)))
+    return len(files)
+
+
+def unpack_results(archive: str | Path, study_dir: str | Path) -> int:
+    """Merge a :func:`pack_results` archive into ``study_dir`` (newer files win). Returns the count."""
+    root = Path(study_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            tar.extractall(root, members=members, filter="data")  # refuses absolute paths and '..'
+    except (OSError, tarfile.TarError) as e:
+        raise RecoverLoraError(f"cannot unpack {archive}: {e}") from None
+    return len(members)
+
+def _copy_small_files(src: Path, dest: Path, replace: bool) -> int:
+    """Copy ``src``'s small result files missing in ``dest``; with ``replace`` changed ones too (to a size)."""
+    n = 0
+    for f in _small_files(src):
+        t = dest / f.relative_to(src)
+        if replace and f.stat().st_size > MIRROR_MAX_BYTES or t.exists() and (
+                not replace or t.stat().st_size == f.stat().st_size and t.read_bytes() == f.read_bytes()):
+            continue
+        t.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, t)
+        n += 1
+    return n
+
+
+def seed_from_mirror(cfg: StudyConfig) -> int:
+    """On a fresh checkout (or machine), bring the mirrored result files back into the study folder
+    before running, so that finished runs and cached evaluations are not redone. Files already in
+    the study folder win. Returns the number of files copied."""
+    if not cfg.mirror or not Path(cfg.mirror).is_dir():
+        return 0
+    n = _copy_small_files(Path(cfg.mirror), Path(cfg.study_dir), replace=False)
+    if n:
+        log.info("study: %d result files brought back from %s", n, cfg.mirror)
+    return n
+
+
+def mirror_results(cfg: StudyConfig) -> int:
+    """Copy the small result files of the study folder (what :func:`pack_results` packs) to
+    ``cfg.mirror``, a folder in the repository, so each finished piece can be committed at once.
+    Returns the number of files copied (only new or changed ones)."""
+    return _copy_small_files(Path(cfg.study_dir), Path(cfg.mirror), replace=True) if cfg.mirror else 0

@@ -1,0 +1,279 @@
+"""One run: recover (or resume), evaluate the repaired model, write ``done.json``; and what runs share,
+made once: evaluations cached by their settings, the reference's kept answers, file locks, timings."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..config import RecoverConfig
+from ..recover import recover as run_recover  # module-level name: tests count calls by patching it
+from ..report import build_report, compute_measures, item_array
+from ..utils import RecoverLoraError, atomic_write_json, log, read_json
+from .config import Run, StudyConfig, pct
+from .results import mirror_results, pool_mmlu, write_results
+
+REF_ANSWERS = "reference-answers.pt"  # the reference's kept answers (not mirrored: ~0.3-0.6 GB)
+
+
+@contextlib.contextmanager
+def timed(path: Path, key: str):
+    """Add the wall seconds of the block to ``path[key]``, and this process's CPU seconds (all its
+    threads) to ``path[key + "_cpu"]``, also when it is interrupted. On a CPU the CPU seconds are the
+    cost: they do not count time the process waited (paused, or sharing the machine)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        d = read_json(path) if path.exists() else {}
+        d[key] = round(d.get(key, 0.0) + time.perf_counter() - t0, 3)
+        d[f"{key}_cpu"] = round(d.get(f"{key}_cpu", 0.0) + time.process_time() - c0, 3)
+        atomic_write_json(path, d)
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold an exclusive lock on ``path`` (waiting for it): two study processes run side by side
+    (``--only`` on disjoint runs, a core each) make what they share (the reference's answers, a
+    degraded model's evaluation, the synthetic pool) once, the second waiting and then reusing it."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def slim(results: dict) -> dict:
+    """Eval results without per-choice loglikelihoods: the report needs the acc / acc_norm items only,
+    kept as "0110..." strings when they are all 0/1 (``report.item_array`` reads both forms); the
+    study's result files travel back from the device and are committed, so size matters."""
+    out = {}
+    for t, r in results.items():
+        r = dict(r)
+        if "items" in r:
+            r["items"] = {k: _compact(v) for k, v in r["items"].items() if k in ("acc", "acc_norm", "pred", "pred_norm")}
+            if "answer_kl" in results[t]["items"]:
+                r["items"]["answer_kl"] = [float(f"{x:.5g}") for x in results[t]["items"]["answer_kl"]]
+        out[t] = r
+    return out
+
+
+def _compact(items: list) -> list | str:
+    """0/1 scores and choice indices below 10 as a string of digits ("0110", "3102")."""
+    ok = all(isinstance(x, (int, bool)) or float(x).is_integer() for x in items) and all(0 <= x <= 9 for x in items)
+    return "".join(str(int(x)) for x in items) if ok else items
+
+
+def _eval_key(ecfg, answer_kl: bool) -> dict:
+    from ..evaluate.runner import config_dict
+
+    return {**config_dict(ecfg), "answer_kl": answer_kl}
+
+
+def _serves(have: dict | None, want: dict) -> bool:
+    """An evaluation made with ``have`` settings answers a request for ``want`` ones: the same, or
+    with the answer-token KL where it is not asked for."""
+    if not have:
+        return False
+    return have == want or (have.get("answer_kl") and not want["answer_kl"] and {**have, "answer_kl": False} == want)
+
+
+def _have(path: Path, key: dict) -> bool:
+    return path.exists() and _serves(read_json(path).get("config"), key)
+
+
+def first_items(results: dict, limit: int | None) -> dict:
+    """The results of the first ``limit`` items of each task (slimmed results): what an evaluation
+    with ``limit`` gives, since a limit takes each task's first documents in dataset order."""
+    out = {}
+    for t, r in results.items():
+        r = dict(r)
+        items = {k: v[:limit] for k, v in r.get("items", {}).items()}
+        r["items"] = items
+        r["n"] = min(r.get("n", 0), limit) if limit is not None else r.get("n", 0)
+        for m in ("acc", "acc_norm", "answer_kl"):
+            if m in items:
+                r[m] = float(np.mean(item_array(items[m])))
+        out[t] = r
+    return out
+
+
+def cached_eval(path: Path, get_model, tokenizer, ecfg, progress: bool = True, reference=None,
+                source: Path | None = None) -> dict:
+    """Evaluate once: reuse ``path`` when it was made with the same evaluation settings (or with the
+    answer-token KL where it is not asked for), else take the first items of ``source`` (an
+    evaluation of the same tasks on at least as many items), else evaluate ``get_model()`` (called
+    only then) and write it. ``reference``: add the answer-token KL to it (a model, or its kept
+    answers)."""
+    from ..evaluate import evaluate
+
+    key = _eval_key(ecfg, reference is not None)
+    if path.exists():
+        d = read_json(path)
+        if _serves(d.get("config"), key):
+            return d["results"]
+        log.info("%s was made with other evaluation settings: evaluating again", path)
+    if source is not None and source.exists():
+        d = read_json(source)
+        big = (d.get("config") or {}).get("limit")
+        if (big is None or (ecfg.limit is not None and ecfg.limit <= big)) \
+                and _serves(d["config"], {**key, "limit": big}):
+            res = first_items(d["results"], ecfg.limit)
+            atomic_write_json(path, {"config": key, "derived_from": source.name, "results": res})
+            return res
+    t0 = time.perf_counter()
+    res = slim(evaluate(get_model(), tokenizer, ecfg, progress=progress, reference=reference,
+                        name=f"{path.parent.parent.name}/{path.stem}"))
+    atomic_write_json(path, {"config": key, "seconds": round(time.perf_counter() - t0, 2), "results": res})
+    return res
+
+def reference_answers(path: Path, reference, tokenizer, ecfg, results_path: Path, progress: bool = True):
+    """The reference's answers kept on ``ecfg``'s items (loaded, or made by one evaluation of the
+    reference, which also writes ``results_path`` where missing): every later model's answer-token
+    KL then costs an LM-head product instead of a second forward pass."""
+    from ..evaluate import ReferenceAnswers, evaluate_reference
+
+    if path.exists():
+        try:
+            return ReferenceAnswers.load(path, reference)
+        except (RecoverLoraError, OSError, RuntimeError, KeyError) as e:
+            log.warning("%s: %s; keeping the reference's answers again", path, e)
+    log.info("study: keeping the reference's answers on %s items a task (%s)", ecfg.limit, path)
+    t0 = time.perf_counter()
+    res, answers = evaluate_reference(reference, tokenizer, ecfg, progress)
+    answers.save(path)
+    if not _have(results_path, _eval_key(ecfg, False)):
+        atomic_write_json(results_path, {"config": _eval_key(ecfg, False),
+                                         "seconds": round(time.perf_counter() - t0, 2), "results": slim(res)})
+    return answers
+
+
+def evaluate_tiers(folder: Path, name: str, get_model, tokenizer, ecfg, acfg, progress: bool = True,
+                   answers=None) -> tuple[dict | None, dict]:
+    """(accuracy results or None, measures' results) of one model, cached in ``folder/<name>[-accuracy].json``:
+    with ``acfg`` (a headline row) one evaluation on the accuracy items, the measures being their first
+    items. ``answers``: the reference's kept answers, for the answer-token KL (on both where needed)."""
+    acc, meas = folder / f"{name}-accuracy.json", folder / f"{name}.json"
+    acc_res = None
+    if acfg is not None:
+        need_kl = answers is not None and not _have(meas, _eval_key(ecfg, True))
+        acc_res = cached_eval(acc, get_model, tokenizer, acfg, progress, reference=answers if need_kl else None)
+    return acc_res, cached_eval(meas, get_model, tokenizer, ecfg, progress, reference=answers,
+                                source=acc if acfg is not None else None)
+
+
+def load_repaired(run: Run, rcfg: RecoverConfig, degraded):
+    """The repaired model from what recover() saved: full-kd's model/, or degraded + adapter/."""
+    from ..load import load_model
+    from ..provenance import apply_adapter
+
+    if rcfg.method == "full-kd":
+        return load_model(str(run.dir / "model"), rcfg.load)
+    return apply_adapter(copy.deepcopy(degraded), run.dir / "adapter")  # NaN/Inf zeroed as recover() did
+
+
+def _plan_key(rc: dict) -> list:
+    """What an auto placement depends on: rank, alpha, budget and the held-out sequences."""
+    return [rc["adapter"]["rank"], rc["adapter"]["alpha"], rc.get("placement_budget"), rc.get("heldout_sequences"),
+            rc["synth"]["seq_len"], rc["synth"]["seed"], rc.get("reference"), rc.get("degraded")]
+
+
+def share_plan(run: Run, rcfg: RecoverConfig) -> Path | None:
+    """Give an auto-placement run the plan of a sibling run that has one (same model and damage,
+    same rank, alpha, budget and held-out data) instead of diagnosing again: the diagnosis is the
+    same, and every auto method then adapts the same modules at the same ranks. Only the sibling's
+    init and dropout are replaced by this run's. Returns the plan used, or None."""
+    if rcfg.placement != "auto" or (run.dir / "diagnosis" / "plan.json").exists():
+        return None
+    key = _plan_key(rcfg.to_dict())
+    for plan in sorted(run.dir.parent.glob("*/diagnosis/plan.json")):
+        config = plan.parent.parent / "config.json"  # recover() writes it first; plan.json once diagnosed
+        if not config.exists() or _plan_key(read_json(config)) != key:
+            continue
+        d = read_json(plan)
+        d.update(init=rcfg.adapter.init, dropout=rcfg.adapter.dropout)
+        atomic_write_json(run.dir / "diagnosis" / "plan.json", d)
+        (run.dir / "diagnosis" / "SHARED.txt").write_text(f"plan taken from {plan}\n")
+        log.info("study: %s: reusing the placement of %s", run.name, plan.parent.parent.name)
+        return plan
+    return None
+
+
+def prepare_plan(run: Run, rcfg: RecoverConfig, reference, degraded, tokenizer, progress: bool = True) -> None:
+    """Before runs go out to parallel workers: give an auto-placement run its plan now (a
+    sibling's, else diagnose it here, as recover() would), so siblings running side by side share
+    one diagnosis instead of each making its own."""
+    from ..methods.recover_lora import placement_plan
+    from ..recover import make_heldout
+
+    if rcfg.placement != "auto" or (run.dir / "diagnosis" / "plan.json").exists() or share_plan(run, rcfg):
+        return
+    log.info("study: %s: diagnosing for the auto placement of its siblings", run.name)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run.dir / "config.json", rcfg.to_dict())  # what share_plan matches siblings on
+    with timed(run.dir / "timing.json", "recover"):
+        placement_plan(rcfg, reference, degraded, tokenizer, make_heldout(rcfg, reference, tokenizer, progress))
+
+
+def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, ref_res: dict, deg_res: dict,
+            pool: Path | None, progress: bool = True, jobs: int = 1, acfg=None, ref_acc: dict | None = None,
+            deg_acc: dict | None = None, answers=None) -> dict:
+    """Recover (or resume), evaluate the repaired model (the measures of ``ecfg``, and accuracy on
+    ``acfg``'s items for a headline method), and write ``done.json``. ``jobs``: how many runs shared
+    the device meanwhile (recorded: their minutes are wall time while sharing). ``answers``: the
+    reference's kept answers, for the answer-token KL."""
+    rcfg = cfg.recover_config(run.model, run.damage, run.method, pool)
+    timing = run.dir / "timing.json"
+    if not (run.dir / "report.json").exists():
+        log.info("study: %s: recover (%s)", run.name, rcfg.method)
+        share_plan(run, rcfg)
+        with timed(timing, "recover"):
+            run_recover(rcfg, reference, copy.deepcopy(degraded), tokenizer, progress=progress)
+    rep = read_json(run.dir / "report.json")
+    get_repaired = functools.cache(lambda: load_repaired(run, rcfg, degraded))  # only if an evaluation is not cached
+    # a headline method's row: accuracy on more items too, the measures being its first items
+    headline = acfg is not None and run.method in (cfg.accuracy or {}).get("methods", [])
+    with timed(timing, "eval"):
+        rec_acc, rec_res = evaluate_tiers(run.dir / "eval", "recovered", get_repaired, tokenizer, ecfg,
+                                          acfg if headline else None, progress,
+                                          answers if cfg.eval.get("answer_kl") else None)
+    ref, deg, rec = (ref_acc, deg_acc, rec_acc) if rec_acc is not None else (ref_res, deg_res, rec_res)
+    summary = build_report(pool_mmlu(ref), pool_mmlu(deg), pool_mmlu(rec), run.dir / "eval")
+    measures = compute_measures(pool_mmlu(ref_res), pool_mmlu(rec_res))
+    secs = read_json(timing)
+    done = {"model": run.model, "damage": run.damage, "method": run.method, "spec": rcfg.reference,
+            "recover_method": rcfg.method, "placement": rcfg.placement,
+            "init": rep.get("init"), "trainable_parameters": rep["trainable_parameters"],
+            "train_tokens": rep["train_tokens"], "steps": rep["steps"],
+            "synthetic_sequences": rep["synthetic_sequences"], "shared_pool": pool is not None,
+            "gpu_minutes": round(secs.get("recover", 0.0) / 60, 3), "eval_minutes": round(secs.get("eval", 0.0) / 60, 3),
+            "cpu_minutes": {"recover": round(secs.get("recover_cpu", 0.0) / 60, 3),
+                            "eval": round(secs.get("eval_cpu", 0.0) / 60, 3)},
+            "concurrent_runs": jobs,
+            "device_name": rep.get("device_name"), "heldout": rep["heldout"],
+            "gap_closed": summary["average"]["gap_closed"], "recovered_points": summary["average"]["recovered_points"],
+            "resolved_gap_closed": (summary.get("resolved_average") or {}).get("gap_closed"),
+            "accuracy_items": "accuracy" if rec_acc is not None else "measures",
+            "agreement": measures["average"]["agreement"], "answer_kl": measures["average"]["answer_kl"],
+            "config": rcfg.to_dict()}
+    atomic_write_json(run.dir / "done.json", done)
+    (run.dir / "checkpoint.pt").unlink(missing_ok=True)  # finished: only a resume needed it (full-kd: GBs)
+    if cfg.mirror:  # a study that lands run by run: its RESULTS.md too
+        try:
+            write_results(cfg.study_dir, cfg.results, cfg)
+        except Exception as e:  # noqa: BLE001 - a reporting problem must not stop the runs
+            log.warning("study: RESULTS.md not updated after %s: %s", run.name, e)
+    mirror_results(cfg)
+    log.info("study: %s done: gap closed %s", run.name, pct(done["gap_closed"]))
+    return done
+
+
