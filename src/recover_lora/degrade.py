@@ -375,6 +375,33 @@ def _number(tok: str, value: str, typ: type) -> Any:
     return x
 
 
+def _value(kind: str, name: str, tok: str, value: str) -> Any:
+    """The typed value of one ``key=value`` damage token (``name``: the op field the key names)."""
+    if name in ("rel", "rate", "sparsity"):
+        return _number(tok, value, float)
+    if name in ("bits", "group", "n") and not (kind == "bitflip" and name == "bits"):
+        return _number(tok, value, int)
+    if name in ("symmetric", "per_tensor_scale"):
+        return _bool(tok, value)
+    if name == "nm":
+        m = re.fullmatch(r"(\d+)[:/](\d+)", value)
+        if not m:
+            raise RecoverLoraError(f"bad N:M in damage token {tok!r}: use e.g. nm=2:4")
+        return [int(m.group(1)), int(m.group(2))]
+    if name == "format":
+        if value.lower() not in DTYPE_FORMATS:
+            raise RecoverLoraError(f"unknown dtype format in damage token {tok!r}; use fp16, bf16, fp8, fp8_e5m2")
+        return value.lower()
+    if name == "type":
+        return value.upper()
+    if name == "bits":  # bitflip field
+        value = {"exp": "exponent", "man": "mantissa", "mant": "mantissa"}.get(value.lower(), value.lower())
+        if value not in BIT_FIELDS:
+            raise RecoverLoraError(f"bad bit field in damage token {tok!r}; use one of {BIT_FIELDS}")
+        return value.lower()
+    raise RecoverLoraError(f"unhandled damage token {tok!r}")  # pragma: no cover - every alias is handled above
+
+
 def parse_op(spec: str) -> DamageOp:
     """Parse one op, e.g. ``rtn:bits=3,group=128,modules=mlp``; errors name the bad token."""
     spec = spec.strip()
@@ -417,31 +444,7 @@ def parse_op(spec: str) -> DamageOp:
         if key not in aliases:
             raise RecoverLoraError(f"unknown key {key!r} in damage token {tok!r} for {kind}; "
                                    f"known: {sorted(set(aliases) | set(_LIST_KEYS))}")
-        name = aliases[key]
-        if name in ("rel", "rate", "sparsity"):
-            kw[name] = _number(tok, value, float)
-        elif name in ("bits", "group", "n") and not (kind == "bitflip" and name == "bits"):
-            kw[name] = _number(tok, value, int)
-        elif name in ("symmetric", "per_tensor_scale"):
-            kw[name] = _bool(tok, value)
-        elif name == "nm":
-            m = re.fullmatch(r"(\d+)[:/](\d+)", value)
-            if not m:
-                raise RecoverLoraError(f"bad N:M in damage token {tok!r}: use e.g. nm=2:4")
-            kw[name] = [int(m.group(1)), int(m.group(2))]
-        elif name == "format":
-            if value.lower() not in DTYPE_FORMATS:
-                raise RecoverLoraError(f"unknown dtype format in damage token {tok!r}; use fp16, bf16, fp8, fp8_e5m2")
-            kw[name] = value.lower()
-        elif name == "type":
-            kw[name] = value.upper()
-        elif name == "bits":  # bitflip field
-            value = {"exp": "exponent", "man": "mantissa", "mant": "mantissa"}.get(value.lower(), value.lower())
-            if value not in BIT_FIELDS:
-                raise RecoverLoraError(f"bad bit field in damage token {tok!r}; use one of {BIT_FIELDS}")
-            kw[name] = value.lower()
-        else:  # pragma: no cover - every alias is handled above
-            raise RecoverLoraError(f"unhandled damage token {tok!r}")
+        kw[aliases[key]] = _value(kind, aliases[key], tok, value)
     for key, parse in (("modules", parse_modules), ("layers", parse_layers)):
         if key in raw:
             try:

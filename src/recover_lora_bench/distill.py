@@ -14,8 +14,9 @@ from recover_lora.config import AdapterConfig, BenchConfig, DistillConfig
 from recover_lora.distill import attach_adapters, train
 from recover_lora.forward import decoder_of
 from recover_lora.kl import measure
+from recover_lora.train.loop import Step, fit
 from recover_lora.train.losses import naive_loss
-from recover_lora.train.state import batch_indices, lr_lambda
+from recover_lora.train.state import batch_indices
 
 from .common import free, measure_path, rate, sync, train_flops
 
@@ -94,9 +95,16 @@ class _Paths:
         teacher = copy.deepcopy(self.ref32).to(device)
         student = attach_adapters(copy.deepcopy(self.deg32).to(device), self.acfg, seed=cfg.seed)
         _load_trainable(student, self.init)
-        dt, losses = _naive_train(teacher, student, self.train_ids, self.dcfg(B, S), device, W)
-        r = {**rate((S - W) * B * L, dt, self.fpt, cfg, device), "final_loss": round(losses[-1], 5),
-             "path": "fp32 weights + bf16 autocast, full fp32 [B,L,V] logits, naive_loss, AdamW (foreach)"}
+        # the same loop as train(), its own step; autocast "off": the step applies its own, and no
+        # LoRA casts are saved; no CUDA graph
+        dcfg = self.dcfg(B, S, autocast="off", cuda_graph="off")
+        teacher.eval()
+        h = fit(student, _naive_step(teacher, student, self.train_ids, dcfg, device), dcfg, progress=False).history
+        sync(device)
+        r = {**rate((S - W) * B * L, h[-1]["time"] - (h[W - 1]["time"] if W else 0.0), self.fpt, cfg, device),
+             "final_loss": round(h[-1]["loss"], 5),
+             "path": "fp32 weights + bf16 autocast, full fp32 [B,L,V] logits, naive_loss, AdamW "
+                     f"({'fused' if device.type == 'cuda' else 'foreach'}), the one loop"}
         del teacher
         free(device)
         r.update(self.heldout(student))
@@ -144,31 +152,19 @@ def _load_trainable(student, state: dict[str, torch.Tensor]) -> None:
             params[n].copy_(t.to(params[n].device, params[n].dtype))
 
 
-def _naive_train(teacher, student, train_ids, dcfg: DistillConfig, device, warm: int) -> tuple[float, list[float]]:
-    """fp32 weights under autocast, full fp32 logits, naive_loss, plain AdamW. Returns timed seconds."""
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=dcfg.lr, weight_decay=dcfg.weight_decay, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(dcfg))
-    student.train()
-    losses = []
-    t0 = time.perf_counter()
-    for step in range(dcfg.steps):
-        if step == warm:
-            sync(device)
-            t0 = time.perf_counter()
-        x = train_ids[batch_indices(len(train_ids), dcfg.batch_size, step, dcfg.seed)].to(device)
+def _naive_step(teacher, student, train_ids: torch.Tensor, dcfg: DistillConfig, device: torch.device) -> Step:
+    """The naive step the one loop runs for comparison: fp32 weights under autocast, full fp32
+    [B, L, V] logits of both models, naive_loss (no chunking, no casts saved)."""
+    def batches(step: int) -> list[torch.Tensor]:
+        return [train_ids[batch_indices(len(train_ids), dcfg.batch_size, step, dcfg.seed)].to(device)]
+
+    def loss(x: torch.Tensor, n: int, last: bool) -> tuple[torch.Tensor]:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             with torch.no_grad():
                 t_logits = teacher(input_ids=x).logits.float()
             s_logits = student(input_ids=x).logits.float()
-            loss = naive_loss(s_logits, t_logits, dcfg.loss, dcfg.temperature)
-        loss.backward()
-        del s_logits, t_logits
-        if dcfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, dcfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-    sync(device)
-    return time.perf_counter() - t0, [float(v) for v in losses]
+            value = naive_loss(s_logits, t_logits, dcfg.loss, dcfg.temperature)
+        (value / n).backward()
+        return (value.detach(),)
+
+    return Step(batches, loss, ("loss",), lambda xs: sum(x.numel() for x in xs))

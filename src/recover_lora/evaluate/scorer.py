@@ -359,10 +359,9 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
     if keep_hidden is not None:  # the LM head's input, whatever positions the model kept
         hook = model.get_output_embeddings().register_forward_hook(lambda m, a, o: captured.append(a[0]))
     checked = False
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm  # noqa: PLC0415
-        bar = tqdm(total=n, desc=desc, unit="req", dynamic_ncols=True)
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    bar = tqdm(total=n, desc=desc, unit="req", dynamic_ncols=True, disable=not progress)
     try:
         for batch in batches:
             inputs, keep_t, sel_pos, tgt, segr, req_ids = _inputs(
@@ -383,13 +382,11 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
             if k is not None:
                 kl[idx] = k
             del logits
-            if bar is not None:
-                bar.update(len(req_ids))
+            bar.update(len(req_ids))
     finally:
         if hook is not None:
             hook.remove()
-    if bar is not None:
-        bar.close()
+    bar.close()
     if reference is not None:
         return [(float(a), bool(g), float(k), int(c))
                 for a, g, k, c in zip(ll.tolist(), greedy.tolist(), kl.tolist(), ntok.tolist())]

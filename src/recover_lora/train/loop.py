@@ -78,19 +78,27 @@ def _record(state: TrainState, entry: dict, metrics: MetricsLog | None, bar, kin
         bar.write(f"step {entry['step']}: held-out KL {entry['kl']:.4f}, top-1 {entry['top1']:.3f}")
 
 
+def _interrupted(ckpt: Path, model, opt, sched, state: TrainState, cfg, rank: int, sharded: bool) -> RecoverLoraError:
+    """Save where an interrupted run stands (rank 0; no barrier: the other ranks may be gone already)
+    and say how to resume. FSDP: gathering the shards needs every rank, so the last checkpoint stays."""
+    if not sharded and rank == 0:
+        save_checkpoint(ckpt, model, opt, sched, state, cfg)
+    kept = f"the checkpoint in {ckpt} (every {cfg.checkpoint_every} steps) stays" if sharded else \
+        f"checkpoint saved to {ckpt}"
+    return RecoverLoraError(f"interrupted at step {state.step}; {kept}: run the same command again to resume")
+
+
 def fit(model: torch.nn.Module, step: Step, cfg, checkpoint: str | Path | None = None, progress: bool = True,
         stop_after: int | None = None, metrics: MetricsLog | None = None,
         heldout: Callable[[], dict] | None = None, desc: str = "train", rank: int = 0, world: int = 1,
         sharded: bool = False) -> TrainState:
     """Train the trainable parameters of ``model`` for ``cfg.steps`` optimizer steps of ``step``.
 
-    ``cfg`` (a DistillConfig or SFTConfig) gives lr, weight_decay, warmup_steps, min_lr_ratio,
-    max_grad_norm, steps, checkpoint_every, autocast and (when it has them) eval_every and
-    cuda_graph. With ``checkpoint`` set, resumes from it when present and writes it every
-    ``cfg.checkpoint_every`` steps and on interruption (Ctrl-C, SIGTERM); ``stop_after`` ends the
-    call after that many steps (to test resumption). ``heldout()`` measures the held-out KL every
-    ``cfg.eval_every`` steps. Under data parallel only rank 0 writes; ``sharded``: FSDP (an
-    interrupted sharded run keeps its last checkpoint, since gathering needs every rank).
+    ``cfg``: a DistillConfig or SFTConfig (optimizer, schedule, steps, checkpoint_every, autocast;
+    eval_every and cuda_graph where it has them). ``checkpoint``: resumed from when present, written
+    every ``cfg.checkpoint_every`` steps and on Ctrl-C / SIGTERM; ``stop_after``: end this call after
+    that many steps (to test resumption); ``heldout()``: the held-out KL, every ``cfg.eval_every``
+    steps. Data parallel: rank 0 writes; ``sharded`` (FSDP) keeps the last checkpoint on interruption.
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -100,9 +108,9 @@ def fit(model: torch.nn.Module, step: Step, cfg, checkpoint: str | Path | None =
     if graph_why and getattr(cfg, "cuda_graph", "off") == "on":
         raise RecoverLoraError(f"cuda_graph='on' but {graph_why}")
     opt, sched = _optimizer(params, cfg, device, graph_why is None)
-    ckpt, state = Path(checkpoint) if checkpoint else None, TrainState()
-    if ckpt and ckpt.exists():
-        state = load_checkpoint(ckpt, model, opt, sched, cfg)
+    ckpt = Path(checkpoint) if checkpoint else None
+    state = load_checkpoint(ckpt, model, opt, sched, cfg) if ckpt and ckpt.exists() else TrainState()
+    if state.step:
         log.info("%s: resumed from %s at step %d", desc, ckpt, state.step)
     metrics = metrics if rank == 0 else None
     if metrics is not None:
@@ -156,13 +164,7 @@ def fit(model: torch.nn.Module, step: Step, cfg, checkpoint: str | Path | None =
             bar.close()
             if not ckpt:
                 raise
-            if not sharded and rank == 0:  # (no barrier: the other ranks may be gone already)
-                save_checkpoint(ckpt, model, opt, sched, state, cfg)
-            # FSDP: gathering the shards needs every rank, so the last periodic checkpoint stays
-            kept = f"the checkpoint in {ckpt} (every {cfg.checkpoint_every} steps) stays" if sharded else \
-                f"checkpoint saved to {ckpt}"
-            raise RecoverLoraError(f"interrupted at step {state.step}; {kept}: run the same command again to resume") \
-                from None
+            raise _interrupted(ckpt, model, opt, sched, state, cfg, rank, sharded) from None
         finally:
             bar.close()
     if ckpt:
