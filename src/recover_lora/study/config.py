@@ -215,10 +215,24 @@ def describe_plan(cfg: StudyConfig, runs: list[Run]) -> str:
     for r, s in zip(runs, st):
         extra = ""
         if s == "done":
-            d = read_json(r.dir / "done.json")
-            extra = f" ({d.get('gpu_minutes', 0):.1f} GPU min, gap closed {pct(d.get('gap_closed'))})"
+            extra = f" ({done_summary(read_json(r.dir / 'done.json'))})"
         lines.append(f"  {r.name:<{width}}  {s}{extra}")
     return "\n".join(lines)
+
+
+def kl_closed(done: dict) -> float | None:
+    """Share of the held-out KL removed: 1 - after / before."""
+    h = done.get("heldout") or {}
+    b, a = (h.get("before") or {}).get("kl"), (h.get("after") or {}).get("kl")
+    return None if b is None or a is None or b <= 0 else 1 - a / b
+
+
+def done_summary(done: dict) -> str:
+    """A finished run in a line: its training minutes (wall, on its device) and the low-variance
+    measures (accuracy gaps need RESULTS.md's resolved-task view)."""
+    where = "CPU" if done.get("device_name") == "cpu" else "GPU"
+    return (f"{done.get('gpu_minutes', 0):.1f} {where} min, held-out KL removed {pct(kl_closed(done))}, "
+            f"agreement {pct(done.get('agreement'))}")
 
 
 def pct(x, ci=None) -> str:

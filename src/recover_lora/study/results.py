@@ -14,7 +14,7 @@ import yaml
 
 from ..report import ReportConfig, compute_measures, compute_report, item_array, task_results
 from ..utils import RecoverLoraError, atomic_write_bytes, log, read_json, save_figure
-from .config import StudyConfig, pct, plan, slug
+from .config import StudyConfig, kl_closed, pct, plan, slug
 
 
 def pool_mmlu(results: dict) -> dict:
@@ -100,13 +100,6 @@ def goal_methods(goals: dict) -> list[str]:
     """The method(s) the goals are checked for: ``goals.method`` is one name or a list."""
     m = goals["method"]
     return [m] if isinstance(m, str) else list(m)
-
-
-def kl_closed(done: dict) -> float | None:
-    """Share of the held-out KL removed: 1 - after / before."""
-    h = done.get("heldout") or {}
-    b, a = (h.get("before") or {}).get("kl"), (h.get("after") or {}).get("kl")
-    return None if b is None or a is None or b <= 0 else 1 - a / b
 
 
 def check_goals(runs: dict, goals: dict) -> dict[str, tuple[str, str]]:

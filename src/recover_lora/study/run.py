@@ -15,7 +15,7 @@ from ..config import RecoverConfig
 from ..recover import recover as run_recover  # module-level name: tests count calls by patching it
 from ..report import build_report, compute_measures, item_array
 from ..utils import RecoverLoraError, atomic_write_json, log, read_json
-from .config import Run, StudyConfig, pct
+from .config import Run, StudyConfig, done_summary
 from .results import mirror_results, pool_mmlu, write_results
 
 REF_ANSWERS = "reference-answers.pt"  # the reference's kept answers (not mirrored: ~0.3-0.6 GB)
@@ -273,7 +273,7 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
         except Exception as e:  # noqa: BLE001 - a reporting problem must not stop the runs
             log.warning("study: RESULTS.md not updated after %s: %s", run.name, e)
     mirror_results(cfg)
-    log.info("study: %s done: gap closed %s", run.name, pct(done["gap_closed"]))
+    log.info("study: %s done: %s", run.name, done_summary(done))
     return done
 
 
