@@ -11,6 +11,7 @@ from tiny import tiny_model, tiny_tokenizer
 
 from recover_lora import degrade as D
 from recover_lora.load import load_model
+from recover_lora.modules import select_modules
 from recover_lora.utils import RecoverLoraError
 
 KINDS = ["llama", "qwen2", "gemma3"]
@@ -84,7 +85,7 @@ def test_layer_subset_and_presets():
     for name, w0 in before.items():
         assert torch.equal(w0, after[name]) == (name[: -len(".weight")] not in rec.modules), name
 
-    names = lambda **kw: [n for n, _ in D.select_modules(model, **kw)]  # noqa: E731
+    names = lambda **kw: [n for n, _ in select_modules(model, **kw)]  # noqa: E731
     assert names(modules=["attn"], layers=[0]) == [f"model.layers.0.self_attn.{p}" for p in LINEARS[:4]]
     assert names(modules=["mlp"], layers=[3]) == [f"model.layers.3.mlp.{p}" for p in LINEARS[4:]]
     assert names(modules=["re:layers\\.[02]\\..*q_proj"]) == ["model.layers.0.self_attn.q_proj",

@@ -19,7 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from .config import SVD_INITS, AdapterConfig, parse_layers
-from .degrade import parse_modules, select_modules
+from .modules import parse_modules, select_modules
 from .utils import RecoverLoraError, atomic_write_json, read_json
 
 

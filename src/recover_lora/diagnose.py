@@ -32,7 +32,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import DistillConfig, SynthConfig
-from .degrade import decoder_layers_prefix, select_modules
+from .modules import decoder_layers_prefix, select_modules
 from .kl import KLMeter
 from .synth import heldout
 from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, log, save_figure

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .degrade import select_modules
+from .modules import select_modules
 from .adapters import AdapterPlan  # noqa: F401 - re-exported
 from .utils import RecoverLoraError, log
 
