@@ -49,14 +49,15 @@ def _optimizer(params: list[torch.Tensor], cfg, device: torch.device, graph: boo
 
 
 def _capture(one_step, xs, params, opt, cfg, device, state: TrainState):
-    """The step as a CUDA graph (its lr tensors with it), or (None, []) where the capture failed."""
+    """The step as a CUDA graph and the lr tensors it reads (graph None where the capture failed)."""
     for g in opt.param_groups:  # a float lr would be frozen into the graph
         g["lr"] = torch.tensor(float(g["lr"]), device=device)
+    lrs = [g["lr"] for g in opt.param_groups]
     graphed, why = graphs.capture_step(one_step, xs, params, opt)
     if graphed is None and cfg.cuda_graph == "on":
         raise RecoverLoraError(f"cuda_graph='on' but the capture failed: {why}")
     state.step_mode = "cuda_graph" if graphed is not None else f"eager (graph capture failed: {why})"
-    return graphed, [g["lr"] for g in opt.param_groups]
+    return graphed, lrs
 
 
 def _finite(loss: float, step: int) -> None:
