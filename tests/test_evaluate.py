@@ -386,3 +386,28 @@ def test_kept_reference_answers_give_the_same_kl(kind, over, tmp_path):
         score(model, reqs + [([1, 2], [3])], reference=back)
     with pytest.raises(RecoverLoraError, match="another reference"):
         ReferenceAnswers.load(tmp_path / "answers.pt", model)
+
+
+def test_bf16_autocast_scoring_is_its_own_evaluation(tmp_path):
+    """``autocast: bf16`` scores under bf16 autocast (log-likelihoods move, a little), its kept
+    reference answers give the same answer-token KL as the reference run beside under it, its
+    settings key differs from fp32's (whose key stays as it was), and a bad value is refused."""
+    from recover_lora.evaluate import evaluate_reference
+    from recover_lora.evaluate.runner import config_dict
+    from tiny import arc_records
+
+    _write(tmp_path, "arc_easy", "test", arc_records(12))
+    tok, model, ref = tiny_tokenizer(), tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    f32 = EvalConfig(tasks=["arc_easy"], data_dir=str(tmp_path))
+    b16 = EvalConfig(tasks=["arc_easy"], data_dir=str(tmp_path), autocast="bf16")
+    a = evaluate(model, tok, f32, progress=False)["arc_easy"]["items"]["loglikelihoods"]
+    b = evaluate(model, tok, b16, progress=False)["arc_easy"]["items"]["loglikelihoods"]
+    diff = np.abs(np.array(sum(a, [])) - np.array(sum(b, [])))
+    assert 0 < diff.max() < 0.5  # bf16 matmuls: another evaluation, close to fp32's
+    _, answers = evaluate_reference(ref, tok, b16, progress=False)
+    beside = evaluate(model, tok, b16, progress=False, reference=ref)["arc_easy"]["items"]["answer_kl"]
+    kept = evaluate(model, tok, b16, progress=False, reference=answers)["arc_easy"]["items"]["answer_kl"]
+    assert min(beside) > 1e-4 and kept == pytest.approx(beside, rel=1e-3, abs=1e-6)
+    assert "autocast" not in config_dict(f32) and config_dict(b16)["autocast"] == "bf16"
+    with pytest.raises(RecoverLoraError, match="autocast must be off or bf16"):
+        evaluate(model, tok, EvalConfig(tasks=["arc_easy"], data_dir=str(tmp_path), autocast="fp16"), progress=False)

@@ -25,8 +25,11 @@ start() {
     if [ -f "$RUNS/study-cpu-$name.pid" ] && kill -0 "$(cat "$RUNS/study-cpu-$name.pid")" 2>/dev/null; then
         echo "study process $name is running already (pid $(cat "$RUNS/study-cpu-$name.pid"))"; return
     fi
-    (cd "$HERE" && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH="$HERE/src" nohup nice -n 15 "$PY" -m recover_lora.cli \
-        study --config "$CONFIG" --only "$@" >> "$RUNS/study-cpu-$name.log" 2>&1 & echo $! > "$RUNS/study-cpu-$name.pid")
+    # a simple command in the background, so that $! is the study process itself (nohup and nice exec it)
+    (cd "$HERE" || exit 1
+     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH="$HERE/src" nohup nice -n 15 "$PY" -m recover_lora.cli \
+         study --config "$CONFIG" --only "$@" >> "$RUNS/study-cpu-$name.log" 2>&1 &
+     echo $! > "$RUNS/study-cpu-$name.pid")
     echo 19 > "/proc/$(cat "$RUNS/study-cpu-$name.pid")/autogroup" 2>/dev/null || true
     echo "study process $name: pid $(cat "$RUNS/study-cpu-$name.pid"), log $RUNS/study-cpu-$name.log"
 }

@@ -228,6 +228,7 @@ class EvalConfig:
     keep_items: bool = True  # per-item lists (report needs them for bootstrap CIs)
     share_context: bool = True  # a question's choices share one pass over their common prefix (False: a row per choice, as lm-eval's hf backend)
     backend: str = "builtin"  # builtin | lm-eval (lm-evaluation-harness scores, on the same local files; no answer-token KL)
+    autocast: str = "off"  # off | bf16: score under bf16 autocast (a CPU with bf16 matmuls: 2x faster; BENCHMARKS.md)
 
     def __post_init__(self):
         if isinstance(self.tasks, str):  # the Python API's "arc_easy,piqa"

@@ -6,6 +6,7 @@ import time
 from dataclasses import asdict
 
 import numpy as np
+import torch
 
 from ..utils import RecoverLoraError, log
 from .data import load_task_docs
@@ -112,11 +113,15 @@ def _evaluate(model, tokenizer, cfg: EvalConfig | None, progress: bool, referenc
     t1 = time.time()
     was_training = getattr(model, "training", False)
     model.eval()
+    if cfg.autocast not in ("off", "bf16"):
+        raise RecoverLoraError(f"eval autocast must be off or bf16, not {cfg.autocast!r}")
+    device = next(model.parameters()).device.type
     try:
-        res = score(model, requests, batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,
-                    progress=progress, pad_id=tokenizer.pad_token_id or 0,
-                    desc=f"eval {name + ': ' if name else ''}{','.join(built)}", groups=groups,
-                    share_context=cfg.share_context, reference=reference, keep_hidden=keep_hidden)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+            res = score(model, requests, batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,
+                        progress=progress, pad_id=tokenizer.pad_token_id or 0,
+                        desc=f"eval {name + ': ' if name else ''}{','.join(built)}", groups=groups,
+                        share_context=cfg.share_context, reference=reference, keep_hidden=keep_hidden)
         if keep_hidden is not None:
             keep_hidden["_requests"] = requests
     finally:
@@ -150,6 +155,7 @@ def _evaluate(model, tokenizer, cfg: EvalConfig | None, progress: bool, referenc
 def config_dict(cfg: EvalConfig) -> dict:
     d = asdict(cfg)
     d["tasks"] = parse_tasks(cfg.tasks)
-    if d["backend"] == "builtin":  # as before the field existed: cached evaluations keep their keys
-        del d["backend"]
+    for k, default in (("backend", "builtin"), ("autocast", "off")):
+        if d[k] == default:  # as before the field existed: cached evaluations keep their keys
+            del d[k]
     return d

@@ -149,7 +149,8 @@ def degrade_config(cfg: StudyConfig, damage: str, model: str | None = None):
 
 def eval_config(cfg: StudyConfig) -> EvalConfig:
     """The evaluation of every run's measures (``eval``)."""
-    return EvalConfig(tasks=cfg.eval["tasks"], data_dir=cfg.eval.get("data_dir"), limit=cfg.eval.get("limit"))
+    return EvalConfig(tasks=cfg.eval["tasks"], data_dir=cfg.eval.get("data_dir"), limit=cfg.eval.get("limit"),
+                      autocast=cfg.eval.get("autocast", "off"))
 
 
 def accuracy_config(cfg: StudyConfig) -> EvalConfig | None:

@@ -184,6 +184,16 @@ def _m(x, ci=None, pct=False, digits=3) -> str:
     return f"{x:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
 
+def _precision(cfg: dict) -> str:
+    """The study's matmul precision in a sentence (nothing when fp32 / the device's default)."""
+    train = ((cfg.get("recover") or {}).get("distill") or {}).get("autocast")
+    score = (cfg.get("eval") or {}).get("autocast")
+    if train in (None, "auto", "off") and score in (None, "off"):
+        return ""
+    return (f" Training under {train or 'auto'} autocast, scoring under {score or 'no'} autocast (fp32 weights, "
+            "bf16 matmuls: BENCHMARKS.md measures what it changes).")
+
+
 def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: StudyConfig | dict | None = None) -> Path:
     """RESULTS.md (and one chart per model in ``<out's folder>/results/``) from the finished runs."""
     study_dir, out = Path(study_dir), Path(out)
@@ -200,7 +210,7 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
     ev, acc = cfg["eval"], cfg.get("accuracy") or {}
     L = ["# Study results", "",
          f"{len(dones)} of {len(plan(scfg))} planned runs finished, from `{os.path.relpath(study_dir, out.parent)}`. "
-         f"Device: {', '.join(devices) or 'n/a'}.", "",
+         f"Device: {', '.join(devices) or 'n/a'}.{_precision(cfg)}", "",
          "Measures of every run, against the reference: the **held-out KL** (KL(reference || model) per token on "
          "held-out synthetic sequences, before -> after, and the share of it removed) and its top-1 agreement; on "
          f"the benchmark items ({ev.get('limit') or 'all'} a task, MMLU = its three subjects pooled): the "

@@ -21,6 +21,12 @@ from .results import mirror_results, pool_mmlu, write_results
 REF_ANSWERS = "reference-answers.pt"  # the reference's kept answers (not mirrored: ~0.3-0.6 GB)
 
 
+def answers_file(ecfg) -> str:
+    """Where a model's reference answers are kept: one file a scoring precision (bf16 autocast's
+    hidden states are not fp32's)."""
+    return REF_ANSWERS if ecfg.autocast == "off" else REF_ANSWERS.replace(".pt", f"-{ecfg.autocast}.pt")
+
+
 @contextlib.contextmanager
 def timed(path: Path, key: str):
     """Add the wall seconds of the block to ``path[key]``, and this process's CPU seconds (all its

@@ -15,7 +15,7 @@ from ..config import RecoverConfig, train_synth_config
 from ..utils import RecoverLoraError, atomic_write_json, log, read_json
 from .config import FAILED, Run, StudyConfig, accuracy_config, degrade_config, eval_config, plan, slug
 from .results import mirror_results
-from .run import REF_ANSWERS, evaluate_tiers, locked, prepare_plan, reference_answers, run_one, timed
+from .run import answers_file, evaluate_tiers, locked, prepare_plan, reference_answers, run_one, timed
 
 CLAIM = ".claim"  # in a run folder while a parallel worker has it
 
@@ -57,7 +57,7 @@ def execute(cfg: StudyConfig, todo: list[Run], progress: bool = True, mode: str 
             with locked(ev / ".lock"):
                 # the reference's answers are kept on the largest item set; every evaluation after
                 # it takes the answer-token KL from them (the measures' items are the first of those)
-                answers = reference_answers(ev / REF_ANSWERS, reference, tokenizer, acfg or ecfg,
+                answers = reference_answers(ev / answers_file(ecfg), reference, tokenizer, acfg or ecfg,
                                             ev / ("reference-accuracy.json" if acfg else "reference.json"),
                                             progress) if cfg.eval.get("answer_kl") else None
                 ref_acc, ref_res = evaluate_tiers(ev, "reference", lambda m=reference: m, tokenizer, ecfg, acfg,
