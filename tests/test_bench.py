@@ -12,7 +12,7 @@ from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
 from recover_lora.config import AdapterConfig
 from recover_lora.forward import lm_head_of, hidden_states
 from recover_lora.distill import attach_adapters
-from recover_lora.train.losses import chunked_loss_backward, naive_loss
+from recover_lora.training.losses import chunked_loss_backward, naive_loss
 
 
 def _student(deg, dtype):

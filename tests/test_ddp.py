@@ -13,7 +13,7 @@ from tiny import tiny_model, tiny_tokenizer
 from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
 from recover_lora.config import AdapterConfig, DistillConfig
 from recover_lora.distill import attach_adapters, train
-from recover_lora.train.parallel import init_distributed
+from recover_lora.training.parallel import init_distributed
 from recover_lora.synth import SynthConfig, generate_shard, load_synthetic, synthesize
 
 WORLD = 2

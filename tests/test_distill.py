@@ -9,10 +9,10 @@ from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
 from recover_lora.config import AdapterConfig, DistillConfig
 from recover_lora.adapters import adapter_targets
 from recover_lora.distill import attach_adapters, train
-from recover_lora.train.state import batch_indices
+from recover_lora.training.state import batch_indices
 from recover_lora.kl import measure
 from recover_lora.forward import trainable_parameters
-from recover_lora.train.losses import chunked_loss_backward, divergence, hidden_match_loss, naive_loss
+from recover_lora.training.losses import chunked_loss_backward, divergence, hidden_match_loss, naive_loss
 from recover_lora.synth import SynthConfig, generate_shard
 from recover_lora.utils import RecoverLoraError
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recover_lora.train import graphs
+from recover_lora.training import graphs
 from recover_lora.config import AdapterConfig, DistillConfig
 from recover_lora.forward import activation_checkpointing, hidden_states
 from recover_lora.distill import attach_adapters, train

@@ -78,3 +78,17 @@ def test_no_import_circle():
         if m not in state:
             visit(m, [m])
     assert not cycles, "\n".join(cycles)
+
+
+def test_every_top_level_name_resolves():
+    """``from recover_lora import X`` works for every advertised X (their homes move with the code),
+    and no subpackage shadows one of them (``recover_lora.train`` is the function)."""
+    import importlib
+    import inspect
+
+    import recover_lora
+
+    for name in recover_lora.__all__:
+        assert getattr(recover_lora, name) is not None, name
+    importlib.import_module("recover_lora.training.loop")  # a subpackage imported first must not shadow it
+    assert inspect.isfunction(recover_lora.train) and inspect.isfunction(recover_lora.measure)

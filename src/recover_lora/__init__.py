@@ -17,7 +17,7 @@ _HOMES = {
     "RecoverConfig": "config", "DegradeConfig": "degrade", "RecoverLoraError": "errors",
     "load_model": "load", "load_tokenizer": "load", "load_pair": "load", "check_compatible": "load",
     "synthesize": "synth", "load_synthetic": "synth", "attach_adapters": "distill", "train": "distill",
-    "measure": "distill",
+    "measure": "kl",
 }
 __all__ = list(_HOMES)
 

@@ -2,7 +2,7 @@
 
 The distillation step: one teacher forward and one student forward per micro-batch and a chunked
 full-vocabulary loss (optionally plus a layer loss), run by the one training loop
-(:func:`recover_lora.train.loop.fit`: AdamW, warmup + cosine, gradient accumulation, bf16 autocast
+(:func:`recover_lora.training.loop.fit`: AdamW, warmup + cosine, gradient accumulation, bf16 autocast
 on GPU, atomic checkpoints an interrupted run resumes from bit for bit), under DDP or FSDP when
 torch.distributed is initialised.
 """
@@ -21,10 +21,10 @@ from .config import AdapterConfig, DistillConfig
 from .forward import activation_checkpointing, base_model_of, hidden_states, lm_head_of, train_autocast
 from .kl import KLMeter
 from .metrics import MetricsLog
-from .train import parallel
-from .train.loop import Step, fit
-from .train.losses import chunked_loss_backward, hidden_match_loss
-from .train.state import TrainState, batch_indices
+from .training import parallel
+from .training.loop import Step, fit
+from .training.losses import chunked_loss_backward, hidden_match_loss
+from .training.state import TrainState, batch_indices
 from .utils import RecoverLoraError
 
 
@@ -90,9 +90,9 @@ def train(student: torch.nn.Module, teacher: PreTrainedModel, train_ids: torch.T
     run early after that many steps of this call (used to test resumption).
 
     Data parallel: when torch.distributed is initialised (torchrun / accelerate launch, see
-    :func:`~recover_lora.train.parallel.init_distributed`), the student runs under DDP (gloo on CPU,
+    :func:`~recover_lora.training.parallel.init_distributed`), the student runs under DDP (gloo on CPU,
     NCCL on GPU). Each rank takes its contiguous slice of every global micro-batch from
-    :func:`~recover_lora.train.state.batch_indices`, so the global batch, its order, and (without
+    :func:`~recover_lora.training.state.batch_indices`, so the global batch, its order, and (without
     dropout) the adapter equal a one-process run's up to floating-point summation order;
     ``cfg.batch_size`` is the global batch and must divide by the world size. The logged loss and
     top-1 are averaged over ranks, and only rank 0 writes checkpoints (all ranks read them on

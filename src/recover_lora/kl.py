@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import DistillConfig
 from .forward import autocast_on, base_model_of, decoder_of, hidden_states, lm_head_of, lora_casts_off, train_autocast
-from .train.losses import chunked_loss_backward
+from .training.losses import chunked_loss_backward
 
 CACHE_BYTES = 1.5e9  # the reference's probabilities kept in memory up to this size (SmolLM2, 2048 tokens: 0.4 GB)
 

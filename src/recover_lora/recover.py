@@ -22,8 +22,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .kl import KLMeter
 from .methods import get_method
 from .methods.full_kd import degraded_view
-from .train.checkpoint import CADENCE_FIELDS
-from .train.parallel import barrier, init_distributed
+from .training.checkpoint import CADENCE_FIELDS
+from .training.parallel import barrier, init_distributed
 from .load import fingerprint, load_pair, save_model_dir, vocab_size
 from .card import command_line, finish_adapter, write_merged_card
 from .metrics import MetricsLog

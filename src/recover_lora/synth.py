@@ -26,7 +26,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase,
 from .load import fingerprint, needs_bos
 from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, log, read_json, sigterm_as_interrupt
 from .config import SynthConfig  # noqa: F401 - re-exported
-from .train.parallel import barrier, dist_rank_world
+from .training.parallel import barrier, dist_rank_world
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -14,9 +14,9 @@ from recover_lora.config import AdapterConfig, BenchConfig, DistillConfig
 from recover_lora.distill import attach_adapters, train
 from recover_lora.forward import decoder_of
 from recover_lora.kl import measure
-from recover_lora.train.loop import Step, fit
-from recover_lora.train.losses import naive_loss
-from recover_lora.train.state import batch_indices
+from recover_lora.training.loop import Step, fit
+from recover_lora.training.losses import naive_loss
+from recover_lora.training.state import batch_indices
 
 from .common import free, measure_path, rate, sync, train_flops
 

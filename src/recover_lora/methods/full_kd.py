@@ -18,8 +18,8 @@ from transformers import PreTrainedModel
 from ..config import DistillConfig, FullKDConfig
 from ..distill import train
 from ..forward import trainable_parameters
-from ..train.parallel import dist_rank_world
-from ..train.state import TrainState
+from ..training.parallel import dist_rank_world
+from ..training.state import TrainState
 from ..utils import RecoverLoraError, log
 from .base import Method
 

@@ -23,9 +23,9 @@ from transformers import PreTrainedTokenizerBase
 
 from ..config import SFT_DEFAULT_TASKS, SFTConfig
 from ..forward import base_model_of, hidden_states, lm_head_of, train_autocast, trainable_parameters
-from ..train.loop import Step, fit
-from ..train.parallel import dist_rank_world
-from ..train.state import batch_indices
+from ..training.loop import Step, fit
+from ..training.parallel import dist_rank_world
+from ..training.state import batch_indices
 from ..utils import RecoverLoraError, log
 from .base import Method
 from .recover_lora import adapter_identity, adapter_student
