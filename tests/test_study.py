@@ -501,3 +501,20 @@ def test_locked_makes_the_second_comer_wait(tmp_path):
     for t in ts:
         t.join(10)
     assert seen == [True]
+
+
+def test_an_interrupted_run_stops_the_study(study_yaml, monkeypatch):
+    """SIGTERM / Ctrl-C inside a run's training (an Interrupted error, its checkpoint saved) stops the
+    study there: no later run starts and the run is not recorded as failed (it resumes next call)."""
+    from recover_lora.errors import Interrupted
+
+    started = []
+
+    def stopped(cfg, *a, **k):
+        started.append(cfg.out_dir)
+        raise Interrupted("interrupted at step 1; checkpoint saved (planted)")
+
+    monkeypatch.setattr(study.run, "run_recover", stopped)
+    assert main(["study", "--config", str(study_yaml)]) != 0
+    base = study_yaml.parent / "study/tiny/noise-all"
+    assert len(started) == 1 and not list(base.glob("*/failed.json")) and not list(base.glob("*/done.json"))

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
+from .errors import Interrupted
 from .load import fingerprint, needs_bos
 from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, log, read_json, sigterm_as_interrupt
 from .config import SynthConfig  # noqa: F401 - re-exported
@@ -406,7 +407,7 @@ def synthesize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: 
     except KeyboardInterrupt:
         # Shards are written atomically (a shard file is whole or absent), so the files decide.
         kept = cfg.num_sequences - sum(n for _, n, name in todo if not (out_dir / name).exists())
-        raise RecoverLoraError(f"synthesis interrupted after {kept} of {cfg.num_sequences} sequences; the finished "
+        raise Interrupted(f"synthesis interrupted after {kept} of {cfg.num_sequences} sequences; the finished "
                                f"shards in {out_dir} are kept: run the same command again to resume") from None
     finally:
         bar.close()

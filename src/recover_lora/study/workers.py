@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 
 from ..config import RecoverConfig, train_synth_config
+from ..errors import Interrupted
 from ..utils import RecoverLoraError, atomic_write_json, log, read_json
 from .config import FAILED, Run, StudyConfig, accuracy_config, degrade_config, eval_config, plan, slug
 from .results import mirror_results
@@ -104,6 +105,8 @@ def _run_recorded(cfg: StudyConfig, run: Run, *args) -> None:
     (run.dir / FAILED).unlink(missing_ok=True)
     try:
         run_one(cfg, run, *args)
+    except Interrupted:  # Ctrl-C / SIGTERM inside training or synthesis: stop the study, not just this run
+        raise
     except Exception as e:  # noqa: BLE001 - any error of one run (a bug in one method too)
         log.error("study: %s failed (%s: %s); going on with the next run", run.name, type(e).__name__, e)
         run.dir.mkdir(parents=True, exist_ok=True)

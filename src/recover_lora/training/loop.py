@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import Interrupted
 from ..forward import autocast_on, lora_casts_off
 from ..metrics import MetricsLog
 from ..utils import RecoverLoraError, log, sigterm_as_interrupt
@@ -79,14 +80,14 @@ def _record(state: TrainState, entry: dict, metrics: MetricsLog | None, bar, kin
         bar.write(f"step {entry['step']}: held-out KL {entry['kl']:.4f}, top-1 {entry['top1']:.3f}")
 
 
-def _interrupted(ckpt: Path, model, opt, sched, state: TrainState, cfg, rank: int, sharded: bool) -> RecoverLoraError:
+def _interrupted(ckpt: Path, model, opt, sched, state: TrainState, cfg, rank: int, sharded: bool) -> Interrupted:
     """Save where an interrupted run stands (rank 0; no barrier: the other ranks may be gone already)
     and say how to resume. FSDP: gathering the shards needs every rank, so the last checkpoint stays."""
     if not sharded and rank == 0:
         save_checkpoint(ckpt, model, opt, sched, state, cfg)
     kept = f"the checkpoint in {ckpt} (every {cfg.checkpoint_every} steps) stays" if sharded else \
         f"checkpoint saved to {ckpt}"
-    return RecoverLoraError(f"interrupted at step {state.step}; {kept}: run the same command again to resume")
+    return Interrupted(f"interrupted at step {state.step}; {kept}: run the same command again to resume")
 
 
 def fit(model: torch.nn.Module, step: Step, cfg, checkpoint: str | Path | None = None, progress: bool = True,
