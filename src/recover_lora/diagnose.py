@@ -199,12 +199,10 @@ def _layer_table(wd: dict[str, Any], n_layers: int) -> tuple[dict, list[str], li
     return layer_params, outside, layers
 
 
-def _functional(reference: nn.Module, degraded: nn.Module, ids: torch.Tensor, cfg: DiagnoseConfig, wd: dict,
-                layer_params: dict, outside: list[str], layers: list[dict[str, Any]], progress: bool) -> dict[str, Any]:
+def _functional(reference: nn.Module, degraded: nn.Module, ids: torch.Tensor, cfg: DiagnoseConfig,
+                layer_params: dict, outside: list[str], outside_damaged: list[str], layers: list[dict[str, Any]],
+                progress: bool) -> dict[str, Any]:
     """The held-out KL with each damaged layer (and block) restored in turn; fills ``layers``."""
-    def damaged(names: list[str]) -> bool:
-        return any(wd["tensors"][n]["damaged"] for n in names)
-
     meter = KLMeter(reference, ids, cfg.batch_size, DistillConfig(chunk_tokens=cfg.chunk_tokens), cache=True)
 
     def kl(model, start=None):
@@ -212,8 +210,7 @@ def _functional(reference: nn.Module, degraded: nn.Module, ids: torch.Tensor, cf
 
     meter.keep_inputs()  # restoring layer i changes nothing before it: later passes start at i
     base = kl(degraded)
-    todo = sum(1 + len([g for g, ns in layer_params[L["layer"]].items() if damaged(ns)]) * cfg.per_group
-               for L in layers if L["damaged"])
+    todo = sum(1 + sum(G["damaged"] for G in L["groups"].values()) * cfg.per_group for L in layers if L["damaged"])
     bar = _progress(todo, progress)
     functional = {"sequences": len(ids), "seq_len": ids.shape[1], "base": base}
     for L in layers:
@@ -226,7 +223,7 @@ def _functional(reference: nn.Module, degraded: nn.Module, ids: torch.Tensor, cf
         L["restore"] = restored(degraded, reference, names, lambda: kl(degraded, start=i))
         L["kl_reduction"] = _reduction(base, L["restore"])
         bar.update(1)
-        dgroups = [g for g, ns in layer_params[i].items() if damaged(ns)]
+        dgroups = [g for g, G in L["groups"].items() if G["damaged"]]
         for g in dgroups:
             G = L["groups"][g]
             if len(dgroups) == 1:  # restoring the one damaged block = restoring the layer
@@ -237,7 +234,6 @@ def _functional(reference: nn.Module, degraded: nn.Module, ids: torch.Tensor, cf
             if cfg.per_group:
                 bar.update(1)
     bar.close()
-    outside_damaged = [n for n in outside if wd["tensors"][n]["damaged"]]
     if outside_damaged:
         r = restored(degraded, reference, outside, lambda: kl(degraded))
         functional["outside_layers"] = {"tensors": outside_damaged, "restore": r,
@@ -276,8 +272,8 @@ def diagnose(reference: PreTrainedModel, degraded: PreTrainedModel, tokenizer: P
         reference.eval()
         degraded.eval()
         try:
-            functional = _functional(reference, degraded, heldout_ids[:cfg.sequences].long(), cfg, wd, layer_params,
-                                     outside, layers, progress)
+            functional = _functional(reference, degraded, heldout_ids[:cfg.sequences].long(), cfg, layer_params,
+                                     outside, outside_damaged, layers, progress)
         finally:
             reference.train(was[0])
             degraded.train(was[1])
