@@ -229,10 +229,13 @@ def kl_closed(done: dict) -> float | None:
 
 
 def done_summary(done: dict) -> str:
-    """A finished run in a line: its training minutes (wall, on its device) and the low-variance
+    """A finished run in a line: its recover minutes (CPU minutes on a CPU, wall on a GPU) and the low-variance
     measures (accuracy gaps need RESULTS.md's resolved-task view)."""
-    where = "CPU" if done.get("device_name") == "cpu" else "GPU"
-    return (f"{done.get('gpu_minutes', 0):.1f} {where} min, held-out KL removed {pct(kl_closed(done))}, "
+    if done.get("device_name") == "cpu":  # the process's CPU minutes (RESULTS.md's), not wall minutes
+        minutes = f"{(done.get('cpu_minutes') or {}).get('recover', 0):.1f} CPU min"
+    else:
+        minutes = f"{done.get('gpu_minutes', 0):.1f} GPU min"
+    return (f"{minutes}, held-out KL removed {pct(kl_closed(done))}, "
             f"agreement {pct(done.get('agreement'))}")
 
 
