@@ -116,6 +116,20 @@ def test_miniature_study_runs_resumes_and_reports(study_yaml, monkeypatch, capsy
     assert "| accuracy (%) | " in res and "arc_easy" in res and "| reference |" in res and "| svd-only |" in res
     assert "| kv@16 |" in res and "## Commands" in res and "| degraded | " in res and "answer-token KL" in res
     assert (t / "results" / "tiny-heldout-kl.png").stat().st_size > 0
+    # what wins where: the method with the lowest held-out KL after, by the done files
+    after = {m: json.loads((t / "study/tiny/noise-all" / study.slug(m) / "done.json").read_text())
+             for m in ("kv", "svd-only", "kv@16")}
+    low = sorted(("kv", "svd-only"), key=lambda m: after[m]["heldout"]["after"]["kl"])  # the sweep's run left out
+    row = next(line for line in res.split("## What wins where")[1].splitlines() if line.startswith("| tiny |"))
+    assert row.split(" | ")[2].startswith(f"**{low[0]}** {after[low[0]]['heldout']['after']['kl']:.3f} ({low[1]}")
+    # the data sweep: kv on its pool (3 steps of 8) and on 16 sequences (2 steps), by synthetic tokens
+    sweep = res.split("Synthetic data sweep of kv (tiny, noise-all)")[1]
+    lines = [ln for ln in sweep.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    assert [ln.split(" | ")[:2] for ln in lines] == [["| 16", "2"], ["| 24", "3"]]
+    assert f"{after['kv@16']['heldout']['after']['kl']:.3f}" in lines[0]
+    assert (t / "results" / "tiny-noise-all-sweep.png").stat().st_size > 0
+    cpu = sum(sum(d["cpu_minutes"].values()) for d in after.values()) / 60
+    assert f"Time used: 3 finished runs {cpu:.1f} CPU-hours" in res
 
     # the device round trip: pack the small files, unpack them into a fresh folder, same RESULTS.md
     assert main(["study", "--config", str(study_yaml), "--results-only", "--pack", str(t / "p.tar.gz")]) == 0
@@ -352,7 +366,8 @@ def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml):
     d = yaml.safe_load(study_yaml.read_text())
     d["damages"]["noise-kv"] = ["noise:rel=0.5,modules=kv"]
     d["eval"].update(limit=12, answer_kl=True)
-    d.update(accuracy={"limit": 24, "methods": ["kv"]}, mirror="mirror", sweep=None,
+    (study_yaml.parent / "notes.md").write_text("## Where the goals fall short\n\nHand-written reading.\n")
+    d.update(accuracy={"limit": 24, "methods": ["kv"]}, mirror="mirror", sweep=None, notes="notes.md",
              plan={"tiny": [{"damages": ["noise-kv"], "methods": ["svd-only"]},
                             {"damages": ["noise-all", "noise-kv"], "methods": ["kv"]}]},
              goals={"method": "kv", "presets": [], "baselines": ["svd-only"], "min_gap_closed": 0.9})
@@ -383,6 +398,8 @@ def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml):
     res = (t / "RESULTS.md").read_text()
     assert "Accuracy (%), items: arc_easy 24" in res and "| tiny | noise-kv | kv |" in res
     assert "| tiny | noise-all | kv |" in res and "svd-only" in res.split("## tiny")[1]
+    assert "| tiny | noise-kv | kv |" in res.split("## Where the goals fall short\n\nHand-written reading.")[0]
+    assert "## What wins where" in res.split("Hand-written reading.")[1]  # the notes follow the goals
     # a fresh checkout: the study folder is gone, the mirror is committed; nothing runs again
     import shutil
     shutil.rmtree(t / "study")

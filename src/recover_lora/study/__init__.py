@@ -41,5 +41,6 @@ first, and the second waits for it and reuses it.
 # the names callers use: ``from recover_lora import study; study.plan(cfg)``
 from .cli import run_cli, run_study  # noqa: F401
 from .config import Run, StudyConfig, degrade_config, eval_config, plan, slug  # noqa: F401
-from .results import check_goals, goal_methods, pack_results, pool_mmlu, unpack_results, write_results  # noqa: F401
+from .files import pack_results, unpack_results  # noqa: F401
+from .results import check_goals, goal_methods, pool_mmlu, write_results  # noqa: F401
 from .run import REF_ANSWERS, locked, slim  # noqa: F401

@@ -11,7 +11,8 @@ import torch
 
 from ..utils import RecoverLoraError, atomic_write_json, sigterm_as_interrupt
 from .config import FAILED, Run, StudyConfig, describe_plan, plan
-from .results import mirror_results, pack_results, seed_from_mirror, unpack_results, write_results
+from .files import mirror_results, pack_results, seed_from_mirror, unpack_results
+from .results import write_results
 from .workers import execute, run_workers, worker_main
 
 

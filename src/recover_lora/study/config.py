@@ -44,6 +44,7 @@ class StudyConfig:
     # resolve a repair on 200 items a task, accuracy does not)
     accuracy: dict[str, Any] | None = None
     mirror: str | None = None  # folder the small result files are copied to as each run finishes
+    notes: str | None = None  # a hand-written Markdown file put into RESULTS.md after the goals (where, why)
     goals: dict[str, Any] = field(default_factory=lambda: {
         "method": "auto+svd", "presets": ["kv", "attn-mlp"], "baselines": ["full-kd", "svd-only"],
         "min_gap_closed": 0.9})
@@ -77,6 +78,8 @@ class StudyConfig:
             raise RecoverLoraError(f"accuracy.methods {cfg.accuracy.get('methods')}: not all in {list(cfg.all_methods())}")
         if cfg.mirror:
             cfg.mirror = str(base / cfg.mirror)
+        if cfg.notes:
+            cfg.notes = str(base / cfg.notes)
         cfg.eval = {**cls().eval, **cfg.eval}
         if cfg.eval.get("data_dir"):
             cfg.eval["data_dir"] = str(base / cfg.eval["data_dir"])

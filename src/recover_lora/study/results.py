@@ -4,8 +4,6 @@ result files it is made from: packed for the trip back from a device, mirrored i
 from __future__ import annotations
 
 import os
-import shutil
-import tarfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import numpy as np
 import yaml
 
 from ..report import ReportConfig, compute_measures, compute_report, item_array, task_results
-from ..utils import RecoverLoraError, atomic_write_bytes, log, read_json, save_figure
+from ..utils import RecoverLoraError, atomic_write_bytes, read_json, save_figure
 from .config import StudyConfig, kl_closed, pct, plan, slug
 
 
@@ -176,6 +174,95 @@ def plot_kl(model: str, damages: list[str], methods: list[str], data: dict, path
     return save_figure(fig, path)
 
 
+def cpu_used(study_dir: Path, data: dict, model: str | None = None) -> str:
+    """One line: the CPU (or GPU) time a model's finished runs took (every model's: None), and what they
+    shared (the synthetic pool, the reference's and degraded models' evaluations, made once)."""
+    dones = [r["done"] for (m, _), e in data.items() if model in (None, m) for r in e["runs"].values()]
+    on_cpu = all(d.get("device_name") == "cpu" for d in dones)
+    if on_cpu:
+        train = sum((d.get("cpu_minutes") or {}).get("recover", 0) for d in dones) / 60
+        ev = sum((d.get("cpu_minutes") or {}).get("eval", 0) for d in dones) / 60
+    else:
+        train = sum(d.get("gpu_minutes", 0) for d in dones) / 60
+        ev = sum(d.get("eval_minutes", 0) for d in dones) / 60
+    pool = shared = 0.0
+    for mdir in [study_dir / slug(model)] if model else sorted({study_dir / slug(m) for m, _ in data}):
+        timing = read_json(mdir / "timing.json") if (mdir / "timing.json").exists() else {}
+        pool += timing.get("synth_pool_cpu" if on_cpu else "synth_pool", 0) / 3600
+        shared += sum(read_json(f).get("seconds", 0) for f in [*mdir.glob("eval/*.json"),
+                                                               *mdir.glob("*/eval/degraded*.json")]) / 3600  # wall
+    unit = "CPU-hours" if on_cpu else "GPU-hours"
+    return (f"Time used: {len(dones)} finished runs {train + ev:.1f} {unit} (recover {train:.1f}, evaluations "
+            f"{ev:.1f}); made once and shared: the synthetic pool {60 * pool:.1f} {unit[:3]}-minutes, the "
+            f"reference's and degraded models' evaluations {shared:.1f} hours (wall).")
+
+
+def winners(data: dict, sweep_method: str | None) -> list[str]:
+    """'What wins where': per model and damage, the method best on each measure (the data sweep's runs,
+    which are the sweep method with more data, left out)."""
+    L = ["## What wins where", "",
+         "Per model and damage, the best finished method on each measure (the data sweep's runs left out; "
+         "brackets: the runner-up). Accuracy: the resolved gap closed, among the headline rows.", "",
+         "| model | damage | held-out KL (lowest) | agreement (highest) | answer-token KL (lowest) | resolved gap closed |",
+         "|---|---|---|---|---|---|"]
+
+    def best(runs, key, fmt, low=True):
+        vals = sorted(((v, m) for m, r in runs.items() if (v := key(r)) is not None), reverse=not low)
+        if not vals:
+            return "n/a"
+        top = f"**{vals[0][1]}** {fmt(vals[0][0])}"
+        return top + (f" ({vals[1][1]} {fmt(vals[1][0])})" if len(vals) > 1 else "")
+
+    for (model, damage), e in data.items():
+        runs = {m: r for m, r in e["runs"].items() if not (sweep_method and m.startswith(f"{sweep_method}@"))}
+        if not runs:
+            continue
+        cells = [best(runs, lambda r: r["done"]["heldout"]["after"]["kl"], lambda v: f"{v:.3f}"),
+                 best(runs, lambda r: r["measures"]["average"].get("agreement"), lambda v: f"{100 * v:.1f}%", low=False),
+                 best(runs, lambda r: r["measures"]["average"].get("answer_kl"), lambda v: f"{v:.3f}"),
+                 best(runs, lambda r: (r["report"].get("resolved_average") or {}).get("gap_closed") if r["acc_tier"]
+                      else None, pct, low=False)]
+        L.append(f"| {model} | {damage} | " + " | ".join(cells) + " |")
+    return L + [""]
+
+
+def sweep_table(model: str, damage: str, runs: dict, method: str, chart: Path, rel: str) -> list[str]:
+    """The data sweep of one model and damage: the sweep method at each amount of synthetic data (its
+    own run at the pool's size among them), a table and a chart against synthetic tokens."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted(((r["done"]["train_tokens"], m, r) for m, r in runs.items()
+                  if m == method or m.startswith(f"{method}@")), key=lambda t: t[0])
+    if len(pts) < 2:
+        return []
+    L = [f"Synthetic data sweep of {method} ({model}, {damage}): one pass over each amount.", "",
+         "| synthetic sequences | steps | synthetic tokens | held-out KL after (removed) | agreement | answer-token KL | recover minutes |",
+         "|---:|---:|---:|---:|---:|---:|---:|"]
+    for tok, m, r in pts:
+        d, ms = r["done"], r["measures"]["average"]
+        L.append(f"| {d['synthetic_sequences']:,} | {d['steps']} | {_num(tok)} | {d['heldout']['after']['kl']:.3f} "
+                 f"({pct(kl_closed(d))}) | {_m(ms.get('agreement'), ms.get('agreement_ci'), pct=True)} | "
+                 f"{_m(ms.get('answer_kl'), ms.get('answer_kl_ci'))} | {_minutes(d).split(' + ')[0]} |")
+    x = [t for t, _, _ in pts]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a1.plot(x, [r["done"]["heldout"]["after"]["kl"] for _, _, r in pts], "o-")
+    a1.axhline(pts[0][2]["done"]["heldout"]["before"]["kl"], ls="--", c="gray", label="degraded")
+    a1.set_ylabel("held-out KL to the reference")
+    agr = [r["measures"]["average"].get("agreement") for _, _, r in pts]
+    a2.plot(x, [100 * a if a is not None else np.nan for a in agr], "o-")
+    a2.set_ylabel("agreement with the reference (%)")
+    for a in (a1, a2):
+        a.set_xscale("log")
+        a.set_xlabel("synthetic tokens distilled on (log)")
+    a1.legend(fontsize=8)
+    fig.suptitle(f"{model}, {damage}: {method} against synthetic data", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, chart)
+    return L + ["", f"![data sweep]({rel})", ""]
+
+
 def _m(x, ci=None, pct=False, digits=3) -> str:
     if x is None:
         return "n/a"
@@ -210,7 +297,7 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
     ev, acc = cfg["eval"], cfg.get("accuracy") or {}
     L = ["# Study results", "",
          f"{len(dones)} of {len(plan(scfg))} planned runs finished, from `{os.path.relpath(study_dir, out.parent)}`. "
-         f"Device: {', '.join(devices) or 'n/a'}.{_precision(cfg)}", "",
+         f"Device: {', '.join(devices) or 'n/a'}.{_precision(cfg)} {cpu_used(study_dir, data)}", "",
          "Measures of every run, against the reference: the **held-out KL** (KL(reference || model) per token on "
          "held-out synthetic sequences, before -> after, and the share of it removed) and its top-1 agreement; on "
          f"the benchmark items ({ev.get('limit') or 'all'} a task, MMLU = its three subjects pooled): the "
@@ -247,6 +334,10 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
     if not data:
         L.append("| - | - | - | no finished run | | | | |")
     L.append("")
+    if cfg.get("notes") and Path(cfg["notes"]).exists():  # the hand-written reading of the tables (where, why)
+        L += [Path(cfg["notes"]).read_text().strip(), ""]
+    sweep_method = (cfg.get("sweep") or {}).get("method")
+    L += winners(data, sweep_method)
     for model, spec in cfg["models"].items():
         keys = [k for k in data if k[0] == model]
         if not keys:
@@ -254,7 +345,8 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
         methods = list(dict.fromkeys(m for k in keys for m in data[k]["methods"]))
         chart = out.parent / "results" / f"{slug(model)}-heldout-kl.png"
         plot_kl(model, [k[1] for k in keys], methods, data, chart)
-        L += [f"## {model} (`{spec}`)", "", f"![held-out KL]({os.path.relpath(chart, out.parent)})", ""]
+        L += [f"## {model} (`{spec}`)", "", f"![held-out KL]({os.path.relpath(chart, out.parent)})", "",
+              cpu_used(study_dir, data, model), ""]
         timing = study_dir / slug(model) / "timing.json"
         if timing.exists() and (study_dir / slug(model) / "synth" / "manifest.json").exists():
             man = read_json(study_dir / slug(model) / "synth" / "manifest.json")
@@ -317,6 +409,9 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
             if rep0.get("unresolved"):
                 L.append(f"\nGap not resolved (not averaged in): {', '.join(rep0['unresolved'])}.")
             L.append("")
+            if sweep_method:
+                chart = out.parent / "results" / f"{slug(model)}-{slug(damage)}-sweep.png"
+                L += sweep_table(model, damage, v["runs"], sweep_method, chart, os.path.relpath(chart, out.parent))
     if any(d.get("recover_method") == "sft-lora" for d in dones):
         L += ["sft-lora trains on labeled train splits (ARC-Easy, ARC-Challenge, OpenBookQA, PIQA by default); "
               "HellaSwag, WinoGrande, BoolQ and MMLU ship no train split here, so on those it could not train "
@@ -333,73 +428,3 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
               f"`{os.path.relpath(log_p, out.parent)}`):", "", "```"] + list(cmds) + ["```", ""]
     atomic_write_bytes(out, "\n".join(L).encode())
     return out
-
-
-# What RESULTS.md and a later session need from study_dir; models, adapters, data and checkpoints stay.
-PACK_SUFFIXES = (".json", ".md", ".png", ".log", ".txt", ".yaml")
-PACK_SKIP_DIRS = {"model", "adapter", "merged"}  # (tokenizer.json alone is 3.5 MB); data shards are .pt
-MIRROR_MAX_BYTES = 4_000_000  # a larger file is not mirrored
-
-
-def _small_files(root: Path) -> list[Path]:
-    return sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in PACK_SUFFIXES
-                  and not PACK_SKIP_DIRS & set(f.relative_to(root).parts[:-1]) and not f.name.startswith("."))
-
-
-def pack_results(study_dir: str | Path, archive: str | Path) -> int:
-    """Write the small result files of ``study_dir`` (JSON, MD, PNG, logs) into one ``.tar.gz``:
-    the GPU machine returns at most 8 files a call. Returns the number of files packed."""
-    root = Path(study_dir)
-    if not root.is_dir():
-        raise RecoverLoraError(f"no study folder {root}")
-    files = _small_files(root)
-    Path(archive).parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "w:gz") as tar:
-        for f in files:
-            tar.add(f, arcname=str(f.relative_to(root)))
-    return len(files)
-
-
-def unpack_results(archive: str | Path, study_dir: str | Path) -> int:
-    """Merge a :func:`pack_results` archive into ``study_dir`` (newer files win). Returns the count."""
-    root = Path(study_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            members = [m for m in tar.getmembers() if m.isfile()]
-            tar.extractall(root, members=members, filter="data")  # refuses absolute paths and '..'
-    except (OSError, tarfile.TarError) as e:
-        raise RecoverLoraError(f"cannot unpack {archive}: {e}") from None
-    return len(members)
-
-def _copy_small_files(src: Path, dest: Path, replace: bool) -> int:
-    """Copy ``src``'s small result files missing in ``dest``; with ``replace`` changed ones too (to a size)."""
-    n = 0
-    for f in _small_files(src):
-        t = dest / f.relative_to(src)
-        if replace and f.stat().st_size > MIRROR_MAX_BYTES or t.exists() and (
-                not replace or t.stat().st_size == f.stat().st_size and t.read_bytes() == f.read_bytes()):
-            continue
-        t.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(f, t)
-        n += 1
-    return n
-
-
-def seed_from_mirror(cfg: StudyConfig) -> int:
-    """On a fresh checkout (or machine), bring the mirrored result files back into the study folder
-    before running, so that finished runs and cached evaluations are not redone. Files already in
-    the study folder win. Returns the number of files copied."""
-    if not cfg.mirror or not Path(cfg.mirror).is_dir():
-        return 0
-    n = _copy_small_files(Path(cfg.mirror), Path(cfg.study_dir), replace=False)
-    if n:
-        log.info("study: %d result files brought back from %s", n, cfg.mirror)
-    return n
-
-
-def mirror_results(cfg: StudyConfig) -> int:
-    """Copy the small result files of the study folder (what :func:`pack_results` packs) to
-    ``cfg.mirror``, a folder in the repository, so each finished piece can be committed at once.
-    Returns the number of files copied (only new or changed ones)."""
-    return _copy_small_files(Path(cfg.study_dir), Path(cfg.mirror), replace=True) if cfg.mirror else 0

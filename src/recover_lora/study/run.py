@@ -16,7 +16,8 @@ from ..recover import recover as run_recover  # module-level name: tests count c
 from ..report import build_report, compute_measures, item_array
 from ..utils import RecoverLoraError, atomic_write_json, log, read_json
 from .config import Run, StudyConfig, done_summary
-from .results import mirror_results, pool_mmlu, write_results
+from .files import mirror_results
+from .results import pool_mmlu, write_results
 
 REF_ANSWERS = "reference-answers.pt"  # the reference's kept answers (not mirrored: ~0.3-0.6 GB)
 

@@ -15,7 +15,7 @@ from ..config import RecoverConfig, train_synth_config
 from ..errors import Interrupted
 from ..utils import RecoverLoraError, atomic_write_json, log, read_json
 from .config import FAILED, Run, StudyConfig, accuracy_config, degrade_config, eval_config, plan, slug
-from .results import mirror_results
+from .files import mirror_results
 from .run import answers_file, evaluate_tiers, locked, prepare_plan, reference_answers, run_one, timed
 
 CLAIM = ".claim"  # in a run folder while a parallel worker has it

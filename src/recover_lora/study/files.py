@@ -1,0 +1,80 @@
+"""The small result files of a study folder: packed for the trip back from a device, mirrored into
+the repository as each run finishes (so it can be committed), and brought back on a fresh checkout."""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+from pathlib import Path
+
+from ..utils import RecoverLoraError, log
+from .config import StudyConfig
+
+# What RESULTS.md and a later session need from study_dir; models, adapters, data and checkpoints stay.
+PACK_SUFFIXES = (".json", ".md", ".png", ".log", ".txt", ".yaml")
+PACK_SKIP_DIRS = {"model", "adapter", "merged"}  # (tokenizer.json alone is 3.5 MB); data shards are .pt
+MIRROR_MAX_BYTES = 4_000_000  # a larger file is not mirrored
+
+
+def _small_files(root: Path) -> list[Path]:
+    return sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in PACK_SUFFIXES
+                  and not PACK_SKIP_DIRS & set(f.relative_to(root).parts[:-1]) and not f.name.startswith("."))
+
+
+def pack_results(study_dir: str | Path, archive: str | Path) -> int:
+    """Write the small result files of ``study_dir`` (JSON, MD, PNG, logs) into one ``.tar.gz``:
+    the GPU machine returns at most 8 files a call. Returns the number of files packed."""
+    root = Path(study_dir)
+    if not root.is_dir():
+        raise RecoverLoraError(f"no study folder {root}")
+    files = _small_files(root)
+    Path(archive).parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        for f in files:
+            tar.add(f, arcname=str(f.relative_to(root)))
+    return len(files)
+
+
+def unpack_results(archive: str | Path, study_dir: str | Path) -> int:
+    """Merge a :func:`pack_results` archive into ``study_dir`` (newer files win). Returns the count."""
+    root = Path(study_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            tar.extractall(root, members=members, filter="data")  # refuses absolute paths and '..'
+    except (OSError, tarfile.TarError) as e:
+        raise RecoverLoraError(f"cannot unpack {archive}: {e}") from None
+    return len(members)
+
+def _copy_small_files(src: Path, dest: Path, replace: bool) -> int:
+    """Copy ``src``'s small result files missing in ``dest``; with ``replace`` changed ones too (to a size)."""
+    n = 0
+    for f in _small_files(src):
+        t = dest / f.relative_to(src)
+        if replace and f.stat().st_size > MIRROR_MAX_BYTES or t.exists() and (
+                not replace or t.stat().st_size == f.stat().st_size and t.read_bytes() == f.read_bytes()):
+            continue
+        t.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, t)
+        n += 1
+    return n
+
+
+def seed_from_mirror(cfg: StudyConfig) -> int:
+    """On a fresh checkout (or machine), bring the mirrored result files back into the study folder
+    before running, so that finished runs and cached evaluations are not redone. Files already in
+    the study folder win. Returns the number of files copied."""
+    if not cfg.mirror or not Path(cfg.mirror).is_dir():
+        return 0
+    n = _copy_small_files(Path(cfg.mirror), Path(cfg.study_dir), replace=False)
+    if n:
+        log.info("study: %d result files brought back from %s", n, cfg.mirror)
+    return n
+
+
+def mirror_results(cfg: StudyConfig) -> int:
+    """Copy the small result files of the study folder (what :func:`pack_results` packs) to
+    ``cfg.mirror``, a folder in the repository, so each finished piece can be committed at once.
+    Returns the number of files copied (only new or changed ones)."""
+    return _copy_small_files(Path(cfg.study_dir), Path(cfg.mirror), replace=True) if cfg.mirror else 0
