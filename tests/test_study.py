@@ -231,7 +231,7 @@ def test_auto_runs_share_one_diagnosis(study_yaml, monkeypatch):
     assert plans["auto-r2"]["base_rank"] == 2
 
 
-@pytest.mark.parametrize("name", ["study.yaml", "study-smoke.yaml"])
+@pytest.mark.parametrize("name", ["study.yaml", "study-smoke.yaml", "study-cpu.yaml"])
 def test_shipped_study_configs_resolve(name):
     """Every run of the shipped study files builds a valid RecoverConfig and damage (no typo waits for the GPU)."""
     from pathlib import Path
@@ -248,6 +248,9 @@ def test_shipped_study_configs_resolve(name):
                 assert rc.reference == cfg.models[m]
     assert set(cfg.goals["presets"]) | set(cfg.goals["baselines"]) | set(study.goal_methods(cfg.goals)) \
         <= set(cfg.all_methods())
+    if name != "study-smoke.yaml":  # the studies pin what recover's defaults may change to (the study's winner)
+        r = cfg.recover
+        assert "placement" in r and {"init", "modules"} <= set(r["adapter"]) and "lr" in r["distill"], name
 
 
 def test_pack_and_unpack_results(tmp_path):
