@@ -109,8 +109,11 @@ def test_miniature_study_runs_resumes_and_reports(study_yaml, monkeypatch, capsy
     assert "3 done" in capsys.readouterr().out
 
     (t / "RESULTS.md").unlink()
+    capsys.readouterr()
     assert main(["study", "--config", str(study_yaml), "--results-only"]) == 0
     res = (t / "RESULTS.md").read_text()
+    printed = capsys.readouterr().out  # the goals, as RESULTS.md states them
+    assert "## Goals" in printed and "| tiny | noise-all | svd-only |" in printed and "## tiny" not in printed
     assert "## Goals" in res and "| tiny | noise-all | svd-only |" in res and "| tiny | noise-all | kv@16 |" in res
     assert any(w in res for w in ("**PASS**", "**FAIL**"))
     assert "| accuracy (%) | " in res and "arc_easy" in res and "| reference |" in res and "| svd-only |" in res

@@ -53,6 +53,12 @@ def run_study(cfg: StudyConfig, only: list[str] | None = None, dry_run: bool = F
     return runs
 
 
+def goals_section(results: str | Path) -> str:
+    """The goals as RESULTS.md states them (the study prints them when it ends)."""
+    text = Path(results).read_text()
+    return "## Goals" + text.split("## Goals", 1)[1].split("\n## ", 1)[0].rstrip() if "## Goals" in text else ""
+
+
 def run_cli(a) -> int:
     """``recover-lora study`` (``commands.StudyCmd``)."""
     if a.worker:
@@ -72,6 +78,7 @@ def run_cli(a) -> int:
         with sigterm_as_interrupt():  # SIGTERM (a `timeout` around the command) ends the runs as Ctrl-C does
             if a.results_only:
                 print(f"wrote {write_results(cfg.study_dir, cfg.results, cfg)}")
+                print(goals_section(cfg.results))
             else:
                 argv = ["recover-lora", "study", "--config", a.config] + (["--only", *a.only] if a.only else [])
                 argv += ["--jobs", str(a.jobs)] if a.jobs != 1 else []
@@ -80,6 +87,7 @@ def run_cli(a) -> int:
                           stop_after=a.stop_after)
                 if not a.dry_run:
                     print(f"wrote {cfg.results}")
+                    print(goals_section(cfg.results))
     finally:  # whatever finished comes back, also from an interrupted or failed call
         if getattr(a, "pack", None) and not a.dry_run and Path(cfg.study_dir).is_dir():
             print(f"packed {pack_results(cfg.study_dir, a.pack)} files into {a.pack}")
