@@ -131,6 +131,9 @@ def test_miniature_study_runs_resumes_and_reports(study_yaml, monkeypatch, capsy
     assert [ln.split(" | ")[:2] for ln in lines] == [["| 16", "2"], ["| 24", "3"]]
     assert f"{after['kv@16']['heldout']['after']['kl']:.3f}" in lines[0]
     assert (t / "results" / "tiny-noise-all-sweep.png").stat().st_size > 0
+    # svd-only is training-free: its start is its result; kv trains from the default (zero) start
+    rows = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in res.split("### noise-all")[1].split("\n\n")[1].splitlines()}
+    assert rows["svd-only"][2] == "-" and rows["kv"][2] == "-"
     cpu = sum(sum(d["cpu_minutes"].values()) for d in after.values()) / 60
     assert f"Time used: 3 finished runs {cpu:.1f} CPU-hours" in res
 

@@ -356,13 +356,14 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
             v = data[(model, damage)]
             ops = ((cfg.get("damage_overrides") or {}).get(model) or {}).get(damage, cfg["damages"][damage])
             L += [f"### {damage}: `{'; '.join(map(str, ops))}`", "",
-                  "| method | held-out KL: before -> after (removed) | held-out top-1 | agreement with the reference | "
-                  "answer-token KL | trainable params | synthetic tokens | minutes (train + eval) |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| method | held-out KL: before -> after (removed) | held-out KL after the warm start alone | held-out top-1 | "
+                  "agreement with the reference | answer-token KL | trainable params | synthetic tokens | "
+                  "minutes (train + eval) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
             dm = v["deg_measures"]["average"]
             first = next(iter(v["runs"].values()), None)
             hb = first["done"]["heldout"]["before"] if first else {}
-            L.append(f"| degraded | {_m(hb.get('kl'))} | {_m(hb.get('top1'), pct=True)} | "
+            L.append(f"| degraded | {_m(hb.get('kl'))} | - | {_m(hb.get('top1'), pct=True)} | "
                      f"{_m(dm['agreement'], dm['agreement_ci'], pct=True)} | {_m(dm['answer_kl'], dm['answer_kl_ci'])} "
                      "| - | - | - |")
             for m, r in v["runs"].items():
@@ -370,7 +371,9 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
                 h = done["heldout"]
                 tokens = (f"0 (labeled: {_num(done['train_tokens'])})" if done.get("recover_method") == "sft-lora"
                           else _num(done["train_tokens"]))
-                L.append(f"| {m} | {h['before']['kl']:.3f} -> {h['after']['kl']:.3f} ({pct(kl_closed(done))}) | "
+                start = (f"{h['init']['kl']:.3f} ({pct(1 - h['init']['kl'] / h['before']['kl'])})"
+                         if h.get("init") and done.get("steps") else "-")  # a training-free run is its start
+                L.append(f"| {m} | {h['before']['kl']:.3f} -> {h['after']['kl']:.3f} ({pct(kl_closed(done))}) | {start} | "
                          f"{_m(h['after'].get('top1'), pct=True)} | {_m(ms['agreement'], ms['agreement_ci'], pct=True)} | "
                          f"{_m(ms['answer_kl'], ms['answer_kl_ci'])} | {_num(done['trainable_parameters'])} | {tokens} | "
                          f"{_minutes(done)} |")
