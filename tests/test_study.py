@@ -529,6 +529,71 @@ def test_locked_makes_the_second_comer_wait(tmp_path):
     assert seen == [True]
 
 
+def test_shared_locks_overlap_and_an_exclusive_one_waits_for_them(tmp_path):
+    """study.locked(shared=True): runs side by side hold it together; a heavy run's exclusive lock
+    enters only when both have left, and holds a later shared one off until it leaves."""
+    import threading
+    import time as _time
+
+    lock, events = tmp_path / ".memory.lock", []
+    both_in = threading.Barrier(2, timeout=10)
+
+    def light(name):
+        with study.locked(lock, shared=True):
+            both_in.wait()  # fails (BrokenBarrierError) unless both shared holders are inside at once
+            events.append(f"{name} in")
+            _time.sleep(0.3)
+            events.append(f"{name} out")
+
+    def heavy_run():
+        _time.sleep(0.1)
+        with study.locked(lock):
+            events.append("heavy in")
+            _time.sleep(0.3)
+            events.append("heavy out")
+
+    ts = [threading.Thread(target=light, args=(n,)) for n in ("a", "b")] + [threading.Thread(target=heavy_run)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(10)
+    assert events.index("heavy in") > max(events.index("a out"), events.index("b out")), events
+    assert len(events) == 6
+
+
+def test_heavy_is_full_kd_whose_training_copies_exceed_the_machine_share():
+    from recover_lora.study.run import heavy
+
+    model = tiny_model("llama")
+    n = sum(p.numel() for p in model.parameters())
+    full, lora = RecoverConfig.from_dict({"method": "full-kd"}), RecoverConfig()
+    need = 5 * 4 * n  # weights, gradients, two AdamW moments and the reference, fp32
+    assert heavy(full, model, ram_bytes=int(need / 0.4) - 1) and not heavy(full, model, ram_bytes=int(need / 0.4) + 1)
+    assert not heavy(lora, model, ram_bytes=1)
+
+
+def test_a_run_after_full_kd_gets_a_fresh_degraded_model(study_yaml):
+    """full-KD trains the degraded model in place (no copy: memory); the next run of the same damage
+    must start from the degraded model as made, so its adapter is the one it trains alone."""
+    from safetensors.torch import load_file
+
+    d = yaml.safe_load(study_yaml.read_text())
+    d.update(sweep=None, methods={**d["methods"], "full-kd": {"method": "full-kd", "full_kd": {"lr": 1e-2}}},
+             plan={"tiny": {"damages": ["noise-all"], "methods": ["full-kd", "kv"]}},
+             goals={"method": "kv", "presets": [], "baselines": [], "min_gap_closed": 0.9})
+    study_yaml.write_text(yaml.safe_dump(d))
+    assert main(["study", "--config", str(study_yaml)]) == 0
+    base = study_yaml.parent / "study/tiny/noise-all"
+    fk = json.loads((base / "full-kd/done.json").read_text())["heldout"]
+    assert fk["after"]["kl"] < fk["before"]["kl"]  # full-KD moved the weights
+    after_full_kd = load_file(str(base / "kv/adapter/adapter_model.safetensors"))
+    import shutil
+    shutil.rmtree(study_yaml.parent / "study")
+    assert main(["study", "--config", str(study_yaml), "--only", "tiny/noise-all/kv"]) == 0
+    alone = load_file(str(base / "kv/adapter/adapter_model.safetensors"))
+    assert after_full_kd.keys() == alone.keys() and all(torch.equal(after_full_kd[k], alone[k]) for k in alone)
+
+
 def test_an_interrupted_run_stops_the_study(study_yaml, monkeypatch):
     """SIGTERM / Ctrl-C inside a run's training (an Interrupted error, its checkpoint saved) stops the
     study there: no later run starts and the run is not recorded as failed (it resumes next call)."""

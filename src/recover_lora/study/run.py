@@ -44,19 +44,36 @@ def timed(path: Path, key: str):
 
 
 @contextlib.contextmanager
-def locked(path: Path):
+def locked(path: Path, shared: bool = False):
     """Hold an exclusive lock on ``path`` (waiting for it): two study processes run side by side
     (``--only`` on disjoint runs, a core each) make what they share (the reference's answers, a
-    degraded model's evaluation, the synthetic pool) once, the second waiting and then reusing it."""
+    degraded model's evaluation, the synthetic pool) once, the second waiting and then reusing it.
+    ``shared``: a shared lock, which any number hold at once while nobody holds it exclusively."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+MEMORY_LOCK = ".memory.lock"  # in the study folder: a run that needs most of the machine's memory holds it alone
+
+
+def heavy(rcfg: RecoverConfig, reference, ram_bytes: int | None = None) -> bool:
+    """Whether a run needs the machine's memory to itself: full-KD trains every weight (AdamW: weights,
+    gradients and two moments) beside the reference, ~5 copies of the model in fp32 (Qwen2.5-0.5B
+    ~15 GB); a second study process beside it (its models and a run of its own) would not fit in 24 GB.
+    Heavy: that estimate over 40% of the machine's RAM."""
+    if rcfg.method != "full-kd" or next(reference.parameters()).device.type != "cpu":  # (GPU runs: --jobs)
+        return False
+    if ram_bytes is None:
+        import os
+        ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return 5 * 4 * sum(p.numel() for p in reference.parameters()) > 0.4 * ram_bytes
 
 
 def slim(results: dict) -> dict:
@@ -244,7 +261,9 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
         log.info("study: %s: recover (%s)", run.name, rcfg.method)
         share_plan(run, rcfg)
         with timed(timing, "recover"):
-            run_recover(rcfg, reference, copy.deepcopy(degraded), tokenizer, progress=progress)
+            # full-KD trains the degraded model itself: no copy (the caller makes it anew for the next run)
+            run_recover(rcfg, reference, degraded if rcfg.method == "full-kd" else copy.deepcopy(degraded), tokenizer,
+                        progress=progress)
     rep = read_json(run.dir / "report.json")
     get_repaired = functools.cache(lambda: load_repaired(run, rcfg, degraded))  # only if an evaluation is not cached
     # a headline method's row: accuracy on more items too, the measures being its first items

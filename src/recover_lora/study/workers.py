@@ -16,7 +16,7 @@ from ..errors import Interrupted
 from ..utils import RecoverLoraError, atomic_write_json, log, read_json
 from .config import FAILED, Run, StudyConfig, accuracy_config, degrade_config, eval_config, plan, slug
 from .files import mirror_results
-from .run import answers_file, evaluate_tiers, locked, prepare_plan, reference_answers, run_one, timed
+from .run import MEMORY_LOCK, answers_file, evaluate_tiers, heavy, locked, prepare_plan, reference_answers, run_one, timed
 
 CLAIM = ".claim"  # in a run folder while a parallel worker has it
 
@@ -78,8 +78,14 @@ def execute(cfg: StudyConfig, todo: list[Run], progress: bool = True, mode: str 
             prepare_plan(run, cfg.recover_config(model, damage, run.method, pool), reference, degraded, tokenizer,
                          progress)
         else:
-            _run_recorded(cfg, run, reference, degraded, tokenizer, ecfg, ref_res, deg_res, pool, progress, jobs,
-                          acfg, ref_acc, deg_acc, answers)
+            rcfg = cfg.recover_config(model, damage, run.method, pool)
+            # runs side by side (two study processes) share the memory; a heavy one (full-KD of a 0.5B
+            # model) waits until no other run is going, and holds the others off until it is done
+            with locked(study / MEMORY_LOCK, shared=not heavy(rcfg, reference)):
+                _run_recorded(cfg, run, reference, degraded, tokenizer, ecfg, ref_res, deg_res, pool, progress,
+                              jobs, acfg, ref_acc, deg_acc, answers)
+            if rcfg.method == "full-kd":  # it trained the degraded model in place: make it anew for the next run
+                damage = degraded = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
