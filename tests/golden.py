@@ -36,7 +36,8 @@ CASES = {  # name -> RecoverConfig overrides (on top of COMMON)
     "full-kd": {"method": "full-kd", "full_kd": {"lr": 1e-3}},
     "sft-lora": {"method": "sft-lora", "sft": {"tasks": ["arc_easy"], "steps": 4, "batch_size": 4}},
 }
-COMMON = {"heldout_sequences": 4, "load": {"device": "cpu", "dtype": "float32"},
+COMMON = {"heldout_sequences": 4, "keep_better_start": False,  # the training itself (the check: test_recover_methods)
+          "load": {"device": "cpu", "dtype": "float32"},
           "synth": {"seq_len": 12, "seed": 0}, "adapter": {"rank": 4, "alpha": 8, "modules": "attn-mlp"},
           "distill": {"steps": 4, "batch_size": 4, "lr": 5e-3, "warmup_steps": 1, "eval_every": 0,
                       "checkpoint_every": 100, "seed": 0}}

@@ -52,6 +52,31 @@ def test_svd_only_with_zero_steps_repairs_low_rank_damage(folders, init):
     assert rep["heldout"]["after"]["kl"] < 1e-6 and rep["heldout"]["after"]["top1"] == 1.0
 
 
+def test_a_warm_start_that_training_makes_worse_is_kept(folders):
+    """keep_better_start: an exact svd start (rank-4 fix of rank-2 damage) trained at a step size that
+    ruins it is put back (the adapter saved is the start itself); switched off, the ruined one stays;
+    a partial start (rank 1) that training improves stays trained."""
+    from safetensors.torch import load_file
+
+    t = folders
+    hot = ("--adapter.init", "svd", "--adapter.rank", "4", "--distill.lr", "0.05")
+    assert main(_args(t, "start", "--distill.steps", "0", *hot)) == 0
+    assert main(_args(t, "kept", "--distill.steps", "4", *hot)) == 0
+    assert main(_args(t, "ruined", "--distill.steps", "4", "--no-keep-better-start", *hot)) == 0
+    kept, ruined = (json.loads((t / n / "report.json").read_text()) for n in ("kept", "ruined"))
+    check = kept["warm_start_check"]
+    assert check["kept"] == "warm start" and check["start"]["kl"] < check["trained"]["kl"] and check["sequences"] == 8
+    assert kept["heldout"]["after"] == kept["heldout"]["init"] and kept["steps"] == 4
+    start, saved = (load_file(str(t / n / "adapter/adapter_model.safetensors")) for n in ("start", "kept"))
+    assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in start)
+    assert "warm_start_check" not in ruined and ruined["heldout"]["after"]["kl"] > 10 * ruined["heldout"]["init"]["kl"]
+
+    assert main(_args(t, "partial", "--distill.steps", "30", "--adapter.init", "svd", "--adapter.rank", "1",
+                      "--distill.lr", "3e-3")) == 0
+    rep = json.loads((t / "partial" / "report.json").read_text())
+    assert rep["warm_start_check"]["kept"] == "trained" and rep["heldout"]["after"]["kl"] < rep["heldout"]["init"]["kl"]
+
+
 def test_full_kd_method(folders):
     t = folders
     assert main(_args(t, "fk", "--method", "full-kd", "--distill.steps", "10", "--full-kd.lr", "3e-3",

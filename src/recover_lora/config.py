@@ -305,6 +305,9 @@ class RecoverConfig:
     full_kd: FullKDConfig = field(default_factory=FullKDConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     time_budget: float | str | None = None  # on a CPU: seconds or 15m, 1h: size the run to fit (budget.py)
+    # after distilling a warm start (adapter.init svd / eora): keep the start instead when it is closer to
+    # the reference on separate validation sequences (training at too large a step can undo a good start)
+    keep_better_start: bool = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RecoverConfig":

@@ -74,7 +74,7 @@ def config_identity(cfg: RecoverConfig) -> dict[str, Any]:
     synth = train_synth_config(cfg)  # what the tokens depend on, not how fast they were made
     ident: dict[str, Any] = {"method": cfg.method, "distill": distill, "heldout_sequences": cfg.heldout_sequences,
                              "synth": {**synth.content_key(), "num_sequences": synth.num_sequences},
-                             "given_data": bool(cfg.data)}
+                             "given_data": bool(cfg.data), "keep_better_start": cfg.keep_better_start}
     return {**ident, **get_method(cfg.method).identity(cfg)}
 
 
@@ -151,6 +151,7 @@ class Run:
     n_modules: int = 0
     seconds: dict = field(default_factory=dict)
     meter: KLMeter | None = None
+    start_state: dict | None = None  # a warm start's adapter weights (keep_better_start)
 
     @property
     def method(self):
@@ -182,10 +183,13 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
     r.method.student(r)  # 2. the degraded model with fresh adapters (full-kd: itself, every weight)
     before, at_init, zeroed_before = _starts(r)
     state, sft, after = _distill(r, before, at_init)  # 3. distillation (resumes from out/checkpoint.pt)
+    after, start_check = keep_better_start(r, at_init, after)
     if rank != 0:
         barrier()  # wait until rank 0 has written the outputs, then leave
         return {"heldout": {"before": before, "after": after}, "rank": rank}
     report = _report(r, state, sft, before, after, at_init, zeroed_before, sized)  # 4. outputs
+    if start_check:
+        report["warm_start_check"] = start_check
     report["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
     atomic_write_json(r.out / "report.json", report)
     if world > 1:
@@ -228,7 +232,43 @@ def _starts(r: Run) -> tuple[dict, dict | None, dict | None]:
     at_init = r.measure(r.student) if svd_start else None
     if at_init:
         log.info("after %s init: held-out KL %.4f, top-1 %.3f", r.cfg.adapter.init, at_init["kl"], at_init["top1"])
+        if r.cfg.keep_better_start and r.cfg.distill.steps > 0:  # (a resumed run makes the same start again)
+            r.start_state = {k: p.detach().clone() for k, p in r.student.named_parameters() if p.requires_grad}
     return before, at_init, zeroed_before
+
+
+VALIDATION_SEED = 3_000_003  # the sequences that judge a start against its training: not the reported held-out ones
+
+
+def keep_better_start(r: Run, at_init: dict | None, after: dict) -> tuple[dict, dict | None]:
+    """After distilling a warm start, compare the trained adapters with the start on separate
+    validation sequences (as many as held out, at least 8, made after training so that the
+    training is the same with or without this check); if the start is as close to the reference,
+    put it back. Returns the held-out measure of the adapters kept and what the check saw."""
+    if r.start_state is None or at_init is None:
+        return after, None
+    val = heldout(r.reference, r.tokenizer, train_synth_config(r.cfg), max(8, r.cfg.heldout_sequences),
+                  progress=False, offset=VALIDATION_SEED)
+    meter = KLMeter(r.reference, val, r.cfg.distill.eval_batch_size, r.cfg.distill)
+    params = dict(r.student.named_parameters())
+    trained = meter(r.student)
+    trained_state = {k: params[k].detach().clone() for k in r.start_state}
+    with torch.no_grad():
+        for k, v in r.start_state.items():
+            params[k].copy_(v)
+    start = meter(r.student)
+    kept = "warm start" if start["kl"] <= trained["kl"] else "trained"
+    if kept == "trained":
+        with torch.no_grad():
+            for k, v in trained_state.items():
+                params[k].copy_(v)
+    else:
+        log.warning("training took the %s start farther from the reference on %d validation sequences (KL %.4f "
+                    "-> %.4f): keeping the start (held-out KL %.4f, not %.4f); a smaller --distill.lr may let "
+                    "training improve on it", r.cfg.adapter.init, len(val), start["kl"], trained["kl"],
+                    at_init["kl"], after["kl"])
+    return (at_init if kept == "warm start" else after), {"sequences": len(val), "start": start,
+                                                          "trained": trained, "kept": kept}
 
 
 def _distill(r: Run, before: dict, at_init: dict | None):

@@ -373,6 +373,8 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
                           else _num(done["train_tokens"]))
                 start = (f"{h['init']['kl']:.3f} ({pct(1 - h['init']['kl'] / h['before']['kl'])})"
                          if h.get("init") and done.get("steps") else "-")  # a training-free run is its start
+                if (done.get("warm_start_check") or {}).get("kept") == "warm start":
+                    start += ", kept: training made it worse"
                 L.append(f"| {m} | {h['before']['kl']:.3f} -> {h['after']['kl']:.3f} ({pct(kl_closed(done))}) | {start} | "
                          f"{_m(h['after'].get('top1'), pct=True)} | {_m(ms['agreement'], ms['agreement_ci'], pct=True)} | "
                          f"{_m(ms['answer_kl'], ms['answer_kl_ci'])} | {_num(done['trainable_parameters'])} | {tokens} | "

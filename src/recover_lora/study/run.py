@@ -286,6 +286,7 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
                             "eval": round(secs.get("eval_cpu", 0.0) / 60, 3)},
             "concurrent_runs": jobs,
             "device_name": rep.get("device_name"), "heldout": rep["heldout"],
+            "warm_start_check": rep.get("warm_start_check"),
             "gap_closed": summary["average"]["gap_closed"], "recovered_points": summary["average"]["recovered_points"],
             "resolved_gap_closed": (summary.get("resolved_average") or {}).get("gap_closed"),
             "accuracy_items": "accuracy" if rec_acc is not None else "measures",
