@@ -529,6 +529,32 @@ def test_locked_makes_the_second_comer_wait(tmp_path):
     assert seen == [True]
 
 
+def test_timed_keeps_the_cost_of_a_process_killed_outright(tmp_path):
+    """study.run.timed writes as it goes: a run killed with SIGKILL (a session's end) still has its
+    seconds so far on record, and the next block adds to them."""
+    import subprocess
+    import sys
+    import time as _time
+
+    f = tmp_path / "timing.json"
+    code = ("import time, pathlib\nfrom recover_lora.study.run import timed\n"
+            f"with timed(pathlib.Path({str(f)!r}), 'recover', beat=0.1):\n"
+            "    t = time.time()\n    while True: pass\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    t0 = _time.time()
+    while not f.exists() and _time.time() - t0 < 120:  # its first beat (after importing torch)
+        _time.sleep(0.05)
+    _time.sleep(1.0)
+    proc.kill()
+    proc.wait()
+    d = json.loads(f.read_text())
+    assert 0.9 < d["recover"] < 1.5 and 0.05 < d["recover_cpu"] <= d["recover"] + 0.2, d
+    with study.run.timed(f, "recover"):
+        _time.sleep(0.2)
+    e = json.loads(f.read_text())
+    assert d["recover"] + 0.2 <= e["recover"] < d["recover"] + 1.0 and e["recover_cpu"] >= d["recover_cpu"]
+
+
 def test_shared_locks_overlap_and_an_exclusive_one_waits_for_them(tmp_path):
     """study.locked(shared=True): runs side by side hold it together; a heavy run's exclusive lock
     enters only when both have left, and holds a later shared one off until it leaves."""

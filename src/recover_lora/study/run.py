@@ -29,18 +29,37 @@ def answers_file(ecfg) -> str:
 
 
 @contextlib.contextmanager
-def timed(path: Path, key: str):
+def timed(path: Path, key: str, beat: float = 30.0):
     """Add the wall seconds of the block to ``path[key]``, and this process's CPU seconds (all its
-    threads) to ``path[key + "_cpu"]``, also when it is interrupted. On a CPU the CPU seconds are the
-    cost: they do not count time the process waited (paused, or sharing the machine)."""
-    t0, c0 = time.perf_counter(), time.process_time()
+    threads) to ``path[key + "_cpu"]``, also when it is interrupted, and every ``beat`` seconds on the
+    way: a process killed outright (a session's end) loses at most one beat of its run's cost. On a
+    CPU the CPU seconds are the cost: they do not count time the process waited (paused, or sharing)."""
+    import threading
+
+    have = read_json(path) if path.exists() else {}
+    w0, c0 = have.get(key, 0.0), have.get(f"{key}_cpu", 0.0)
+    t0, p0 = time.perf_counter(), time.process_time()
+    stop = threading.Event()
+
+    def write():
+        d = read_json(path) if path.exists() else {}
+        d[key] = round(w0 + time.perf_counter() - t0, 3)
+        d[f"{key}_cpu"] = round(c0 + time.process_time() - p0, 3)
+        atomic_write_json(path, d)
+
+    def heartbeat():
+        while not stop.wait(beat):
+            write()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    th = threading.Thread(target=heartbeat, daemon=True, name="study-timing")
+    th.start()
     try:
         yield
     finally:
-        d = read_json(path) if path.exists() else {}
-        d[key] = round(d.get(key, 0.0) + time.perf_counter() - t0, 3)
-        d[f"{key}_cpu"] = round(d.get(f"{key}_cpu", 0.0) + time.process_time() - c0, 3)
-        atomic_write_json(path, d)
+        stop.set()
+        th.join()
+        write()
 
 
 @contextlib.contextmanager
