@@ -77,6 +77,16 @@ def test_a_warm_start_that_training_makes_worse_is_kept(folders):
     assert rep["warm_start_check"]["kept"] == "trained" and rep["heldout"]["after"]["kl"] < rep["heldout"]["init"]["kl"]
 
 
+def test_the_warm_start_check_does_not_stop_a_run_from_resuming():
+    """The check acts after training: a run folder started without it (or by a version before it)
+    resumes with it, since the training and its checkpoints are the same."""
+    from recover_lora.config import RecoverConfig
+    from recover_lora.recover import config_identity
+
+    on, off = RecoverConfig(), RecoverConfig(keep_better_start=False)
+    assert on.keep_better_start and config_identity(on) == config_identity(off)
+
+
 def test_full_kd_method(folders):
     t = folders
     assert main(_args(t, "fk", "--method", "full-kd", "--distill.steps", "10", "--full-kd.lr", "3e-3",

@@ -74,7 +74,7 @@ def config_identity(cfg: RecoverConfig) -> dict[str, Any]:
     synth = train_synth_config(cfg)  # what the tokens depend on, not how fast they were made
     ident: dict[str, Any] = {"method": cfg.method, "distill": distill, "heldout_sequences": cfg.heldout_sequences,
                              "synth": {**synth.content_key(), "num_sequences": synth.num_sequences},
-                             "given_data": bool(cfg.data), "keep_better_start": cfg.keep_better_start}
+                             "given_data": bool(cfg.data)}  # (keep_better_start: after training, not in it)
     return {**ident, **get_method(cfg.method).identity(cfg)}
 
 
