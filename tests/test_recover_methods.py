@@ -67,6 +67,9 @@ def test_a_warm_start_that_training_makes_worse_is_kept(folders):
     check = kept["warm_start_check"]
     assert check["kept"] == "warm start" and check["start"]["kl"] < check["trained"]["kl"] and check["sequences"] == 8
     assert kept["heldout"]["after"] == kept["heldout"]["init"] and kept["steps"] == 4
+    from recover_lora.metrics import read_metrics
+    final = read_metrics(t / "kept" / "metrics.jsonl")[-1]  # the streamed metrics end with what was kept
+    assert final["final"] and final["model"] == "warm start (kept)" and final["kl"] == kept["heldout"]["after"]["kl"]
     start, saved = (load_file(str(t / n / "adapter/adapter_model.safetensors")) for n in ("start", "kept"))
     assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in start)
     assert "warm_start_check" not in ruined and ruined["heldout"]["after"]["kl"] > 10 * ruined["heldout"]["init"]["kl"]

@@ -52,7 +52,8 @@ def main() -> None:
         state = train(student, ref, ids["train"], DistillConfig(
             steps=a.steps, batch_size=8, lr=lr, warmup_steps=10, eval_every=a.every, checkpoint_every=0,
             autocast="bf16"), heldout_ids=ids["heldout"], progress=False)
-        curve = [(0, start["kl"])] + [(e["step"], e["kl"]) for e in state.evals]
+        curve = [(0, start["kl"])] + [(e["step"], e["kl"]) for e in state.evals if e["step"] < a.steps]
+        curve.append((a.steps, measure(student, ref, ids["heldout"], 8)["kl"]))  # the end, as recover measures it
         out["runs"][str(lr)] = curve
         print(f"lr {lr:g}: " + ", ".join(f"step {s} {k:.4f}" for s, k in curve), flush=True)
         with open(a.out, "w") as f:

@@ -152,6 +152,7 @@ class Run:
     seconds: dict = field(default_factory=dict)
     meter: KLMeter | None = None
     start_state: dict | None = None  # a warm start's adapter weights (keep_better_start)
+    start_check: dict | None = None  # what keep_better_start saw
 
     @property
     def method(self):
@@ -183,13 +184,12 @@ def _recover(cfg: RecoverConfig, reference, degraded, tokenizer, progress: bool,
     r.method.student(r)  # 2. the degraded model with fresh adapters (full-kd: itself, every weight)
     before, at_init, zeroed_before = _starts(r)
     state, sft, after = _distill(r, before, at_init)  # 3. distillation (resumes from out/checkpoint.pt)
-    after, start_check = keep_better_start(r, at_init, after)
     if rank != 0:
         barrier()  # wait until rank 0 has written the outputs, then leave
         return {"heldout": {"before": before, "after": after}, "rank": rank}
     report = _report(r, state, sft, before, after, at_init, zeroed_before, sized)  # 4. outputs
-    if start_check:
-        report["warm_start_check"] = start_check
+    if r.start_check:
+        report["warm_start_check"] = r.start_check
     report["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
     atomic_write_json(r.out / "report.json", report)
     if world > 1:
@@ -283,8 +283,10 @@ def _distill(r: Run, before: dict, at_init: dict | None):
     try:
         state, summary = r.method.train(r, metrics)
         r.seconds["train"] = round(time.perf_counter() - t0, 2)
-        after = r.measure(r.student)
-        metrics.log("heldout", {"step": state.step, "model": "repaired", "final": True, **after})
+        after, r.start_check = keep_better_start(r, at_init, r.measure(r.student))
+        kept_start = (r.start_check or {}).get("kept") == "warm start"
+        metrics.log("heldout", {"step": state.step, "model": "warm start (kept)" if kept_start else "repaired",
+                                "final": True, **after})
     finally:
         metrics.close()
     log.info("after: held-out KL %.4f, top-1 %.3f", after["kl"], after["top1"])
