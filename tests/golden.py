@@ -29,8 +29,8 @@ CASES = {  # name -> RecoverConfig overrides (on top of COMMON)
     "eora": {"adapter": {"init": "eora"}},
     "eora-diag": {"adapter": {"init": "eora-diag"}},
     "kv": {"adapter": {"modules": "kv"}},
-    "auto": {"placement": "auto"},
-    "auto+eora": {"placement": "auto", "adapter": {"init": "eora"}},
+    "auto": {"placement": "auto", "adapter": {"modules": "all-linear"}},  # (auto ignored modules before: the same)
+    "auto+eora": {"placement": "auto", "adapter": {"init": "eora", "modules": "all-linear"}},
     "eora-only": {"adapter": {"init": "eora"}, "distill": {"steps": 0}},
     "hidden-weight": {"distill": {"hidden_weight": 10.0}},
     "full-kd": {"method": "full-kd", "full_kd": {"lr": 1e-3}},
@@ -38,7 +38,8 @@ CASES = {  # name -> RecoverConfig overrides (on top of COMMON)
 }
 COMMON = {"heldout_sequences": 4, "keep_better_start": False,  # the training itself (the check: test_recover_methods)
           "load": {"device": "cpu", "dtype": "float32"},
-          "synth": {"seq_len": 12, "seed": 0}, "adapter": {"rank": 4, "alpha": 8, "modules": "attn-mlp"},
+          "synth": {"seq_len": 12, "seed": 0}, "placement": "preset",  # recover's defaults moved; these did not
+          "adapter": {"rank": 4, "alpha": 8, "modules": "attn-mlp", "init": "default"},
           "distill": {"steps": 4, "batch_size": 4, "lr": 5e-3, "warmup_steps": 1, "eval_every": 0,
                       "checkpoint_every": 100, "seed": 0}}
 

@@ -42,12 +42,13 @@ def test_budget_picks_the_most_steps_that_fit():
 
 def test_estimate_scales_with_the_work():
     model = tiny_model("llama")
-    a, b = RecoverConfig(), RecoverConfig()
+    a, b = RecoverConfig(placement="preset"), RecoverConfig(placement="preset")
     b.distill.steps *= 2
     ea, eb = budget.estimate(a, model, 1e9), budget.estimate(b, model, 1e9)
     assert eb.train_s == pytest.approx(2 * ea.train_s) and eb.synth_s == pytest.approx(2 * ea.synth_s)
-    a.placement = "auto"
+    a.placement = "auto"  # the default: the diagnosis costs something too
     assert budget.estimate(a, model, 1e9).diagnose_s > 0 == ea.diagnose_s
+    assert budget.estimate(RecoverConfig(), model, 1e9).diagnose_s > 0
 
 
 def test_cpu_run_prints_its_cost_and_a_budget_sizes_and_resumes(tmp_path, capsys, monkeypatch):

@@ -141,6 +141,18 @@ def test_flags_are_the_config_fields_and_yaml_is_typed(tmp_path, capsys):
     assert cfg.eval.tasks == ["arc_easy", "piqa"] and cfg.adapter.modules == "kv" and cfg.full_kd.lr == 3e-5
     assert cfg.sft.tasks == ["piqa"] and cfg.load.device == "cpu" and cfg.out_dir == "o"
     assert parse(["recover"]).recover_config() == RecoverConfig()  # no flag: the Python API's defaults
+    # ... which are the CPU study's winner: the goals' method of study-cpu.yaml, on top of the common settings
+    from pathlib import Path
+
+    from recover_lora.study import StudyConfig
+    from recover_lora.study.config import merge
+    study = StudyConfig.from_yaml(Path(__file__).parents[1] / "study-cpu.yaml")
+    win = merge({k: study.recover[k] for k in ("placement", "adapter", "distill")}, study.methods[study.goals["method"]])
+    d = RecoverConfig()
+    assert (d.placement, d.adapter.init, d.adapter.modules, d.distill.lr) == (
+        win["placement"], win["adapter"]["init"], win["adapter"]["modules"], win["distill"]["lr"])
+    assert main(["recover", "--degraded", "d", "--adapter.modules", "kv"]) == 2  # hand placement needs preset
+    assert "--placement preset" in capsys.readouterr().err
     capsys.readouterr()
     assert parse(["recover", "--help"]) == 0
     help_text = capsys.readouterr().out

@@ -59,8 +59,8 @@ def study_yaml(tmp_path):
         "damages": {"noise-all": ["noise:rel=0.3"]},
         "recover": {"load": {"dtype": "float32", "device": "cpu"}, "heldout_sequences": 8,
                     "synth": {"seq_len": 16, "batch_size": 16},
-                    "adapter": {"rank": 4, "alpha": 8},
-                    "distill": {"steps": 3, "batch_size": 8, "warmup_steps": 1, "eval_every": 100,
+                    "placement": "preset", "adapter": {"rank": 4, "alpha": 8, "init": "default"},
+                    "distill": {"steps": 3, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "eval_every": 100,
                                 "checkpoint_every": 100}},
         "eval": {"tasks": ["arc_easy"], "data_dir": "eval"},
         "methods": {"kv": {"adapter": {"modules": "kv"}},
@@ -244,6 +244,7 @@ def test_shipped_study_configs_resolve(name):
     from pathlib import Path
 
     from recover_lora.degrade import op_from_dict, parse_op
+    from recover_lora.recover import validate_config
 
     cfg = study.StudyConfig.from_yaml(Path(__file__).parents[1] / name)
     for m in cfg.models:
@@ -251,13 +252,12 @@ def test_shipped_study_configs_resolve(name):
             assert [parse_op(o) if isinstance(o, str) else op_from_dict(o) for o in ops]
             for method in cfg.all_methods():
                 rc = cfg.recover_config(m, d, method, None)
-                rc.distill.validate()
+                validate_config(rc)  # e.g. adapter.modules under the auto placement is refused
                 assert rc.reference == cfg.models[m]
     assert set(cfg.goals["presets"]) | set(cfg.goals["baselines"]) | set(study.goal_methods(cfg.goals)) \
         <= set(cfg.all_methods())
-    if name != "study-smoke.yaml":  # the studies pin what recover's defaults may change to (the study's winner)
-        r = cfg.recover
-        assert "placement" in r and {"init", "modules"} <= set(r["adapter"]) and "lr" in r["distill"], name
+    r = cfg.recover  # the studies pin what recover's defaults changed to (the study's winner)
+    assert "placement" in r and {"init", "modules"} <= set(r["adapter"]) and "lr" in r["distill"], name
 
 
 def test_pack_and_unpack_results(tmp_path):

@@ -41,6 +41,10 @@ def validate_config(cfg: RecoverConfig) -> None:
     method = get_method(cfg.method)
     if cfg.placement not in ("preset", "auto"):
         raise RecoverLoraError(f"unknown placement {cfg.placement!r}; use preset or auto")
+    if method.adapters and cfg.placement == "auto" and (cfg.adapter.modules != "all-linear" or cfg.adapter.layers):
+        raise RecoverLoraError(f"adapter.modules {cfg.adapter.modules!r} / adapter.layers {cfg.adapter.layers!r} "
+                               "place the adapters by hand: add --placement preset (the default, auto, lets the "
+                               "diagnosis choose modules and ranks)")
     if cfg.heldout_sequences < 1:
         raise RecoverLoraError(f"heldout_sequences must be >= 1, got {cfg.heldout_sequences}")
     if cfg.placement_budget is not None and cfg.placement_budget < 1:
