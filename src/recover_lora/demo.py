@@ -21,17 +21,17 @@ from .config import DemoConfig, EvalConfig  # noqa: F401 - DemoConfig re-exporte
 
 
 def demo_recover_config(cfg: DemoConfig, on_gpu: bool) -> RecoverConfig:
-    """recover's defaults (an eora warm start distilled at lr 5e-4; RESULTS.md) at a demo's size. CPU:
+    """recover's defaults (an eora warm start distilled at lr 1.5e-4; RESULTS.md) at a demo's size. CPU:
     short sequences and few steps (2 cores), LoRA on every linear instead of the auto placement (its
     diagnosis would add minutes); GPU: the paper-sized run with the auto placement."""
     if on_gpu:
         synth = SynthConfig(num_sequences=0, seq_len=128, seed=cfg.seed)
-        distill = DistillConfig(steps=cfg.steps or 600, batch_size=32, lr=5e-4, warmup_steps=30, seed=cfg.seed)
+        distill = DistillConfig(steps=cfg.steps or 600, batch_size=32, lr=1.5e-4, warmup_steps=30, seed=cfg.seed)
         heldout = 64
     else:
         steps = cfg.steps or 50
         synth = SynthConfig(num_sequences=256, seq_len=64, seed=cfg.seed)  # CPU defaults: bf16, batch 256
-        distill = DistillConfig(steps=steps, batch_size=8, lr=5e-4, warmup_steps=5, seed=cfg.seed,
+        distill = DistillConfig(steps=steps, batch_size=8, lr=1.5e-4, warmup_steps=5, seed=cfg.seed,
                                 eval_every=0, checkpoint_every=10)
         heldout = 24
     return RecoverConfig(reference=cfg.model, degraded="(in memory: noise rel-L2 %.2f)" % cfg.noise_rel,
