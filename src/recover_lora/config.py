@@ -298,12 +298,13 @@ class RecoverConfig:
     load: LoadConfig = field(default_factory=lambda: LoadConfig(dtype="auto"))
     synth: SynthConfig = field(default_factory=SynthConfig)  # num_sequences 0: one fresh pass of the steps
     # recover's defaults are the CPU study's winner (RESULTS.md, issue 18): the auto placement, an eora
-    # warm start, distilled at lr 1.5e-4 (a warm start wants a small step: docs/warm_start.md).
+    # warm start, distilled at lr 5e-4 (a warm start wants a smaller step than a zero start; 1.5e-4 was
+    # level or worse at the study's 120 steps: docs/warm_start.md).
     # An AdapterConfig / DistillConfig passed in keeps its own defaults (init "default", lr 1e-3).
     adapter: AdapterConfig = field(default_factory=lambda: AdapterConfig(init="eora"))
     placement: str = "auto"  # "auto": diagnose, then plan per-module ranks; "preset": adapter.modules/layers/rank
     placement_budget: int | None = None  # auto: trainable parameters; None = attn-mlp at adapter.rank on all layers
-    distill: DistillConfig = field(default_factory=lambda: DistillConfig(lr=1.5e-4))
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(lr=5e-4))
     method: str = "recover-lora"  # recover-lora | full-kd (all weights, LLM-QAT*) | sft-lora (labeled train splits)
     full_kd: FullKDConfig = field(default_factory=FullKDConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)

@@ -21,7 +21,8 @@ from .config import DemoConfig, EvalConfig  # noqa: F401 - DemoConfig re-exporte
 
 
 def demo_recover_config(cfg: DemoConfig, on_gpu: bool) -> RecoverConfig:
-    """recover's defaults (an eora warm start distilled at lr 1.5e-4; RESULTS.md) at a demo's size. CPU:
+    """recover's defaults (an eora warm start; RESULTS.md) at a demo's size, at lr 1.5e-4, which is ahead of
+    the default 5e-4 over a short run (docs/warm_start.md: 50 steps here, the study's 120). CPU:
     short sequences and few steps (2 cores), LoRA on every linear instead of the auto placement (its
     diagnosis would add minutes); GPU: the paper-sized run with the auto placement."""
     if on_gpu:
