@@ -238,7 +238,7 @@ def test_auto_runs_share_one_diagnosis(study_yaml, monkeypatch):
     assert plans["auto-r2"]["base_rank"] == 2
 
 
-@pytest.mark.parametrize("name", ["study.yaml", "study-smoke.yaml", "study-cpu.yaml"])
+@pytest.mark.parametrize("name", ["study.yaml", "study-smoke.yaml", "study-cpu.yaml", "tools/smoke-big-models.yaml"])
 def test_shipped_study_configs_resolve(name):
     """Every run of the shipped study files builds a valid RecoverConfig and damage (no typo waits for the GPU)."""
     from pathlib import Path

@@ -21,13 +21,13 @@ from .config import DemoConfig, EvalConfig  # noqa: F401 - DemoConfig re-exporte
 
 
 def demo_recover_config(cfg: DemoConfig, on_gpu: bool) -> RecoverConfig:
-    """recover's defaults (an eora warm start; RESULTS.md) at a demo's size, at lr 1.5e-4, which is ahead of
-    the default 5e-4 over a short run (docs/warm_start.md: 50 steps here, the study's 120). CPU:
-    short sequences and few steps (2 cores), LoRA on every linear instead of the auto placement (its
-    diagnosis would add minutes); GPU: the paper-sized run with the auto placement."""
+    """recover's defaults (an eora warm start; RESULTS.md) at a demo's size. CPU: short sequences and
+    50 steps (2 cores) at lr 1.5e-4, which is ahead of the default 5e-4 over so short a run
+    (docs/warm_start.md), LoRA on every linear instead of the auto placement (its diagnosis would add
+    minutes); GPU: the paper-sized run with recover's defaults."""
     if on_gpu:
         synth = SynthConfig(num_sequences=0, seq_len=128, seed=cfg.seed)
-        distill = DistillConfig(steps=cfg.steps or 600, batch_size=32, lr=1.5e-4, warmup_steps=30, seed=cfg.seed)
+        distill = DistillConfig(steps=cfg.steps or 600, batch_size=32, lr=5e-4, warmup_steps=30, seed=cfg.seed)
         heldout = 64
     else:
         steps = cfg.steps or 50
