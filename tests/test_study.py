@@ -8,6 +8,7 @@ import yaml
 from tiny import arc_records, tiny_model, tiny_tokenizer
 
 from recover_lora import study
+from recover_lora.study import results
 from recover_lora.cli import main
 from recover_lora.config import RecoverConfig
 from recover_lora.errors import RecoverLoraError
@@ -124,7 +125,11 @@ def test_miniature_study_runs_resumes_and_reports(study_yaml, monkeypatch, capsy
              for m in ("kv", "svd-only", "kv@16")}
     low = sorted(("kv", "svd-only"), key=lambda m: after[m]["heldout"]["after"]["kl"])  # the sweep's run left out
     row = next(line for line in res.split("## What wins where")[1].splitlines() if line.startswith("| tiny |"))
-    assert row.split(" | ")[2].startswith(f"**{low[0]}** {after[low[0]]['heldout']['after']['kl']:.3f} ({low[1]}")
+    size = {m: after[m]["trainable_parameters"] for m in low}
+    assert size[low[0]] != size[low[1]]  # kv's preset against the auto placement's budget: the sizes are said
+    assert row.split(" | ")[2] == (f"**{low[0]}** {after[low[0]]['heldout']['after']['kl']:.3f} at "
+                                   f"{results._num(size[low[0]])} ({low[1]} "
+                                   f"{after[low[1]]['heldout']['after']['kl']:.3f} at {results._num(size[low[1]])})")
     # the data sweep: kv on its pool (3 steps of 8) and on 16 sequences (2 steps), by synthetic tokens
     sweep = res.split("Synthetic data sweep of kv (tiny, noise-all)")[1]
     lines = [ln for ln in sweep.splitlines() if ln.startswith("| ") and ln[2].isdigit()]

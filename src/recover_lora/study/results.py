@@ -204,7 +204,8 @@ def winners(data: dict, sweep_method: str | None) -> list[str]:
     which are the sweep method with more data, left out)."""
     L = ["## What wins where", "",
          "Per model and damage, the best finished method on each measure (the data sweep's runs left out; "
-         "brackets: the runner-up). Accuracy: the resolved gap closed, among the headline rows.", "",
+         "brackets: the runner-up; *at N*: the trainable parameters, shown where the two differ). Accuracy: "
+         "the resolved gap closed, among the headline rows.", "",
          "| model | damage | held-out KL (lowest) | agreement (highest) | answer-token KL (lowest) | resolved gap closed |",
          "|---|---|---|---|---|---|"]
 
@@ -212,8 +213,11 @@ def winners(data: dict, sweep_method: str | None) -> list[str]:
         vals = sorted(((v, m) for m, r in runs.items() if (v := key(r)) is not None), reverse=not low)
         if not vals:
             return "n/a"
-        top = f"**{vals[0][1]}** {fmt(vals[0][0])}"
-        return top + (f" ({vals[1][1]} {fmt(vals[1][0])})" if len(vals) > 1 else "")
+        # a larger adapter winning is not the same method winning: say the sizes when they differ
+        size = {m: runs[m]["done"].get("trainable_parameters") for _, m in vals[:2]}
+        at = (lambda m: f" at {_num(size[m])}") if len(set(size.values())) > 1 else (lambda m: "")
+        top = f"**{vals[0][1]}** {fmt(vals[0][0])}{at(vals[0][1])}"
+        return top + (f" ({vals[1][1]} {fmt(vals[1][0])}{at(vals[1][1])})" if len(vals) > 1 else "")
 
     for (model, damage), e in data.items():
         runs = {m: r for m, r in e["runs"].items() if not (sweep_method and m.startswith(f"{sweep_method}@"))}
