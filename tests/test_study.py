@@ -8,11 +8,11 @@ import yaml
 from tiny import arc_records, tiny_model, tiny_tokenizer
 
 from recover_lora import study
-from recover_lora.study import results
 from recover_lora.cli import main
 from recover_lora.config import RecoverConfig
 from recover_lora.errors import RecoverLoraError
 from recover_lora.load import LoadConfig, load_model, save_model_dir
+from recover_lora.study import results
 from recover_lora.twin import mha_twin
 
 
