@@ -10,13 +10,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..report import (
-    ReportConfig,
-    compute_measures,
-    compute_report,
-    item_array,
-    task_results,
-)
+from ..report import ReportConfig, compute_measures, compute_report, item_array, task_results
 from ..utils import RecoverLoraError, atomic_write_bytes, read_json, save_figure
 from .config import StudyConfig, kl_closed, pct, plan, slug
 
