@@ -62,11 +62,11 @@ def main() -> None:
                     autocast="bf16"), heldout_ids=ids["heldout"], progress=False)
                 curve += [(e["step"], e["kl"]) for e in state.evals if e["step"] < a.steps]
                 curve.append((a.steps, measure(student, ref, ids["heldout"], 8)["kl"]))  # the end, as recover measures it
-            # the key keeps the lr alone at rank 16, as the tables in docs/warm_start.md were written
-            out["runs"][str(lr) if rank == 16 else f"r{rank} lr {lr:g}"] = curve
+            out["runs"][f"r{rank} lr {lr:g}"] = curve
             print(f"rank {rank} lr {lr:g}: " + ", ".join(f"step {s} {k:.4f}" for s, k in curve), flush=True)
             with open(a.out, "w") as f:
                 json.dump(out, f, indent=1)
+
 
 if __name__ == "__main__":
     main()
