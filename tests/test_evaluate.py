@@ -411,3 +411,63 @@ def test_bf16_autocast_scoring_is_its_own_evaluation(tmp_path):
     assert "autocast" not in config_dict(f32) and config_dict(b16)["autocast"] == "bf16"
     with pytest.raises(RecoverLoraError, match="autocast must be off or bf16"):
         evaluate(model, tok, EvalConfig(tasks=["arc_easy"], data_dir=str(tmp_path), autocast="fp16"), progress=False)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_after(model, n: int):
+    """A forward hook that interrupts scoring at its ``n``-th forward (as a kill would, mid-pass)."""
+    calls = {"n": 0}
+
+    def hook(m, args):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise _Killed
+    return model.register_forward_pre_hook(hook), calls
+
+
+def test_an_interrupted_scoring_resumes_to_the_same_result(tmp_path):
+    """``score(resume=folder)``: killed mid-pass, a restart scores only the batches not kept and returns
+    exactly what one uninterrupted pass returns: log-likelihoods, greedy flags, answer-token KL (kept
+    reference answers) and the reference's kept states; another model does not reuse the shards."""
+    from recover_lora.evaluate.scorer import keep_answers
+
+    model, ref = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    g = np.random.default_rng(5)
+    reqs = []
+    for _ in range(30):  # ~6 packed lines of 256 tokens: one a forward
+        ctx = g.integers(4, 100, size=int(g.integers(20, 60))).tolist()
+        reqs += [(ctx, g.integers(4, 100, size=int(g.integers(1, 5))).tolist()) for _ in range(3)]
+    kw = {"max_batch_tokens": 64, "resume_every": 0.0}
+    whole_cache, whole_ref = keep_answers(ref, reqs, max_batch_tokens=64)
+    whole = score(model, reqs, reference=whole_cache, max_batch_tokens=64)
+    counter, calls = _kill_after(model, 10**9)
+    score(model, reqs, max_batch_tokens=64)
+    n_batches = calls["n"]
+    counter.remove()
+    assert n_batches >= 4
+
+    # the reference's pass, with its kept states, killed half way
+    h, _ = _kill_after(ref, n_batches // 2 + 1)
+    with pytest.raises(_Killed):
+        keep_answers(ref, reqs, resume=tmp_path / "ref", **kw)
+    h.remove()
+    cache, ref_res = keep_answers(ref, reqs, resume=tmp_path / "ref", **kw)
+    assert ref_res == whole_ref and torch.equal(cache.hidden, whole_cache.hidden) and cache.keys == whole_cache.keys
+
+    # a model's pass with the answer-token KL, killed twice
+    for at in (2, 3):
+        h, _ = _kill_after(model, at)
+        with pytest.raises(_Killed):
+            score(model, reqs, reference=cache, resume=tmp_path / "m", **kw)
+        h.remove()
+    h, calls = _kill_after(model, 10**9)
+    assert score(model, reqs, reference=cache, resume=tmp_path / "m", **kw) == whole
+    assert calls["n"] == n_batches - 3  # the three batches finished before the kills were not run again
+    h.remove()
+
+    other = tiny_model("llama", seed=2)  # another model: the kept shards are not its
+    assert score(other, reqs, reference=cache, resume=tmp_path / "m", **kw) == \
+        score(other, reqs, reference=cache, max_batch_tokens=64)

@@ -52,6 +52,7 @@ def test_degrade_recover_export(folders, capsys):
     assert len(rep["loss_curve"]) == 40
     assert (t / "run" / "loss.png").stat().st_size > 1000
     assert (t / "run" / "eval" / "report.md").exists() and (t / "run" / "eval" / "report.png").exists()
+    assert not list((t / "run" / "eval").glob(".*.partial"))  # the evaluations finished: no kept batches left
     row = rep["eval"]["tasks"]["arc_easy"]
     assert row["n"] == 4 and 0 <= row["reference"] <= 100
     assert row["drop"] == pytest.approx(row["reference"] - row["degraded"])

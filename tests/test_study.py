@@ -103,6 +103,7 @@ def test_miniature_study_runs_resumes_and_reports(study_yaml, monkeypatch, capsy
     assert (t / "study/tiny/synth/manifest.json").exists()  # the shared pool
     assert (t / "study/tiny/noise-all/kv-16/synth/manifest.json").exists()  # the sweep's own data
     assert (t / "study/tiny/eval/reference.json").exists() and (t / "study/tiny/noise-all/eval/degraded.json").exists()
+    assert not list((t / "study").rglob("*.partial"))  # finished evaluations leave no kept batches behind
 
     capsys.readouterr()
     assert main(["study", "--config", str(study_yaml)]) == 0  # everything done: no training, no evaluation
@@ -641,3 +642,40 @@ def test_an_interrupted_run_stops_the_study(study_yaml, monkeypatch):
     assert main(["study", "--config", str(study_yaml)]) != 0
     base = study_yaml.parent / "study/tiny/noise-all"
     assert len(started) == 1 and not list(base.glob("*/failed.json")) and not list(base.glob("*/done.json"))
+
+
+def test_an_evaluation_killed_mid_pass_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """``cached_eval``: a kill in the middle of an evaluation keeps its finished batches; the next call
+    scores only the rest, writes what one uninterrupted evaluation writes, and drops the kept batches."""
+    from recover_lora.evaluate import EvalConfig, evaluate, runner
+
+    d = tmp_path / "eval" / "arc_easy"
+    d.mkdir(parents=True)
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arc_records(40)))
+    ecfg = EvalConfig(tasks=["arc_easy"], data_dir=str(tmp_path / "eval"), max_batch_tokens=64, share_context=False)
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    n_fwd = {"n": 0}
+    h = model.register_forward_pre_hook(lambda m, a: n_fwd.update(n=n_fwd["n"] + 1))
+    whole = study.slim(evaluate(model, tok, ecfg, progress=False))
+    h.remove()
+    assert n_fwd["n"] >= 4
+    real = runner.score  # every finished batch kept at once
+    monkeypatch.setattr(runner, "score", lambda *a, **k: real(*a, **{**k, "resume_every": 0.0}))
+
+    calls = {"n": 0, "kill_at": 3}
+
+    def hook(m, args):
+        calls["n"] += 1
+        if calls["n"] == calls["kill_at"]:
+            raise KeyboardInterrupt
+    h = model.register_forward_pre_hook(hook)
+    out = tmp_path / "run" / "eval" / "degraded.json"
+    with pytest.raises(KeyboardInterrupt):
+        study.run.cached_eval(out, lambda: model, tok, ecfg, progress=False)
+    assert not out.exists() and len(list(study.run.partial_dir(out).glob("shard-*.pt"))) == 2
+    calls.update(n=0, kill_at=None)
+    got = study.run.cached_eval(out, lambda: model, tok, ecfg, progress=False)
+    h.remove()
+    assert calls["n"] == n_fwd["n"] - 2  # the two batches kept before the kill were not scored again
+    assert got == whole and json.loads(out.read_text())["results"] == whole
+    assert not study.run.partial_dir(out).exists()

@@ -426,17 +426,21 @@ def evaluate_triplet(cfg: RecoverConfig, reference: PreTrainedModel, student, to
     from .evaluate import evaluate, evaluate_reference
     from .report import build_report, compute_measures, measures_markdown
 
+    from .evaluate.partial import remove_partial
+
     ecfg = cfg.eval
+    part = {k: out / "eval" / f".{k}.partial" for k in ("reference", "degraded", "recovered")}  # resumable
     # the reference runs once: its kept answers give the other two their answer-token KL
-    ref_res, answers = evaluate_reference(reference, tokenizer, ecfg, progress=progress)
+    ref_res, answers = evaluate_reference(reference, tokenizer, ecfg, progress=progress, resume=part["reference"])
     results = {"reference": ref_res}
     with degraded_view(student, snapshot):  # adapters off, or full-kd's pre-training weights
         results["degraded"] = evaluate(student, tokenizer, ecfg, progress=progress, reference=answers,
-                                       name="degraded")
+                                       name="degraded", resume=part["degraded"])
     results["recovered"] = evaluate(student, tokenizer, ecfg, progress=progress, reference=answers,
-                                    name="repaired")
+                                    name="repaired", resume=part["recovered"])
     for name, res in results.items():
         atomic_write_json(out / "eval" / f"{name}.json", res)
+        remove_partial(part[name])
     rep = build_report(results["reference"], results["degraded"], results["recovered"], out / "eval")
     measures = {k: compute_measures(results["reference"], results[k]) for k in ("degraded", "recovered")}
     md = measures_markdown(measures, rep)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,7 +58,7 @@ def build_requests(cfg: EvalConfig) -> dict[str, dict]:
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = True, reference=None,
-             name: str | None = None) -> dict:
+             name: str | None = None, resume: str | Path | None = None) -> dict:
     """Score ``model`` on ``cfg.tasks``; returns ``{task: {acc, [acc_norm], n, split, source, items}}``.
 
     ``items`` holds per-document lists (``acc``, ``acc_norm``, ``pred``, ``pred_norm``, ``gold``,
@@ -67,6 +68,8 @@ def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = T
     measure of a repair that resolves differences accuracy on a few hundred items cannot. The
     reference is a model (run beside) or its answers kept by :func:`evaluate_reference`.
     ``name``: what the progress bar calls the model (reference, degraded, repaired ...).
+    ``resume``: a folder keeping finished batches, so that an interrupted evaluation restarted with
+    the same model and settings scores only the rest (remove it once the result is written).
     """
     cfg = cfg or EvalConfig()
     if cfg.backend == "lm-eval":
@@ -75,25 +78,25 @@ def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = T
         if reference is not None:
             log.warning("the lm-eval backend scores choices only: no answer-token KL to the reference")
         return evaluate_lmeval(model, tokenizer, cfg, progress, name)
-    return _evaluate(model, tokenizer, cfg, progress, reference, name=name)
+    return _evaluate(model, tokenizer, cfg, progress, reference, name=name, resume=resume)
 
 
 def evaluate_reference(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = True,
-                       name: str = "reference"):
+                       name: str = "reference", resume: str | Path | None = None):
     """Evaluate a reference and keep its answers: ``(results, ReferenceAnswers)``, the second to
     pass as ``reference=`` when evaluating other models on these tasks (or on fewer items of them);
-    None with the lm-eval backend."""
+    None with the lm-eval backend. ``resume``: as for :func:`evaluate`."""
     from .refcache import ReferenceAnswers  # noqa: PLC0415
 
     if cfg is not None and cfg.backend != "builtin":  # lm-eval keeps no hidden states: no answers
         return evaluate(model, tokenizer, cfg, progress, name=name), None
     kept: dict = {}
-    results = _evaluate(model, tokenizer, cfg, progress, None, kept, name=name)
+    results = _evaluate(model, tokenizer, cfg, progress, None, kept, name=name, resume=resume)
     return results, ReferenceAnswers.from_kept(model, kept.pop("_requests"), kept)
 
 
 def _evaluate(model, tokenizer, cfg: EvalConfig | None, progress: bool, reference, keep_hidden: dict | None = None,
-              name: str | None = None):
+              name: str | None = None, resume: str | Path | None = None):
     from ..load import needs_bos  # noqa: PLC0415
 
     cfg = cfg or EvalConfig()
@@ -121,7 +124,8 @@ def _evaluate(model, tokenizer, cfg: EvalConfig | None, progress: bool, referenc
             res = score(model, requests, batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,
                         progress=progress, pad_id=tokenizer.pad_token_id or 0,
                         desc=f"eval {name + ': ' if name else ''}{','.join(built)}", groups=groups,
-                        share_context=cfg.share_context, reference=reference, keep_hidden=keep_hidden)
+                        share_context=cfg.share_context, reference=reference, keep_hidden=keep_hidden,
+                        resume=resume)
         if keep_hidden is not None:
             keep_hidden["_requests"] = requests
     finally:

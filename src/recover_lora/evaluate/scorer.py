@@ -21,6 +21,7 @@ the log-likelihood and whether greedy decoding reproduces the continuation. For 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -313,8 +314,9 @@ def _sum_by(segr: torch.Tensor, n: int, values: torch.Tensor) -> torch.Tensor:
 def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int | None = None,
           max_batch_tokens: int | None = None, max_length: int | None = None, progress: bool = False,
           pad_id: int = 0, desc: str = "scoring", share_context: bool = True,
-          reference=None, groups: Sequence | None = None,
-          keep_hidden: dict | None = None) -> list[tuple[float, bool]] | list[tuple[float, bool, float, int]]:
+          reference=None, groups: Sequence | None = None, keep_hidden: dict | None = None,
+          resume: str | Path | None = None,
+          resume_every: float = 60.0) -> list[tuple[float, bool]] | list[tuple[float, bool, float, int]]:
     """(log-likelihood, is_greedy) of each (context ids, continuation ids) request.
 
     ``batch_size``: at most this many input rows per forward (None: no cap besides the token budget).
@@ -361,9 +363,31 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
     checked = False
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    bar = tqdm(total=n, desc=desc, unit="req", dynamic_ncols=True, disable=not progress)
+    done = torch.zeros(n, dtype=torch.bool)
+    kept = None
+    if resume is not None:
+        from .partial import Partial, partial_key  # noqa: PLC0415
+
+        settings = {"batch_size": batch_size, "max_batch_tokens": max_batch_tokens, "max_length": max_length,
+                    "pad_id": pad_id, "share_context": share_context, "groups": None if groups is None else
+                    [list(g) if isinstance(g, (tuple, list)) else g for g in groups],
+                    "keep_hidden": keep_hidden is not None, "device": device.type,
+                    "autocast": str(torch.get_autocast_dtype(device.type))
+                    if torch.is_autocast_enabled(device.type) else None}
+        kept = Partial(resume, partial_key(model, requests, settings, reference), every=resume_every)
+        for shard in kept.load():
+            ids = shard["ids"]
+            ll[ids], greedy[ids], kl[ids], done[ids] = shard["ll"], shard["greedy"], shard["kl"], True
+            if keep_hidden is not None:
+                keep_hidden.update(zip(ids.tolist(), shard["hidden"]))
+    bar = tqdm(total=n, desc=desc, unit="req", dynamic_ncols=True, disable=not progress,
+               initial=int(done.sum()))
     try:
         for batch in batches:
+            if done.any():
+                ids_b = [i for k in batch for r in lines[k][1] for i in by_row[r]]
+                if bool(done[ids_b].all()):  # scored before an interruption
+                    continue
             inputs, keep_t, sel_pos, tgt, segr, req_ids = _inputs(
                 lines[batch[0]][0], _layout([lines[k][1] for k in batch], lw[batch[0]], rows, by_row, where, pad_id),
                 where, model, device)
@@ -381,11 +405,16 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
                                                      lambda: _kept_logits(reference, inputs, keep_t, state))
             if k is not None:
                 kl[idx] = k
+            if kept is not None:
+                kept.add(idx, ll[idx], greedy[idx], kl[idx],
+                         [keep_hidden[i] for i in req_ids] if keep_hidden is not None else None)
             del logits
             bar.update(len(req_ids))
     finally:
         if hook is not None:
             hook.remove()
+        if kept is not None:  # also when interrupted: what finished is kept
+            kept.flush()
     bar.close()
     if reference is not None:
         return [(float(a), bool(g), float(k), int(c))
