@@ -471,3 +471,41 @@ def test_an_interrupted_scoring_resumes_to_the_same_result(tmp_path):
     other = tiny_model("llama", seed=2)  # another model: the kept shards are not its
     assert score(other, reqs, reference=cache, resume=tmp_path / "m", **kw) == \
         score(other, reqs, reference=cache, max_batch_tokens=64)
+
+
+def test_eval_command_interrupted_resumes_with_the_same_command(tmp_path, monkeypatch):
+    """``recover-lora eval ... --out-file F``: Ctrl-C half way keeps the finished batches beside F; the
+    same command then scores only the rest and writes what an uninterrupted run writes."""
+    from recover_lora.cli import main
+    from recover_lora.evaluate import runner, scorer
+    from recover_lora.load import save_model_dir
+    from tiny import arc_records
+
+    _write(tmp_path, "arc_easy", "test", arc_records(40))
+    save_model_dir(tiny_model("llama"), tmp_path / "m", tiny_tokenizer())
+    real_score, real_logits = runner.score, scorer._kept_logits
+    monkeypatch.setattr(runner, "score", lambda *a, **k: real_score(*a, **{**k, "resume_every": 0.0}))
+    calls = {"n": 0, "kill_at": None}
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == calls["kill_at"]:
+            raise KeyboardInterrupt
+        return real_logits(*a, **k)
+    monkeypatch.setattr(scorer, "_kept_logits", counted)
+
+    def run(out):
+        return main(["eval", "--model", str(tmp_path / "m"), "--eval.tasks", "arc_easy", "--eval.data-dir",
+                     str(tmp_path), "--eval.no-share-context", "--eval.max-batch-tokens", "64",
+                     "--no-progress", "--out-file", str(out)])
+    assert run(tmp_path / "whole.json") == 0
+    n_whole = calls["n"]
+    assert n_whole >= 4 and not (tmp_path / ".whole.partial").exists()
+    calls.update(n=0, kill_at=3)
+    assert run(tmp_path / "cut.json") == 130 and not (tmp_path / "cut.json").exists()
+    assert len(list((tmp_path / ".cut.partial").glob("shard-*.pt"))) == 2
+    calls.update(n=0, kill_at=None)
+    assert run(tmp_path / "cut.json") == 0
+    assert calls["n"] == n_whole - 2 and not (tmp_path / ".cut.partial").exists()
+    whole, cut = (json.loads((tmp_path / f).read_text()) for f in ("whole.json", "cut.json"))
+    assert cut["results"] == whole["results"]

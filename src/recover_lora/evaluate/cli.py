@@ -21,8 +21,16 @@ def _load(model_spec: str, adapter: str | None, cmd, tokenizer_spec: str | None 
     return model, tok
 
 
-def run_eval(model_spec: str, adapter: str | None, cmd, tokenizer_spec: str | None = None) -> dict:
-    """Load a model (plus optional adapter) and evaluate it on ``cmd.eval``; the JSON-ready document."""
+def partial_for(out_file: str | Path) -> Path:
+    """Where an evaluation bound for ``out_file`` keeps its finished batches until it is written."""
+    out_file = Path(out_file)
+    return out_file.with_name(f".{out_file.stem}.partial")
+
+
+def run_eval(model_spec: str, adapter: str | None, cmd, tokenizer_spec: str | None = None,
+             resume: Path | None = None) -> dict:
+    """Load a model (plus optional adapter) and evaluate it on ``cmd.eval``; the JSON-ready document.
+    ``resume``: keep finished batches there, and take up an interrupted evaluation from them."""
     from . import evaluate  # noqa: PLC0415
     from .runner import build_requests, config_dict  # noqa: PLC0415
 
@@ -32,7 +40,7 @@ def run_eval(model_spec: str, adapter: str | None, cmd, tokenizer_spec: str | No
     build_requests(cfg)  # fail fast on a bad task name / data file before loading the model
     model, tok = _load(model_spec, adapter, cmd, tokenizer_spec)
     results = evaluate(model, tok, cfg, progress=cmd.progress,
-                       name=Path(model_spec).name + (f" + {Path(adapter).name}" if adapter else ""))
+                       name=Path(model_spec).name + (f" + {Path(adapter).name}" if adapter else ""), resume=resume)
     return {"model": model_spec, "adapter": adapter, "config": config_dict(cfg), "results": results}
 
 
@@ -45,10 +53,15 @@ def summary_table(results: dict) -> str:
 
 
 def cmd_eval(cmd) -> int:
-    doc = run_eval(cmd.model, cmd.adapter, cmd, cmd.tokenizer)
+    from .partial import remove_partial  # noqa: PLC0415
+
+    # with an output file an interrupted evaluation resumes: the same command scores only the rest
+    part = partial_for(cmd.out_file) if cmd.out_file else None
+    doc = run_eval(cmd.model, cmd.adapter, cmd, cmd.tokenizer, resume=part)
     print(summary_table(doc["results"]))
     if cmd.out_file:
         atomic_write_json(cmd.out_file, doc)
+        remove_partial(part)
         print(f"wrote {cmd.out_file}")
     return 0
 
@@ -56,6 +69,7 @@ def cmd_eval(cmd) -> int:
 def cmd_report(cmd) -> int:
     from ..report import build_report  # noqa: PLC0415
     from .lmeval_backend import read_results  # noqa: PLC0415
+    from .partial import remove_partial  # noqa: PLC0415
 
     out = Path(cmd.out_dir)
     docs = {}
@@ -72,8 +86,10 @@ def cmd_report(cmd) -> int:
             raise RecoverLoraError(f"report needs --{role}-results or a model for the {role} side "
                                    f"({'--adapter' if role == 'recovered' else '--' + role})")
         log.info("evaluating the %s model", role)
-        docs[role] = run_eval(spec, adapter, cmd, tokenizer_spec=cmd.reference or spec)
+        docs[role] = run_eval(spec, adapter, cmd, tokenizer_spec=cmd.reference or spec,
+                              resume=partial_for(out / f"{role}.json"))
         atomic_write_json(out / f"{role}.json", docs[role])
+        remove_partial(partial_for(out / f"{role}.json"))
     rep = build_report(docs["reference"], docs["degraded"], docs["recovered"], out, cmd.report)
     print(rep["markdown"])
     print(f"wrote {rep['files']['markdown']}, {rep['files']['json']}, {rep['files']['png']}")
