@@ -232,9 +232,11 @@ def winners(data: dict, sweep_method: str | None) -> list[str]:
     return L + [""]
 
 
-def sweep_table(model: str, damage: str, runs: dict, method: str, chart: Path, rel: str) -> list[str]:
+def sweep_table(model: str, damage: str, runs: dict, method: str, chart: Path, rel: str,
+                goal: float | None = None) -> list[str]:
     """The data sweep of one model and damage: the sweep method at each amount of synthetic data (its
-    own run at the pool's size among them), a table and a chart against synthetic tokens."""
+    own run at the pool's size among them), a table and a chart against synthetic tokens (``goal``: the
+    share of the held-out KL the goals ask for, drawn as a line)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -253,14 +255,23 @@ def sweep_table(model: str, damage: str, runs: dict, method: str, chart: Path, r
                  f"{_m(ms.get('answer_kl'), ms.get('answer_kl_ci'))} | {_minutes(d).split(' + ')[0]} |")
     x = [t for t, _, _ in pts]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a1.plot(x, [r["done"]["heldout"]["after"]["kl"] for _, _, r in pts], "o-")
-    a1.axhline(pts[0][2]["done"]["heldout"]["before"]["kl"], ls="--", c="gray", label="degraded")
-    a1.set_ylabel("held-out KL to the reference")
+    # the share of the held-out KL removed, against the goal's line and the warm start alone: on a KL
+    # axis the degraded model's level would flatten what the data changes
+    a1.plot(x, [100 * kl_closed(r["done"]) for _, _, r in pts], "o-", label=method)
+    starts = [r["done"]["heldout"]["init"]["kl"] / r["done"]["heldout"]["before"]["kl"]
+              for _, _, r in pts if (r["done"]["heldout"].get("init") or {}).get("kl") is not None]
+    if starts:
+        a1.axhline(100 * (1 - float(np.mean(starts))), ls=":", c="gray", label="its start alone (no training)")
+    if goal is not None:
+        a1.axhline(100 * goal, ls="--", c="tab:red", lw=1, label=f"goal: {100 * goal:.0f}%")
+    a1.set_ylabel("held-out KL removed (%)")
     agr = [r["measures"]["average"].get("agreement") for _, _, r in pts]
     a2.plot(x, [100 * a if a is not None else np.nan for a in agr], "o-")
     a2.set_ylabel("agreement with the reference (%)")
     for a in (a1, a2):
         a.set_xscale("log")
+        a.set_xticks(x, [_num(t) for t in x])
+        a.minorticks_off()
         a.set_xlabel("synthetic tokens distilled on (log)")
     a1.legend(fontsize=8)
     fig.suptitle(f"{model}, {damage}: {method} against synthetic data", fontsize=10)
@@ -422,7 +433,8 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
             L.append("")
             if sweep_method:
                 chart = out.parent / "results" / f"{slug(model)}-{slug(damage)}-sweep.png"
-                L += sweep_table(model, damage, v["runs"], sweep_method, chart, os.path.relpath(chart, out.parent))
+                L += sweep_table(model, damage, v["runs"], sweep_method, chart, os.path.relpath(chart, out.parent),
+                                 goal=goals.get("min_gap_closed", 0.9))
     if any(d.get("recover_method") == "sft-lora" for d in dones):
         L += ["sft-lora trains on labeled train splits (ARC-Easy, ARC-Challenge, OpenBookQA, PIQA by default); "
               "HellaSwag, WinoGrande, BoolQ and MMLU ship no train split here, so on those it could not train "
