@@ -679,3 +679,10 @@ def test_an_evaluation_killed_mid_pass_resumes_where_it_stopped(tmp_path, monkey
     assert calls["n"] == n_fwd["n"] - 2  # the two batches kept before the kill were not scored again
     assert got == whole and json.loads(out.read_text())["results"] == whole
     assert not study.run.partial_dir(out).exists()
+
+
+def test_chart_order_puts_the_goal_method_presets_and_baselines_first_and_the_sweep_last():
+    goals = {"method": "auto+eora", "presets": ["kv", "attn-mlp"], "baselines": ["full-kd", "eora-only"]}
+    got = results.chart_order(["auto+eora-r64", "auto+eora", "auto+eora@240", "sft-lora", "eora-only", "kv"],
+                              goals, "auto+eora")
+    assert got == ["auto+eora", "kv", "eora-only", "auto+eora-r64", "sft-lora", "auto+eora@240"]

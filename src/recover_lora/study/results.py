@@ -150,6 +150,18 @@ def check_goals(runs: dict, goals: dict) -> dict[str, tuple[str, str]]:
     return out
 
 
+def chart_order(methods: list[str], goals: dict, sweep_method: str | None) -> list[str]:
+    """The finished methods in the order a reader compares them: the goals' method, the presets, the
+    baselines, the other methods (checks and variants), the data sweep's runs last."""
+    def names(v) -> list[str]:
+        return [v] if isinstance(v, str) else list(v or [])
+    first = [m for m in names(goals.get("method")) + names(goals.get("presets")) + names(goals.get("baselines"))
+             if m in methods]
+    sweep = [m for m in methods if sweep_method and m.startswith(f"{sweep_method}@")]
+    rest = [m for m in methods if m not in first and m not in sweep]
+    return list(dict.fromkeys(first + rest + sweep))
+
+
 def plot_kl(model: str, damages: list[str], methods: list[str], data: dict, path: Path) -> Path:
     """Grouped bars: held-out KL to the reference after each method (the degraded model first),
     one bar per damage, log scale."""
@@ -171,7 +183,7 @@ def plot_kl(model: str, damages: list[str], methods: list[str], data: dict, path
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("held-out KL to the reference (log)")
     ax.set_title(f"{model}: held-out KL after each repair (lower is better)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="damage", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -359,7 +371,8 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
         keys = [k for k in data if k[0] == model]
         if not keys:
             continue
-        methods = list(dict.fromkeys(m for k in keys for m in data[k]["methods"]))
+        methods = chart_order([m for m in dict.fromkeys(m for k in keys for m in data[k]["methods"])
+                               if any(m in data[k]["runs"] for k in keys)], goals, sweep_method)
         chart = out.parent / "results" / f"{slug(model)}-heldout-kl.png"
         plot_kl(model, [k[1] for k in keys], methods, data, chart)
         L += [f"## {model} (`{spec}`)", "", f"![held-out KL]({os.path.relpath(chart, out.parent)})", "",
