@@ -648,6 +648,7 @@ def test_an_evaluation_killed_mid_pass_resumes_where_it_stopped(tmp_path, monkey
     """``cached_eval``: a kill in the middle of an evaluation keeps its finished batches; the next call
     scores only the rest, writes what one uninterrupted evaluation writes, and drops the kept batches."""
     from recover_lora.evaluate import EvalConfig, evaluate, runner
+    from recover_lora.evaluate.partial import partial_path
 
     d = tmp_path / "eval" / "arc_easy"
     d.mkdir(parents=True)
@@ -672,13 +673,13 @@ def test_an_evaluation_killed_mid_pass_resumes_where_it_stopped(tmp_path, monkey
     out = tmp_path / "run" / "eval" / "degraded.json"
     with pytest.raises(KeyboardInterrupt):
         study.run.cached_eval(out, lambda: model, tok, ecfg, progress=False)
-    assert not out.exists() and len(list(study.run.partial_dir(out).glob("shard-*.pt"))) == 2
+    assert not out.exists() and len(list(partial_path(out).glob("shard-*.pt"))) == 2
     calls.update(n=0, kill_at=None)
     got = study.run.cached_eval(out, lambda: model, tok, ecfg, progress=False)
     h.remove()
     assert calls["n"] == n_fwd["n"] - 2  # the two batches kept before the kill were not scored again
     assert got == whole and json.loads(out.read_text())["results"] == whole
-    assert not study.run.partial_dir(out).exists()
+    assert not partial_path(out).exists()
 
 
 def test_chart_order_puts_the_goal_method_presets_and_baselines_first_and_the_sweep_last():

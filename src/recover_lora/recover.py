@@ -424,12 +424,12 @@ def evaluate_triplet(cfg: RecoverConfig, reference: PreTrainedModel, student, to
                      out: Path, progress: bool = True, snapshot: dict | None = None) -> dict[str, Any]:
     """Benchmarks on reference, degraded (adapters disabled) and recovered; writes the eval report."""
     from .evaluate import evaluate, evaluate_reference
+    from .evaluate.partial import partial_path, remove_partial
     from .report import build_report, compute_measures, measures_markdown
 
-    from .evaluate.partial import remove_partial
-
     ecfg = cfg.eval
-    part = {k: out / "eval" / f".{k}.partial" for k in ("reference", "degraded", "recovered")}  # resumable
+    # resumable: each evaluation keeps its finished batches beside the file it will be written to
+    part = {k: partial_path(out / "eval" / f"{k}.json") for k in ("reference", "degraded", "recovered")}
     # the reference runs once: its kept answers give the other two their answer-token KL
     ref_res, answers = evaluate_reference(reference, tokenizer, ecfg, progress=progress, resume=part["reference"])
     results = {"reference": ref_res}

@@ -21,12 +21,6 @@ def _load(model_spec: str, adapter: str | None, cmd, tokenizer_spec: str | None 
     return model, tok
 
 
-def partial_for(out_file: str | Path) -> Path:
-    """Where an evaluation bound for ``out_file`` keeps its finished batches until it is written."""
-    out_file = Path(out_file)
-    return out_file.with_name(f".{out_file.stem}.partial")
-
-
 def run_eval(model_spec: str, adapter: str | None, cmd, tokenizer_spec: str | None = None,
              resume: Path | None = None) -> dict:
     """Load a model (plus optional adapter) and evaluate it on ``cmd.eval``; the JSON-ready document.
@@ -53,10 +47,10 @@ def summary_table(results: dict) -> str:
 
 
 def cmd_eval(cmd) -> int:
-    from .partial import remove_partial  # noqa: PLC0415
+    from .partial import partial_path, remove_partial  # noqa: PLC0415
 
     # with an output file an interrupted evaluation resumes: the same command scores only the rest
-    part = partial_for(cmd.out_file) if cmd.out_file else None
+    part = partial_path(cmd.out_file) if cmd.out_file else None
     doc = run_eval(cmd.model, cmd.adapter, cmd, cmd.tokenizer, resume=part)
     print(summary_table(doc["results"]))
     if cmd.out_file:
@@ -69,7 +63,7 @@ def cmd_eval(cmd) -> int:
 def cmd_report(cmd) -> int:
     from ..report import build_report  # noqa: PLC0415
     from .lmeval_backend import read_results  # noqa: PLC0415
-    from .partial import remove_partial  # noqa: PLC0415
+    from .partial import partial_path, remove_partial  # noqa: PLC0415
 
     out = Path(cmd.out_dir)
     docs = {}
@@ -87,9 +81,9 @@ def cmd_report(cmd) -> int:
                                    f"({'--adapter' if role == 'recovered' else '--' + role})")
         log.info("evaluating the %s model", role)
         docs[role] = run_eval(spec, adapter, cmd, tokenizer_spec=cmd.reference or spec,
-                              resume=partial_for(out / f"{role}.json"))
+                              resume=partial_path(out / f"{role}.json"))
         atomic_write_json(out / f"{role}.json", docs[role])
-        remove_partial(partial_for(out / f"{role}.json"))
+        remove_partial(partial_path(out / f"{role}.json"))
     rep = build_report(docs["reference"], docs["degraded"], docs["recovered"], out, cmd.report)
     print(rep["markdown"])
     print(f"wrote {rep['files']['markdown']}, {rep['files']['json']}, {rep['files']['png']}")

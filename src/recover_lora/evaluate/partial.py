@@ -93,6 +93,12 @@ class Partial:
         self.pending = []
 
 
+def partial_path(result: str | Path) -> Path:
+    """Where an evaluation bound for the file ``result`` keeps its finished batches until it is written."""
+    result = Path(result)
+    return result.with_name(f".{result.stem}.partial")
+
+
 def remove_partial(folder: str | Path) -> None:
     """Drop a finished scoring pass's shards (its result is written)."""
     shutil.rmtree(folder, ignore_errors=True)

@@ -153,9 +153,7 @@ def check_goals(runs: dict, goals: dict) -> dict[str, tuple[str, str]]:
 def chart_order(methods: list[str], goals: dict, sweep_method: str | None) -> list[str]:
     """The finished methods in the order a reader compares them: the goals' method, the presets, the
     baselines, the other methods (checks and variants), the data sweep's runs last."""
-    def names(v) -> list[str]:
-        return [v] if isinstance(v, str) else list(v or [])
-    first = [m for m in names(goals.get("method")) + names(goals.get("presets")) + names(goals.get("baselines"))
+    first = [m for m in goal_methods(goals) + list(goals.get("presets") or []) + list(goals.get("baselines") or [])
              if m in methods]
     sweep = [m for m in methods if sweep_method and m.startswith(f"{sweep_method}@")]
     rest = [m for m in methods if m not in first and m not in sweep]

@@ -158,7 +158,7 @@ def cached_eval(path: Path, get_model, tokenizer, ecfg, progress: bool = True, r
     only then) and write it. ``reference``: add the answer-token KL to it (a model, or its kept
     answers)."""
     from ..evaluate import evaluate
-    from ..evaluate.partial import remove_partial
+    from ..evaluate.partial import partial_path, remove_partial
 
     key = _eval_key(ecfg, reference is not None)
     if path.exists():
@@ -175,7 +175,7 @@ def cached_eval(path: Path, get_model, tokenizer, ecfg, progress: bool = True, r
             atomic_write_json(path, {"config": key, "derived_from": source.name, "results": res})
             return res
     t0 = time.perf_counter()
-    part = partial_dir(path)  # an interrupted evaluation resumes from its finished batches
+    part = partial_path(path)  # an interrupted evaluation resumes from its finished batches
     res = slim(evaluate(get_model(), tokenizer, ecfg, progress=progress, reference=reference,
                         name=f"{path.parent.parent.name}/{path.stem}", resume=part))
     atomic_write_json(path, {"config": key, "seconds": round(time.perf_counter() - t0, 2), "results": res})
@@ -183,16 +183,12 @@ def cached_eval(path: Path, get_model, tokenizer, ecfg, progress: bool = True, r
     return res
 
 
-def partial_dir(path: Path) -> Path:
-    """Where an evaluation written to ``path`` keeps its finished batches until it is done."""
-    return path.with_name(f".{path.stem}.partial")
-
 def reference_answers(path: Path, reference, tokenizer, ecfg, results_path: Path, progress: bool = True):
     """The reference's answers kept on ``ecfg``'s items (loaded, or made by one evaluation of the
     reference, which also writes ``results_path`` where missing): every later model's answer-token
     KL then costs an LM-head product instead of a second forward pass."""
     from ..evaluate import ReferenceAnswers, evaluate_reference
-    from ..evaluate.partial import remove_partial
+    from ..evaluate.partial import partial_path, remove_partial
 
     if path.exists():
         try:
@@ -201,7 +197,7 @@ def reference_answers(path: Path, reference, tokenizer, ecfg, results_path: Path
             log.warning("%s: %s; keeping the reference's answers again", path, e)
     log.info("study: keeping the reference's answers on %s items a task (%s)", ecfg.limit, path)
     t0 = time.perf_counter()
-    part = partial_dir(path)
+    part = partial_path(path)
     res, answers = evaluate_reference(reference, tokenizer, ecfg, progress, resume=part)
     answers.save(path)
     if not _have(results_path, _eval_key(ecfg, False)):
