@@ -376,7 +376,7 @@ def test_stop_after_starts_nothing_late_and_an_interrupt_still_packs(study_yaml,
     assert n > 0 and (t / "unpacked/tiny/noise-all/kv/done.json").exists()
 
 
-def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml):
+def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml, capsys):
     """A plan picks runs per model; every run gets agreement and answer-token KL on the measures'
     items, headline methods accuracy on more items; small files land in the mirror as runs finish."""
     d = yaml.safe_load(study_yaml.read_text())
@@ -419,6 +419,9 @@ def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml):
     # a fresh checkout: the study folder is gone, the mirror is committed; nothing runs again
     import shutil
     shutil.rmtree(t / "study")
+    capsys.readouterr()
+    assert main(["study", "--config", str(study_yaml), "--dry-run"]) == 0
+    assert ", 0 to do" in capsys.readouterr().out  # the mirrored runs count as done before anything runs
     real = study.run.run_recover
     study.run.run_recover = lambda *a, **k: pytest.fail("a finished run ran again")
     try:

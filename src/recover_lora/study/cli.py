@@ -28,13 +28,13 @@ def run_study(cfg: StudyConfig, only: list[str] | None = None, dry_run: bool = F
                                f"{list(cfg.damages)}, methods {list(cfg.all_methods())}")
     if jobs < 1:
         raise RecoverLoraError(f"--jobs must be at least 1, not {jobs}")
+    if seed_from_mirror(cfg):  # a fresh checkout: the committed results first (a dry run too: they are done)
+        runs = plan(cfg, only)
     print(describe_plan(cfg, runs), flush=True)
     if dry_run:
         return runs
     study = Path(cfg.study_dir)
     study.mkdir(parents=True, exist_ok=True)
-    if seed_from_mirror(cfg):
-        runs = plan(cfg, only)
     atomic_write_json(study / "study.json", asdict(cfg))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     with open(study / "commands.log", "a") as f:
