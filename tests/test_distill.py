@@ -293,3 +293,18 @@ def test_metrics_stream_as_they_come_and_a_resume_reads_as_one_run(tmp_path):
     ea.Reload()
     assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
     assert ea.Scalars("train/loss")[0].value == pytest.approx(recs[0]["loss"])
+
+
+def test_bf16_on_a_cpu_without_bf16_matmuls_is_named(monkeypatch, caplog):
+    """bf16 autocast on a CPU that emulates bf16 matmuls (~50x slower than fp32) says so, once."""
+    import recover_lora.forward as fwd
+
+    cfg = DistillConfig(autocast="bf16")
+    for fast, expect in ((True, 0), (False, 1)):
+        monkeypatch.setattr(fwd, "cpu_has_bf16", lambda fast=fast: fast)
+        fwd.warn_slow_cpu_bf16.cache_clear()
+        caplog.clear()
+        assert fwd.autocast_on(cfg, torch.device("cpu")) and fwd.autocast_on(cfg, torch.device("cpu"))
+        assert sum("without bf16 matmul" in r.message for r in caplog.records) == expect
+    assert not fwd.autocast_on(DistillConfig(autocast="auto"), torch.device("cpu"))
+    fwd.warn_slow_cpu_bf16.cache_clear()

@@ -383,7 +383,9 @@ def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml, capsys):
     d["damages"]["noise-kv"] = ["noise:rel=0.5,modules=kv"]
     d["eval"].update(limit=12, answer_kl=True)
     (study_yaml.parent / "notes.md").write_text("## Where the goals fall short\n\nHand-written reading.\n")
+    d["eval"]["autocast"] = "bf16"  # the study's precision, which the model's own (fp32) overrides
     d.update(accuracy={"limit": 24, "methods": ["kv"]}, mirror="mirror", sweep=None, notes="notes.md",
+             precision={"tiny": "fp32"},
              plan={"tiny": [{"damages": ["noise-kv"], "methods": ["svd-only"]},
                             {"damages": ["noise-all", "noise-kv"], "methods": ["kv"]}]},
              goals={"method": "kv", "presets": [], "baselines": ["svd-only"], "min_gap_closed": 0.9})
@@ -404,7 +406,8 @@ def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml, capsys):
     for f in ("eval/reference.json", "noise-kv/eval/degraded.json", "noise-kv/kv/eval/recovered.json"):
         assert json.loads((base / f).read_text())["derived_from"].endswith("accuracy.json"), f
     assert "derived_from" not in json.loads((base / "noise-kv/svd-only/eval/recovered.json").read_text())
-    assert (base / "eval" / study.REF_ANSWERS).exists()
+    assert (base / "eval" / study.REF_ANSWERS).exists() and not list((base / "eval").glob("*-bf16.pt"))
+    assert json.loads((base / "noise-kv/kv/config.json").read_text())["distill"]["autocast"] == "off"
     done = json.loads((base / "noise-kv/kv/done.json").read_text())
     assert done["accuracy_items"] == "accuracy" and 0 <= done["agreement"] <= 1 and done["answer_kl"] >= 0
     assert json.loads((base / "noise-kv/svd-only/done.json").read_text())["accuracy_items"] == "measures"
@@ -413,6 +416,7 @@ def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml, capsys):
     assert (mirror / "noise-all/eval/degraded.json").exists() and not list(mirror.rglob("*.safetensors"))
     res = (t / "RESULTS.md").read_text()
     assert "Accuracy (%), items: arc_easy 24" in res and "| tiny | noise-kv | kv |" in res
+    assert "Per model: tiny in fp32 throughout" in res
     assert "| tiny | noise-all | kv |" in res and "svd-only" in res.split("## tiny")[1]
     assert "| tiny | noise-kv | kv |" in res.split("## Where the goals fall short\n\nHand-written reading.")[0]
     assert "## What wins where" in res.split("Hand-written reading.")[1]  # the notes follow the goals
@@ -690,3 +694,23 @@ def test_chart_order_puts_the_goal_method_presets_and_baselines_first_and_the_sw
     got = results.chart_order(["auto+eora-r64", "auto+eora", "auto+eora@240", "sft-lora", "eora-only", "kv"],
                               goals, "auto+eora")
     assert got == ["auto+eora", "kv", "eora-only", "auto+eora-r64", "sft-lora", "auto+eora@240"]
+
+
+def test_precision_per_model(study_yaml):
+    """A model's precision overrides the study's autocast in its training and scoring; a bad one is named."""
+    d = yaml.safe_load(study_yaml.read_text())
+    d["recover"]["distill"]["autocast"] = "bf16"
+    d["eval"]["autocast"] = "bf16"
+    d["models"]["twin"] = "mha:" + d["models"]["tiny"]
+    d["precision"] = {"tiny": "fp32"}
+    study_yaml.write_text(yaml.safe_dump(d))
+    cfg = study.StudyConfig.from_yaml(study_yaml)
+    assert cfg.recover_config("tiny", "noise-all", "kv", None).distill.autocast == "off"
+    assert cfg.recover_config("tiny", "noise-all", "kv", None).sft.autocast == "off"
+    assert cfg.recover_config("twin", "noise-all", "kv", None).distill.autocast == "bf16"
+    assert study.eval_config(cfg, "tiny").autocast == "off" and study.eval_config(cfg, "twin").autocast == "bf16"
+    assert study.config.accuracy_config(cfg, "tiny") is None  # no accuracy tier in this study
+    d["precision"] = {"tiny": "fp16"}
+    study_yaml.write_text(yaml.safe_dump(d))
+    with pytest.raises(RecoverLoraError, match="precision"):
+        study.StudyConfig.from_yaml(study_yaml)

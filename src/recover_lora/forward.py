@@ -5,11 +5,15 @@ autocast / activation-checkpointing settings a forward runs under."""
 from __future__ import annotations
 
 import contextlib
+import functools
+from pathlib import Path
 from typing import Callable
 
 import torch
 from peft import PeftModel
 from transformers import PreTrainedModel
+
+from .utils import log
 
 
 def base_model_of(model: torch.nn.Module) -> PreTrainedModel:
@@ -39,7 +43,28 @@ def lm_head_of(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]
 
 def autocast_on(cfg, device: torch.device) -> bool:
     """``cfg.autocast``: "auto" is bf16 on a GPU and off on a CPU; "bf16"; "off"."""
-    return cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
+    on = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
+    if on and device.type == "cpu":
+        warn_slow_cpu_bf16()
+    return on
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): otherwise bf16 is emulated, and
+    slow (an AVX2 EPYC: 1.3 against 76 GFLOP/s in fp32 a thread, BENCHMARKS.md)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+@functools.cache
+def warn_slow_cpu_bf16() -> None:
+    """Say once that bf16 autocast was asked for on a CPU that emulates bf16 matmuls."""
+    if not cpu_has_bf16():
+        log.warning("bf16 autocast on a CPU without bf16 matmul instructions (AVX512-BF16 / AMX): ~50x slower "
+                    "than fp32 here; set autocast to off")
 
 
 def train_autocast(cfg, device: torch.device):

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from .errors import Interrupted
+from .forward import cpu_has_bf16
 from .load import fingerprint, needs_bos
 from .utils import RecoverLoraError, atomic_write_bytes, atomic_write_json, log, read_json, sigterm_as_interrupt
 from .config import SynthConfig  # noqa: F401 - re-exported
@@ -267,15 +268,6 @@ class Decoder:
 
 
 CPU_BATCH = 256  # decode batch on CPU: the measured knee on SmolLM2 (BENCHMARKS.md, CPU section)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): otherwise bf16 is emulated, and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
 def decode_dtype(model: PreTrainedModel, cfg: SynthConfig) -> torch.dtype:

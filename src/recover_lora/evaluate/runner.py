@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..forward import warn_slow_cpu_bf16
 from ..utils import RecoverLoraError, log
 from .data import load_task_docs
 from .scorer import encode_pairs, score
@@ -119,6 +120,8 @@ def _evaluate(model, tokenizer, cfg: EvalConfig | None, progress: bool, referenc
     if cfg.autocast not in ("off", "bf16"):
         raise RecoverLoraError(f"eval autocast must be off or bf16, not {cfg.autocast!r}")
     device = next(model.parameters()).device.type
+    if cfg.autocast == "bf16" and device == "cpu":
+        warn_slow_cpu_bf16()
     try:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
             res = score(model, requests, batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,

@@ -16,6 +16,7 @@ from ..config import EvalConfig, RecoverConfig
 from ..evaluate.tasks import DEFAULT_TASKS  # the seven benchmarks, MMLU as its three subjects
 from ..utils import RecoverLoraError, read_json
 
+_AUTOCAST = {"bf16": "bf16", "fp32": "off"}  # a study's precision -> the autocast setting it means
 FAILED = "failed.json"  # in a run folder whose last attempt raised: the error, tried again next time
 
 
@@ -31,6 +32,10 @@ class StudyConfig:
     # (a 0.5B model shrugs off noise that cripples a 135M one, and a gap of one point measures nothing)
     damage_overrides: dict[str, dict[str, list]] = field(default_factory=dict)
     damage_seed: int = 0
+    # model -> "bf16" | "fp32": the matmul precision of that model's training and scoring (overrides
+    # recover's and eval's autocast), so that a model whose runs start on a CPU without bf16 matmuls
+    # runs in fp32 throughout while the models finished in bf16 stay comparable within themselves
+    precision: dict[str, str] = field(default_factory=dict)
     recover: dict[str, Any] = field(default_factory=dict)  # RecoverConfig fields common to every run
     eval: dict[str, Any] = field(default_factory=lambda: {"tasks": list(DEFAULT_TASKS), "data_dir": None,
                                                           "limit": None})
@@ -64,6 +69,10 @@ class StudyConfig:
             if m not in cfg.models or not set(over or {}) <= set(cfg.damages):
                 raise RecoverLoraError(f"damage_overrides[{m!r}]: models are {list(cfg.models)}, damages "
                                        f"{list(cfg.damages)}; it names {m!r}: {list(over or {})}")
+        for m, p in cfg.precision.items():
+            if m not in cfg.models or p not in _AUTOCAST:
+                raise RecoverLoraError(f"precision[{m!r}] = {p!r}: models are {list(cfg.models)}, precisions "
+                                       f"{list(_AUTOCAST)}")
         base = path.resolve().parent  # relative paths are relative to the YAML file
         cfg.study_dir = str(base / cfg.study_dir)
         cfg.results = str(base / cfg.results)
@@ -105,11 +114,17 @@ class StudyConfig:
         sel = self.plan.get(model) if self.plan else {}
         return [dict(b or {}) for b in (sel if isinstance(sel, list) else [sel])]
 
+    def autocast_of(self, model: str | None) -> str | None:
+        """``model``'s autocast from ``precision`` ("bf16" / "off"), or None where it names none."""
+        return _AUTOCAST.get(self.precision.get(model)) if model is not None else None
+
     def recover_config(self, model: str, damage: str, method: str, pool: Path | None) -> RecoverConfig:
         over = self.all_methods()[method]
         fixed = {"reference": self.models[model], "degraded": f"{self.models[model]} + {damage}",
                  "out_dir": str(run_dir(self, model, damage, method)), "data": str(pool) if pool else None,
                  "eval": {"tasks": [], "data_dir": self.eval.get("data_dir"), "limit": self.eval.get("limit")}}
+        if (a := self.autocast_of(model)) is not None:
+            fixed.update(distill={"autocast": a}, sft={"autocast": a})
         return RecoverConfig.from_dict(merge(merge(self.recover, over), fixed))
 
     def damage_ops(self, model: str, damage: str) -> list:
@@ -150,15 +165,15 @@ def degrade_config(cfg: StudyConfig, damage: str, model: str | None = None):
     return DegradeConfig(ops=ops, seed=cfg.damage_seed)
 
 
-def eval_config(cfg: StudyConfig) -> EvalConfig:
-    """The evaluation of every run's measures (``eval``)."""
+def eval_config(cfg: StudyConfig, model: str | None = None) -> EvalConfig:
+    """The evaluation of every run's measures (``eval``; ``model``'s precision where it has one)."""
     return EvalConfig(tasks=cfg.eval["tasks"], data_dir=cfg.eval.get("data_dir"), limit=cfg.eval.get("limit"),
-                      autocast=cfg.eval.get("autocast", "off"))
+                      autocast=cfg.autocast_of(model) or cfg.eval.get("autocast", "off"))
 
 
-def accuracy_config(cfg: StudyConfig) -> EvalConfig | None:
+def accuracy_config(cfg: StudyConfig, model: str | None = None) -> EvalConfig | None:
     """The evaluation of the headline rows on more items (``accuracy.limit``), or None."""
-    return replace(eval_config(cfg), limit=cfg.accuracy.get("limit")) if cfg.accuracy else None
+    return replace(eval_config(cfg, model), limit=cfg.accuracy.get("limit")) if cfg.accuracy else None
 
 @dataclass
 class Run:

@@ -302,10 +302,12 @@ def _precision(cfg: dict) -> str:
     """The study's matmul precision in a sentence (nothing when fp32 / the device's default)."""
     train = ((cfg.get("recover") or {}).get("distill") or {}).get("autocast")
     score = (cfg.get("eval") or {}).get("autocast")
+    per_model = "; ".join(f"{m} in {p} throughout" for m, p in (cfg.get("precision") or {}).items())
+    per_model = f" Per model: {per_model} (its training and scoring alike)." if per_model else ""
     if train in (None, "auto", "off") and score in (None, "off"):
-        return ""
+        return per_model
     return (f" Training under {train or 'auto'} autocast, scoring under {score or 'no'} autocast (fp32 weights, "
-            "bf16 matmuls: BENCHMARKS.md measures what it changes).")
+            f"bf16 matmuls: BENCHMARKS.md measures what it changes).{per_model}")
 
 
 def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: StudyConfig | dict | None = None) -> Path:

@@ -40,7 +40,6 @@ def execute(cfg: StudyConfig, todo: list[Run], progress: bool = True, mode: str 
     from ..load import load_model, load_tokenizer
 
     study = Path(cfg.study_dir)
-    ecfg, acfg = eval_config(cfg), accuracy_config(cfg)
     common = RecoverConfig.from_dict(cfg.recover)
     model = damage = reference = degraded = None
     for run in todo:
@@ -51,6 +50,7 @@ def execute(cfg: StudyConfig, todo: list[Run], progress: bool = True, mode: str 
             continue
         if run.model != model:
             model, damage, reference, degraded = run.model, None, None, None
+            ecfg, acfg = eval_config(cfg, model), accuracy_config(cfg, model)  # its precision
             log.info("study: loading %s (%s)", model, cfg.models[model])
             reference = load_model(cfg.models[model], common.load)
             tokenizer = load_tokenizer(cfg.models[model], common.load)
