@@ -714,3 +714,14 @@ def test_precision_per_model(study_yaml):
     study_yaml.write_text(yaml.safe_dump(d))
     with pytest.raises(RecoverLoraError, match="precision"):
         study.StudyConfig.from_yaml(study_yaml)
+
+
+def test_mirror_leaves_out_resume_state(tmp_path):
+    """An interrupted evaluation's kept batches (``.<name>.partial/``) are not result files: not mirrored."""
+    from recover_lora.study.files import _small_files
+
+    for f in ("m/eval/reference.json", "m/eval/.reference.partial/key.json", "m/.lock.json", "m/run/done.json"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("{}")
+    assert [str(f.relative_to(tmp_path)) for f in _small_files(tmp_path)] == ["m/eval/reference.json",
+                                                                               "m/run/done.json"]

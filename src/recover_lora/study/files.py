@@ -18,7 +18,8 @@ MIRROR_MAX_BYTES = 4_000_000  # a larger file is not mirrored
 
 def _small_files(root: Path) -> list[Path]:
     return sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in PACK_SUFFIXES
-                  and not PACK_SKIP_DIRS & set(f.relative_to(root).parts[:-1]) and not f.name.startswith("."))
+                  and not PACK_SKIP_DIRS & set(f.relative_to(root).parts[:-1])
+                  and not any(p.startswith(".") for p in f.relative_to(root).parts))  # (.partial folders: resume state)
 
 
 def pack_results(study_dir: str | Path, archive: str | Path) -> int:
