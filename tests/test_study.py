@@ -725,3 +725,16 @@ def test_mirror_leaves_out_resume_state(tmp_path):
         (tmp_path / f).write_text("{}")
     assert [str(f.relative_to(tmp_path)) for f in _small_files(tmp_path)] == ["m/eval/reference.json",
                                                                                "m/run/done.json"]
+
+
+def test_a_model_with_no_finished_run_gets_its_rows_but_no_chart(study_yaml, monkeypatch):
+    """While a model's first run is going, RESULTS.md shows its degraded rows, and no empty chart."""
+    def fails(*a, **k):
+        raise RuntimeError("still running (planted)")
+
+    monkeypatch.setattr(study.run, "run_recover", fails)
+    assert main(["study", "--config", str(study_yaml), "--only", "tiny/noise-all/kv"]) == 2
+    t = study_yaml.parent
+    res = (t / "RESULTS.md").read_text()
+    assert "## tiny (`" in res and "| degraded |" in res
+    assert "![held-out KL]" not in res and not (t / "results" / "tiny-heldout-kl.png").exists()

@@ -374,9 +374,11 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
         methods = chart_order([m for m in dict.fromkeys(m for k in keys for m in data[k]["methods"])
                                if any(m in data[k]["runs"] for k in keys)], goals, sweep_method)
         chart = out.parent / "results" / f"{slug(model)}-heldout-kl.png"
-        plot_kl(model, [k[1] for k in keys], methods, data, chart)
-        L += [f"## {model} (`{spec}`)", "", f"![held-out KL]({os.path.relpath(chart, out.parent)})", "",
-              cpu_used(study_dir, data, model), ""]
+        L += [f"## {model} (`{spec}`)", ""]
+        if methods:  # (a model whose first run is still going has only its degraded rows: no chart yet)
+            plot_kl(model, [k[1] for k in keys], methods, data, chart)
+            L += [f"![held-out KL]({os.path.relpath(chart, out.parent)})", ""]
+        L += [cpu_used(study_dir, data, model), ""]
         timing = study_dir / slug(model) / "timing.json"
         if timing.exists() and (study_dir / slug(model) / "synth" / "manifest.json").exists():
             man = read_json(study_dir / slug(model) / "synth" / "manifest.json")
