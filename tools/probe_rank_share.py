@@ -4,7 +4,8 @@
 
 For each model: the reference damaged as the study damages it (seed 0), then per linear (a) the share
 of the output error E||dW x||^2 on the reference's inputs (32 x 64 synthetic tokens) that the best
-rank-r fix leaves (``svd_init_``'s relative residual, squared: what ``eora`` cannot reach at rank r)
+rank-r fix leaves (``svd_init_``'s relative residual, squared: what ``eora`` cannot reach at rank r;
+measured, as eora fits it, under the input covariance shrunk toward its diagonal by EORA_SHRINK)
 and (b) how concentrated the inputs are: the share of E||x||^2 in the top r eigen-directions of the
 input covariance, and its effective rank exp(entropy of the normalised eigenvalues). Means per module
 kind (q, k, v, o, gate, up, down) are printed and written to ``--out`` (JSON).
