@@ -125,6 +125,15 @@ def test_miniature_study_runs_resumes_and_reports(study_yaml, monkeypatch, capsy
     after = {m: json.loads((t / "study/tiny/noise-all" / study.slug(m) / "done.json").read_text())
              for m in ("kv", "svd-only", "kv@16")}
     low = sorted(("kv", "svd-only"), key=lambda m: after[m]["heldout"]["after"]["kl"])  # the sweep's run left out
+    # the study at a glance: the goals' methods, the share of the held-out KL each removed, by the done files
+    cfg = json.loads((t / "study/study.json").read_text())
+    groups, methods, removed, agree = results.overview(results.collect(t / "study", cfg), cfg["goals"])
+    assert groups == [("tiny", "noise-all")] and methods == ["svd-only", "kv@16", "kv"]
+    for m in methods:
+        h = after[m]["heldout"]
+        assert removed[(groups[0], m)] == pytest.approx(1 - h["after"]["kl"] / h["before"]["kl"])
+        assert 0 <= agree[(groups[0], m)] <= 1
+    assert "![the study at a glance](results/overview.png)" in res and (t / "results/overview.png").stat().st_size > 0
     row = next(line for line in res.split("## What wins where")[1].splitlines() if line.startswith("| tiny |"))
     size = {m: after[m]["trainable_parameters"] for m in low}
     assert size[low[0]] != size[low[1]]  # kv's preset against the auto placement's budget: the sizes are said

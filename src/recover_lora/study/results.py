@@ -242,6 +242,60 @@ def winners(data: dict, sweep_method: str | None) -> list[str]:
     return L + [""]
 
 
+def overview(data: dict, goals: dict) -> tuple[list[tuple[str, str]], list[str], dict, dict]:
+    """The study at a glance: per (model, damage) with a finished run, the share of the held-out KL each
+    of the goals' methods (the goal's, the presets, the baselines) removed and its agreement with the
+    reference's choices (key (group, method); the degraded model's agreement under method "degraded")."""
+    core = goal_methods(goals) + list(goals.get("presets") or []) + list(goals.get("baselines") or [])
+    groups = [g for g, e in data.items() if any(m in e["runs"] for m in core)]
+    methods = [m for m in dict.fromkeys(core) if any(m in data[g]["runs"] for g in groups)]
+    removed, agree = {}, {}
+    for g in groups:
+        runs = data[g]["runs"]
+        agree[(g, "degraded")] = data[g]["deg_measures"]["average"].get("agreement")
+        for m in methods:
+            if m in runs:
+                removed[(g, m)] = kl_closed(runs[m]["done"])
+                agree[(g, m)] = runs[m]["measures"]["average"].get("agreement")
+    return groups, methods, removed, agree
+
+
+def plot_overview(data: dict, goals: dict, path: Path) -> Path | None:
+    """One chart of the whole study: grouped bars per (model, damage), the share of the held-out KL removed
+    (against the goal's line) above, the agreement with the reference's choices below (the degraded
+    model's as a black line across its group)."""
+    groups, methods, removed, agree = overview(data, goals)
+    if not groups:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(7.0, 1.3 * len(groups) + 2.5), 6.5), sharex=True)
+    w = 0.8 / len(methods)
+    x = np.arange(len(groups))
+    for i, m in enumerate(methods):
+        off = x + (i - (len(methods) - 1) / 2) * w
+        a1.bar(off, [100 * v if (v := removed.get((g, m))) is not None else np.nan for g in groups], w, label=m)
+        a2.bar(off, [100 * v if (v := agree.get((g, m))) is not None else np.nan for g in groups], w)
+    goal = goals.get("min_gap_closed", 0.9)
+    a1.axhline(100 * goal, ls="--", c="tab:red", lw=1, label=f"goal: {100 * goal:.0f}%")
+    a1.set_ylabel("held-out KL removed (%)")
+    a1.set_ylim(min(0.0, min([100 * v for v in removed.values() if v is not None] + [0.0]) - 5), 100)
+    deg = [100 * v if (v := agree.get((g, "degraded"))) is not None else np.nan for g in groups]
+    a2.hlines(deg, x - 0.4, x + 0.4, colors="k", lw=2, zorder=3, label="degraded (agreement)")
+    lo = np.nanmin(deg + [100 * v for k, v in agree.items() if v is not None])
+    a2.set_ylim(max(0.0, lo - 5), 100)
+    a2.set_ylabel("agreement with the reference (%)")
+    a2.set_xticks(x, [f"{m}\n{d}" for m, d in groups], fontsize=8)
+    handles, labels = (sum(z, []) for z in zip(a1.get_legend_handles_labels(), a2.get_legend_handles_labels()))
+    a1.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), title="method",
+              title_fontsize=8)
+    a1.set_title("The study at a glance: each repair against the reference (higher is better)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def sweep_table(model: str, damage: str, runs: dict, method: str, chart: Path, rel: str,
                 goal: float | None = None) -> list[str]:
     """The data sweep of one model and damage: the sweep method at each amount of synthetic data (its
@@ -367,6 +421,9 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
         L += [Path(cfg["notes"]).read_text().strip(), ""]
     sweep_method = (cfg.get("sweep") or {}).get("method")
     L += winners(data, sweep_method)
+    glance = out.parent / "results" / "overview.png"
+    if plot_overview(data, goals, glance):
+        L += [f"![the study at a glance]({os.path.relpath(glance, out.parent)})", ""]
     for model, spec in cfg["models"].items():
         keys = [k for k in data if k[0] == model]
         if not keys:
