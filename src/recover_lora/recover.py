@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -89,24 +90,37 @@ def make_heldout(cfg: RecoverConfig, reference: PreTrainedModel, tokenizer: PreT
                    Path(cfg.out_dir) / "heldout", progress)
 
 
-def plot_training(history: list[dict], evals: list[dict], before: dict, after: dict, path: str | Path) -> Path:
-    """Loss curve (log scale) with held-out KL points; the file a user looks at first."""
+def plot_training(history: list[dict], evals: list[dict], before: dict, after: dict, path: str | Path,
+                  start: dict | None = None, kept_start: bool = False) -> Path:
+    """Loss curve (log scale, with its 10-step running mean) and the held-out KL: the degraded model's
+    level as a line, the points from the warm start's (``start``) when there is one, so that training
+    that first undoes a start shows; the file a user looks at first."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if history:
-        ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, alpha=0.8, label="train loss")
-    pts = [{"step": 0, **before}] + evals + ([{"step": history[-1]["step"], **after}] if history else [])
-    ax.plot([p["step"] for p in pts], [p["kl"] for p in pts], "o-", color="C3", label="held-out KL")
+        steps, loss = [h["step"] for h in history], [h["loss"] for h in history]
+        ax.plot(steps, loss, lw=0.8, alpha=0.45, color="C0", label="train loss (a batch)")
+        k = 10
+        if len(loss) >= 2 * k:  # one batch of 8 x 64 tokens is noisy: the mean shows the trend
+            ax.plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), lw=1.8, color="C0",
+                    label=f"train loss, mean of {k} steps")
+    ax.axhline(before["kl"], ls="--", lw=1, color="gray", label=f"degraded: held-out KL {before['kl']:.3f}")
+    first = {"step": 0, **(start or before)}
+    pts = [first] + evals + ([{"step": history[-1]["step"], **after}] if history else [])
+    ax.plot([p["step"] for p in pts], [p["kl"] for p in pts], "o-", color="C3",
+            label="held-out KL" + (" (from the warm start)" if start else ""))
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("KL(reference || student), nats/token")
-    ax.set_title(f"held-out KL {before['kl']:.3f} -> {after['kl']:.3f}, "
-                 f"top-1 {100 * before['top1']:.1f}% -> {100 * after['top1']:.1f}%")
+    title = f"held-out KL {before['kl']:.3f} -> {after['kl']:.3f}"
+    if start:
+        title += f" (warm start {start['kl']:.3f}{', kept' if kept_start else ''})"
+    ax.set_title(title + f", top-1 {100 * before['top1']:.1f}% -> {100 * after['top1']:.1f}%", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -351,7 +365,8 @@ def _report(r: Run, state, sft, before, after, at_init, zeroed_before, sized) ->
         report["gguf_lora"] = str(gguf_lora)
     if sft:
         report["sft"] = {k: v for k, v in sft.items() if k not in ("history", "config")}
-    plot_training(state.history, state.evals, before, after, out / "loss.png")
+    plot_training(state.history, state.evals, before, after, out / "loss.png", start=at_init,
+                  kept_start=(r.start_check or {}).get("kept") == "warm start")
     if cfg.eval.tasks:  # before merging: the degraded model is the student with adapters disabled
         report["eval"] = evaluate_triplet(cfg, r.reference, r.student, r.tokenizer, out, r.progress, r.snapshot)
     report["command"] = command_line()
