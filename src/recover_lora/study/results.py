@@ -281,10 +281,11 @@ def plot_overview(data: dict, goals: dict, path: Path) -> Path | None:
     goal = goals.get("min_gap_closed", 0.9)
     a1.axhline(100 * goal, ls="--", c="tab:red", lw=1, label=f"goal: {100 * goal:.0f}%")
     a1.set_ylabel("held-out KL removed (%)")
-    a1.set_ylim(min(0.0, min([100 * v for v in removed.values() if v is not None] + [0.0]) - 5), 100)
+    low = min([100 * v for v in removed.values() if v is not None] + [0.0])  # a repair can make it worse
+    a1.set_ylim(low - 5 if low < 0 else 0, 100)
     deg = [100 * v if (v := agree.get((g, "degraded"))) is not None else np.nan for g in groups]
     a2.hlines(deg, x - 0.4, x + 0.4, colors="k", lw=2, zorder=3, label="degraded (agreement)")
-    lo = np.nanmin(deg + [100 * v for k, v in agree.items() if v is not None])
+    lo = np.nanmin([100 * v for v in agree.values() if v is not None])  # the degraded model's included
     a2.set_ylim(max(0.0, lo - 5), 100)
     a2.set_ylabel("agreement with the reference (%)")
     a2.set_xticks(x, [f"{m}\n{d}" for m, d in groups], fontsize=8)

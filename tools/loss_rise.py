@@ -1,0 +1,57 @@
+"""Does training undo a warm start? Per run, the 10-step mean of the training loss against its first
+10 steps': the peak ratio (and its step), the last 10 steps' ratio, and the first step where the mean
+passes ``--rise`` x the first 10 steps' (none: it never does).
+
+    python tools/loss_rise.py runs/study-cpu/*/*/*/ --rise 1.2
+
+Reads each folder's report.json (its loss curve), else the metrics.jsonl of a run still training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+K = 10  # steps a mean covers (one step's 8 x 64 tokens are noisy)
+
+
+def losses(folder: Path) -> list[float] | None:
+    if (folder / "report.json").exists():
+        return [h["loss"] for h in json.loads((folder / "report.json").read_text()).get("loss_curve") or []]
+    if (folder / "metrics.jsonl").exists():
+        rows = (json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip())
+        return [r["loss"] for r in rows if r.get("kind") == "train"]
+    return None
+
+
+def rise(loss: list[float], threshold: float) -> dict:
+    """Peak and last 10-step means over the first 10 steps' mean, and the first step past ``threshold``."""
+    x = np.asarray(loss, dtype=float)
+    mean = np.convolve(x, np.ones(K) / K, mode="valid")  # mean[i]: steps i+1 .. i+K
+    ref = mean[0]
+    past = [i + K for i in range(K, len(mean)) if mean[i] > threshold * ref]  # after the first 2K steps
+    return {"steps": len(x), "first": ref, "peak": mean.max() / ref, "peak_step": int(mean.argmax()) + K,
+            "last": mean[-1] / ref, "passes_at": past[0] if past else None}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
+    p.add_argument("folders", nargs="+")
+    p.add_argument("--rise", type=float, default=1.2)
+    a = p.parse_args()
+    print(f"| run | steps | loss, first {K} | peak / first (step) | last {K} / first | passes {a.rise}x at |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for f in map(Path, a.folders):
+        loss = losses(f)
+        if not loss or len(loss) < 3 * K:
+            continue
+        r = rise(loss, a.rise)
+        print(f"| {f} | {r['steps']} | {r['first']:.3f} | {r['peak']:.2f} ({r['peak_step']}) | {r['last']:.2f} | "
+              f"{r['passes_at'] or '-'} |")
+
+
+if __name__ == "__main__":
+    main()
