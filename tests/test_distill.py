@@ -9,7 +9,7 @@ from recover_lora.degrade import DegradeConfig, NoiseOp, degrade
 from recover_lora.config import AdapterConfig, DistillConfig
 from recover_lora.adapters import adapter_targets
 from recover_lora.distill import attach_adapters, train
-from recover_lora.training.state import batch_indices
+from recover_lora.training.state import batch_indices, loss_rise
 from recover_lora.kl import measure
 from recover_lora.forward import trainable_parameters
 from recover_lora.training.losses import chunked_loss_backward, divergence, hidden_match_loss, naive_loss
@@ -229,6 +229,80 @@ def test_checkpoint_from_before_a_new_setting_resumes_under_its_default(tmp_path
     state = train(attach_adapters(copy.deepcopy(deg), AdapterConfig(rank=4)), ref, ids, cfg, checkpoint=ck,
                   progress=False)
     assert state.step == 4 and len(state.history) == 4
+
+
+def _rising(**kw):
+    """Settings under which training undoes a good start on the tiny pair: a lightly damaged model
+    (its loss starts low) and a step far too large once the 20-step warm-up ends."""
+    return DistillConfig(**{"steps": 40, "batch_size": 8, "lr": 0.1, "warmup_steps": 20, "eval_every": 0, **kw})
+
+
+def test_rewind_goes_back_to_the_start_when_the_loss_rises():
+    ref, deg = _pair(rel=0.05)
+    ids = _data(ref, 64)
+    start = attach_adapters(copy.deepcopy(deg), AdapterConfig(rank=4))
+    plain = train(copy.deepcopy(start), ref, ids, _rising(), progress=False)
+    # where the unguarded run's 10-step mean first passes 1.5x the first 10 steps' (from step 20, to half-way)
+    expected = min(s for s in range(20, 40 // 2 + 1) if loss_rise(plain.history[:s]) > 1.5)
+    guarded_model = copy.deepcopy(start)
+    guarded = train(guarded_model, ref, ids, _rising(rewind_rise=1.5, rewind_lr_scale=0.1), progress=False)
+    b = guarded.rewound_at
+    assert b == expected
+    assert [h["loss"] for h in guarded.history[:b]] == [h["loss"] for h in plain.history[:b]]
+    # the rest is a fresh schedule at a tenth of the step: warm-up from its first step
+    assert guarded.history[b]["lr"] == pytest.approx(0.1 * 0.1 / 20)
+    assert guarded.history[b]["loss"] < 0.5 * plain.history[b]["loss"]  # the first step after: at the start again
+    last = lambda st: sum(h["loss"] for h in st.history[-10:]) / 10  # noqa: E731
+    assert last(guarded) < 0.2 * last(plain), (last(guarded), last(plain))
+    # with an lr scale near zero the run ends where it started: the rewind put the start back
+    still = copy.deepcopy(start)
+    train(still, ref, ids, _rising(rewind_rise=1.5, rewind_lr_scale=1e-6), progress=False)
+    for (n, p), (_, q) in zip(still.named_parameters(), start.named_parameters()):
+        if p.requires_grad:
+            assert torch.allclose(p, q, atol=1e-5), n
+
+
+def test_rewind_that_never_triggers_changes_nothing():
+    ref, deg = _pair()
+    ids = _data(ref, 64)
+    cfg = dict(steps=50, batch_size=8, lr=1e-2, warmup_steps=3, eval_every=0)
+    a = attach_adapters(copy.deepcopy(deg), AdapterConfig(rank=4))
+    b = copy.deepcopy(a)
+    sa = train(a, ref, ids, DistillConfig(**cfg), progress=False)
+    sb = train(b, ref, ids, DistillConfig(**cfg, rewind_rise=1.2), progress=False)
+    assert all(loss_rise(sa.history[:s]) <= 1.2 for s in range(20, 50 // 2 + 1))  # the window it watches
+    assert sb.rewound_at == 0
+    assert [h["loss"] for h in sb.history] == [h["loss"] for h in sa.history]
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_resume_across_a_rewind_equals_uninterrupted(tmp_path):
+    ref, deg = _pair(rel=0.05)
+    ids = _data(ref, 64)
+    cfg = _rising(rewind_rise=1.5, checkpoint_every=3)
+    start = attach_adapters(copy.deepcopy(deg), AdapterConfig(rank=4))
+    whole = copy.deepcopy(start)
+    sw = train(whole, ref, ids, cfg, progress=False)
+    assert sw.rewound_at == 20
+    ck = tmp_path / "ck.pt"
+    for stop in (18, 6, None):  # before the rewind (its start made again by the caller), across it, to the end
+        model = copy.deepcopy(start)
+        torch.manual_seed(99)
+        st = train(model, ref, ids, cfg, checkpoint=ck, progress=False, stop_after=stop)
+    assert st.step == 40 and st.rewound_at == 20
+    assert [h["loss"] for h in st.history] == [h["loss"] for h in sw.history]
+    assert [h["lr"] for h in st.history] == [h["lr"] for h in sw.history]
+    for (n, p), (_, q) in zip(whole.named_parameters(), model.named_parameters()):
+        if p.requires_grad:
+            assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("kw", [{"rewind_rise": 1.0}, {"rewind_rise": -2.0}, {"rewind_lr_scale": 0.0},
+                                {"rewind_lr_scale": 1.5}])
+def test_rewind_settings_are_checked(kw):
+    with pytest.raises(RecoverLoraError, match="rewind"):
+        DistillConfig(**kw).validate()
 
 
 def test_saved_adapter_loads_with_peft(tmp_path):

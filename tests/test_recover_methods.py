@@ -93,6 +93,18 @@ def test_the_warm_start_check_does_not_stop_a_run_from_resuming():
     assert on.keep_better_start and config_identity(on) == config_identity(off)
 
 
+def test_a_rewind_setting_left_off_keeps_older_runs_resumable():
+    """rewind_rise came after runs were made: off, it is not part of a run's identity (so those runs
+    resume); on, it is (a guarded run is another run)."""
+    from recover_lora.config import DistillConfig, RecoverConfig
+    from recover_lora.recover import config_identity
+
+    off = config_identity(RecoverConfig())
+    assert "rewind_rise" not in off["distill"] and "rewind_lr_scale" not in off["distill"]
+    on = config_identity(RecoverConfig(distill=DistillConfig(lr=5e-4, rewind_rise=1.2)))
+    assert on["distill"]["rewind_rise"] == 1.2 and on != off
+
+
 def test_full_kd_method(folders):
     t = folders
     assert main(_args(t, "fk", "--method", "full-kd", "--distill.steps", "10", "--full-kd.lr", "3e-3",

@@ -162,6 +162,15 @@ class DistillConfig:
     # > 0: also match every intermediate decoder layer's output to the teacher's (per-token relative
     # squared error, mean over layers, losses.hidden_match_loss) with this weight; 0 = logits only.
     hidden_weight: float = 0.0
+    # > 1: guard a warm start. When the training loss (its mean over 10 steps) rises past this multiple
+    # of the first 10 steps' mean, in the first half of the run, training is undoing the start
+    # (docs/warm_start.md): put the trainable weights back where they started, clear the optimizer's
+    # moments and train the remaining steps at rewind_lr_scale x lr (a fresh warm-up and decay). Once a
+    # run. 0 = off.
+    rewind_rise: float = 0.0
+    # after a rewind: the learning rate as a share of lr (1/3: 5e-4 -> 1.7e-4, the step that kept
+    # Gemma-3's start in the study)
+    rewind_lr_scale: float = 1 / 3
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
@@ -176,6 +185,10 @@ class DistillConfig:
             raise RecoverLoraError(f"hidden_weight must be >= 0, got {self.hidden_weight}")
         if self.cuda_graph not in ("auto", "on", "off"):
             raise RecoverLoraError(f"cuda_graph must be auto, on or off, not {self.cuda_graph!r}")
+        if self.rewind_rise and self.rewind_rise <= 1:
+            raise RecoverLoraError(f"rewind_rise must be 0 (off) or > 1, got {self.rewind_rise}")
+        if not 0 < self.rewind_lr_scale <= 1:
+            raise RecoverLoraError(f"rewind_lr_scale must be in (0, 1], got {self.rewind_lr_scale}")
 
 
 @dataclass

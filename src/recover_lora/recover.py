@@ -73,9 +73,15 @@ def validate_config(cfg: RecoverConfig) -> None:
     method.validate(cfg)
 
 
+# Settings added after runs were made: at their default (off) they stay out of a run's identity, so
+# that those runs still resume (as a checkpoint does, training/checkpoint.py).
+LATER_DISTILL_FIELDS = {"rewind_rise": 0.0, "rewind_lr_scale": 1 / 3}
+
+
 def config_identity(cfg: RecoverConfig) -> dict[str, Any]:
     """The config fields that determine the result (not where outputs go or when they are measured)."""
-    distill = {k: v for k, v in asdict(cfg.distill).items() if k not in CADENCE_FIELDS}
+    distill = {k: v for k, v in asdict(cfg.distill).items() if k not in CADENCE_FIELDS
+               and not (k in LATER_DISTILL_FIELDS and v == LATER_DISTILL_FIELDS[k])}
     synth = train_synth_config(cfg)  # what the tokens depend on, not how fast they were made
     ident: dict[str, Any] = {"method": cfg.method, "distill": distill, "heldout_sequences": cfg.heldout_sequences,
                              "synth": {**synth.content_key(), "num_sequences": synth.num_sequences},
@@ -91,10 +97,11 @@ def make_heldout(cfg: RecoverConfig, reference: PreTrainedModel, tokenizer: PreT
 
 
 def plot_training(history: list[dict], evals: list[dict], before: dict, after: dict, path: str | Path,
-                  start: dict | None = None, kept_start: bool = False) -> Path:
+                  start: dict | None = None, kept_start: bool = False, rewound_at: int = 0) -> Path:
     """Loss curve (log scale, with its 10-step running mean) and the held-out KL: the degraded model's
     level as a line, the points from the warm start's (``start``) when there is one, so that training
-    that first undoes a start shows; the file a user looks at first."""
+    that first undoes a start shows (and where a guarded run went back to it, ``rewound_at``); the file
+    a user looks at first."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -108,6 +115,8 @@ def plot_training(history: list[dict], evals: list[dict], before: dict, after: d
             ax.plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), lw=1.8, color="C0",
                     label=f"train loss, mean of {k} steps")
     ax.axhline(before["kl"], ls="--", lw=1, color="gray", label=f"degraded: held-out KL {before['kl']:.3f}")
+    if rewound_at:
+        ax.axvline(rewound_at, ls=":", lw=1.2, color="C2", label=f"loss rose: back to the start at step {rewound_at}")
     first = {"step": 0, **(start or before)}
     pts = [first] + evals + ([{"step": history[-1]["step"], **after}] if history else [])
     ax.plot([p["step"] for p in pts], [p["kl"] for p in pts], "o-", color="C3",
@@ -352,6 +361,7 @@ def _report(r: Run, state, sft, before, after, at_init, zeroed_before, sized) ->
                        "rank": cfg.adapter.rank}),
         "method": cfg.method, "init": cfg.adapter.init if r.method.adapters else None,
         "steps": state.step, "train_tokens": tokens, "step_mode": state.step_mode,
+        **({"rewound_at": state.rewound_at} if state.rewound_at else {}),
         "synthetic_sequences": len(r.train_ids) if r.train_ids is not None else 0,
         "seconds": {"synthesize": r.seconds["synthesize"], "train": train_s},
         "train_tokens_per_second": round(tokens / train_s, 1) if train_s > 0 and state.step else None,
@@ -366,7 +376,7 @@ def _report(r: Run, state, sft, before, after, at_init, zeroed_before, sized) ->
     if sft:
         report["sft"] = {k: v for k, v in sft.items() if k not in ("history", "config")}
     plot_training(state.history, state.evals, before, after, out / "loss.png", start=at_init,
-                  kept_start=(r.start_check or {}).get("kept") == "warm start")
+                  kept_start=(r.start_check or {}).get("kept") == "warm start", rewound_at=state.rewound_at)
     if cfg.eval.tasks:  # before merging: the degraded model is the student with adapters disabled
         report["eval"] = evaluate_triplet(cfg, r.reference, r.student, r.tokenizer, out, r.progress, r.snapshot)
     report["command"] = command_line()

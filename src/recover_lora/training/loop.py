@@ -24,7 +24,7 @@ from ..utils import RecoverLoraError, log, sigterm_as_interrupt
 from . import graphs
 from .checkpoint import load_checkpoint, save_checkpoint
 from .parallel import mean_over_ranks
-from .state import TrainState, lr_lambda
+from .state import RISE_WINDOW, TrainState, loss_rise, lr_lambda
 
 
 @dataclass
@@ -59,6 +59,27 @@ def _capture(one_step, xs, params, opt, cfg, device, state: TrainState):
         raise RecoverLoraError(f"cuda_graph='on' but the capture failed: {why}")
     state.step_mode = "cuda_graph" if graphed is not None else f"eager (graph capture failed: {why})"
     return graphed, lrs
+
+
+def _rewind(params: list[torch.Tensor], start: list[torch.Tensor], opt, sched, cfg, state: TrainState) -> None:
+    """Training is undoing its start: the weights back to it, the optimizer's moments and step counts
+    to zero (as a fresh AdamW's; in place, so a captured CUDA graph keeps reading them) and the rest
+    of the run on a smaller schedule of its own."""
+    with torch.no_grad():
+        for p, p0 in zip(params, start):
+            p.copy_(p0)
+    for st in opt.state.values():
+        for v in st.values():
+            if torch.is_tensor(v):
+                v.zero_()
+    state.rewound_at = state.step
+    sched.lr_lambdas = [lr_lambda(cfg, state.step) for _ in opt.param_groups]
+    for g, base, f in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):  # the next step's lr
+        if torch.is_tensor(g["lr"]):
+            g["lr"].fill_(base * f(state.step))
+        else:
+            g["lr"] = base * f(state.step)
+    sched._last_lr = [float(g["lr"]) for g in opt.param_groups]
 
 
 def _finite(loss: float, step: int) -> None:
@@ -110,10 +131,16 @@ def fit(model: torch.nn.Module, step: Step, cfg, checkpoint: str | Path | None =
     if graph_why and getattr(cfg, "cuda_graph", "off") == "on":
         raise RecoverLoraError(f"cuda_graph='on' but {graph_why}")
     opt, sched = _optimizer(params, cfg, device, graph_why is None)
+    rise = getattr(cfg, "rewind_rise", 0.0)
+    # the start a rewind goes back to: what the caller made (a resumed run makes the same start again)
+    start = [p.detach().clone() for p in params] if rise else []
     ckpt = Path(checkpoint) if checkpoint else None
     state = load_checkpoint(ckpt, model, opt, sched, cfg) if ckpt and ckpt.exists() else TrainState()
     if state.step:
         log.info("%s: resumed from %s at step %d", desc, ckpt, state.step)
+    if state.rewound_at:  # (a scheduler's state holds no function: put the rewound schedule back)
+        sched.lr_lambdas = [lr_lambda(cfg, state.rewound_at) for _ in opt.param_groups]
+        start = []
     metrics = metrics if rank == 0 else None
     if metrics is not None:
         metrics.resume(state.step)
@@ -134,7 +161,7 @@ def fit(model: torch.nn.Module, step: Step, cfg, checkpoint: str | Path | None =
     graphed, graph_lrs, try_graph = None, [], graph_why is None
     state.step_mode = "eager" + (f" ({graph_why})" if graph_why and getattr(cfg, "cuda_graph", "") == "auto" else "")
     bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, unit="step", disable=not progress or rank != 0)
-    start_step, lr_at = state.step, lr_lambda(cfg)
+    start_step, lr_at = state.step, lr_lambda(cfg, state.rewound_at)
     tokens = state.history[-1]["tokens"] if state.history else 0
     t0 = time.perf_counter() - state.elapsed
     with sigterm_as_interrupt(), lora_casts_off(model, autocast_on(cfg, device)):
@@ -157,6 +184,15 @@ def fit(model: torch.nn.Module, step: Step, cfg, checkpoint: str | Path | None =
                 tokens += step.tokens(xs)
                 _record(state, {"step": state.step, **dict(zip(step.names, means)), "lr": lr, "tokens": tokens,
                                 "time": round(state.elapsed, 3)}, metrics, bar)
+                ratio = loss_rise(state.history) if start and state.step <= cfg.steps // 2 else None
+                if ratio is not None and ratio > rise:
+                    _rewind(params, start, opt, sched, cfg, state)
+                    start, lr_at = [], sched.lr_lambdas[0]
+                    bar.write(f"step {state.step}: the training loss ({RISE_WINDOW}-step mean) rose to {ratio:.2f}x "
+                              f"its first {RISE_WINDOW} steps': back to the start, lr x {cfg.rewind_lr_scale:.3g}")
+                    if metrics is not None:
+                        metrics.log("rewind", {"step": state.step, "rise": round(ratio, 4),
+                                               "lr_scale": cfg.rewind_lr_scale})
                 if heldout is not None and cfg.eval_every and state.step % cfg.eval_every == 0 \
                         and state.step < cfg.steps:
                     _record(state, {"step": state.step, **heldout()}, metrics, bar, "heldout")
