@@ -1,5 +1,4 @@
-import numpy as np, torch, pytest
-from gguf import GGMLQuantizationType, quants
+import torch, pytest
 from recover_lora.degrade import DegradeConfig, degrade, parse_op, GgufOp
 from recover_lora.utils import RecoverLoraError
 from tiny import tiny_model
