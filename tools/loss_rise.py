@@ -1,6 +1,7 @@
 """Does training undo a warm start? Per run, the 10-step mean of the training loss against its first
 10 steps': the peak ratio (and its step), the last 10 steps' ratio, and the first step where the mean
-passes ``--rise`` x the first 10 steps' (none: it never does).
+passes ``--rise`` x the first 10 steps' (none: it never does): the test ``--distill.rewind-rise``
+applies while training (training/state.py, loss_rise), here read back from finished runs.
 
     python tools/loss_rise.py runs/study-cpu/*/*/*/ --rise 1.2
 
