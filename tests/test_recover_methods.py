@@ -83,6 +83,26 @@ def test_a_warm_start_that_training_makes_worse_is_kept(folders):
     assert rep["warm_start_check"]["kept"] == "trained" and rep["heldout"]["after"]["kl"] < rep["heldout"]["init"]["kl"]
 
 
+def test_rewind_puts_a_ruined_warm_start_back_end_to_end(folders):
+    """--distill.rewind-rise: the exact svd start, trained at a step that ruins it, goes back to the start
+    once the loss rises (step 20, after a 20-step warm-up); the report, metrics and plot say so. With a
+    near-zero step after the rewind the start survives without the warm-start check's help."""
+    from recover_lora.metrics import read_metrics
+
+    t = folders
+    hot = ("--adapter.init", "svd", "--adapter.rank", "4", "--distill.lr", "0.05", "--distill.steps", "40",
+           "--distill.warmup-steps", "20", "--no-keep-better-start", "--placement", "preset")
+    assert main(_args(t, "rw", *hot, "--distill.rewind-rise", "1.2", "--distill.rewind-lr-scale", "1e-6")) == 0
+    rep = json.loads((t / "rw" / "report.json").read_text())
+    assert rep["rewound_at"] == 20 and rep["steps"] == 40
+    assert [r["step"] for r in read_metrics(t / "rw" / "metrics.jsonl") if r["kind"] == "rewind"] == [20]
+    assert rep["heldout"]["init"]["kl"] < 1e-6 and rep["heldout"]["after"]["kl"] < 1e-4
+    assert (t / "rw" / "loss.png").stat().st_size > 0
+    assert main(_args(t, "plain", *hot)) == 0  # the same run unguarded: ruined
+    plain = json.loads((t / "plain" / "report.json").read_text())
+    assert "rewound_at" not in plain and plain["heldout"]["after"]["kl"] > 100 * rep["heldout"]["after"]["kl"]
+
+
 def test_the_warm_start_check_does_not_stop_a_run_from_resuming():
     """The check acts after training: a run folder started without it (or by a version before it)
     resumes with it, since the training and its checkpoints are the same."""
