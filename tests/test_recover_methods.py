@@ -98,7 +98,7 @@ def test_rewind_puts_a_ruined_warm_start_back_end_to_end(folders):
     assert [r["step"] for r in read_metrics(t / "rw" / "metrics.jsonl") if r["kind"] == "rewind"] == [20]
     assert rep["heldout"]["init"]["kl"] < 1e-6 and rep["heldout"]["after"]["kl"] < 1e-4
     assert (t / "rw" / "loss.png").stat().st_size > 0
-    assert main(_args(t, "plain", *hot)) == 0  # the same run unguarded: ruined
+    assert main(_args(t, "plain", *hot, "--distill.rewind-rise", "0")) == 0  # the same run unguarded: ruined
     plain = json.loads((t / "plain" / "report.json").read_text())
     assert "rewound_at" not in plain and plain["heldout"]["after"]["kl"] > 100 * rep["heldout"]["after"]["kl"]
 
@@ -119,9 +119,9 @@ def test_a_rewind_setting_left_off_keeps_older_runs_resumable():
     from recover_lora.config import DistillConfig, RecoverConfig
     from recover_lora.recover import config_identity
 
-    off = config_identity(RecoverConfig())
+    off = config_identity(RecoverConfig(distill=DistillConfig(lr=5e-4)))
     assert "rewind_rise" not in off["distill"] and "rewind_lr_scale" not in off["distill"]
-    on = config_identity(RecoverConfig(distill=DistillConfig(lr=5e-4, rewind_rise=1.2)))
+    on = config_identity(RecoverConfig())  # recover's default: on
     assert on["distill"]["rewind_rise"] == 1.2 and on != off
 
 
