@@ -64,7 +64,7 @@ def main() -> None:
     out: dict = {"model": a.model, "lr": a.lr, "rank": a.rank, "modules": a.modules, "calib": a.calib, "heldout": a.heldout,
                  "seq_len": a.seq_len, "steps": a.steps, "shrink": a.shrink, "hidden_weight": a.hidden_weight,
                  "torch": torch.__version__, "results": {}}
-    print(f"| damage | init | held-out KL at init | top-1 | seconds |"
+    print("| damage | init | held-out KL at init | top-1 | seconds |"
           + (f" KL after {a.steps} steps | top-1 |" if a.steps else "") + "\n|---|---|---:|---:|---:|"
           + ("---:|---:|" if a.steps else ""))
     for spec in a.damages:
