@@ -3,7 +3,7 @@
 passes ``--rise`` x the first 10 steps' (none: it never does): the test ``--distill.rewind-rise``
 applies while training (training/state.py, loss_rise), here read back from finished runs.
 
-    python tools/loss_rise.py runs/study-cpu/*/*/*/ --rise 1.2
+    .venv/bin/python tools/loss_rise.py runs/study-cpu/*/*/*/ --rise 1.2
 
 Reads each folder's report.json (its loss curve), else the metrics.jsonl of a run still training.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-K = 10  # steps a mean covers (one step's 8 x 64 tokens are noisy)
+from recover_lora.training.state import RISE_WINDOW as K, loss_rise  # the guard's own test
 
 
 def losses(folder: Path) -> list[float] | None:
@@ -33,7 +33,8 @@ def rise(loss: list[float], threshold: float) -> dict:
     x = np.asarray(loss, dtype=float)
     mean = np.convolve(x, np.ones(K) / K, mode="valid")  # mean[i]: steps i+1 .. i+K
     ref = mean[0]
-    past = [i + K for i in range(K, len(mean)) if mean[i] > threshold * ref]  # after the first 2K steps
+    hist = [{"loss": v} for v in loss]
+    past = [s for s in range(2 * K, len(x) + 1) if (loss_rise(hist[:s]) or 0) > threshold]
     return {"steps": len(x), "first": ref, "peak": mean.max() / ref, "peak_step": int(mean.argmax()) + K,
             "last": mean[-1] / ref, "passes_at": past[0] if past else None}
 

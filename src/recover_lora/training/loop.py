@@ -61,6 +61,11 @@ def _capture(one_step, xs, params, opt, cfg, device, state: TrainState):
     return graphed, lrs
 
 
+def _rewound_schedule(sched, cfg, at: int) -> None:
+    # (a scheduler's state_dict holds no function: a resumed run puts the rewound schedule back too)
+    sched.lr_lambdas = [lr_lambda(cfg, at) for _ in sched.lr_lambdas]
+
+
 def _rewind(params: list[torch.Tensor], start: list[torch.Tensor], opt, sched, cfg, state: TrainState) -> None:
     """Training is undoing its start: the weights back to it, the optimizer's moments and step counts
     to zero (as a fresh AdamW's; in place, so a captured CUDA graph keeps reading them) and the rest
@@ -73,7 +78,7 @@ def _rewind(params: list[torch.Tensor], start: list[torch.Tensor], opt, sched, c
             if torch.is_tensor(v):
                 v.zero_()
     state.rewound_at = state.step
-    sched.lr_lambdas = [lr_lambda(cfg, state.step) for _ in opt.param_groups]
+    _rewound_schedule(sched, cfg, state.rewound_at)
     for g, base, f in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):  # the next step's lr
         if torch.is_tensor(g["lr"]):
             g["lr"].fill_(base * f(state.step))
@@ -138,8 +143,8 @@ def fit(model: torch.nn.Module, step: Step, cfg, checkpoint: str | Path | None =
     state = load_checkpoint(ckpt, model, opt, sched, cfg) if ckpt and ckpt.exists() else TrainState()
     if state.step:
         log.info("%s: resumed from %s at step %d", desc, ckpt, state.step)
-    if state.rewound_at:  # (a scheduler's state holds no function: put the rewound schedule back)
-        sched.lr_lambdas = [lr_lambda(cfg, state.rewound_at) for _ in opt.param_groups]
+    if state.rewound_at:
+        _rewound_schedule(sched, cfg, state.rewound_at)
         start = []
     metrics = metrics if rank == 0 else None
     if metrics is not None:
@@ -161,7 +166,7 @@ def fit(model: torch.nn.Module, step: Step, cfg, checkpoint: str | Path | None =
     graphed, graph_lrs, try_graph = None, [], graph_why is None
     state.step_mode = "eager" + (f" ({graph_why})" if graph_why and getattr(cfg, "cuda_graph", "") == "auto" else "")
     bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, unit="step", disable=not progress or rank != 0)
-    start_step, lr_at = state.step, lr_lambda(cfg, state.rewound_at)
+    start_step = state.step
     tokens = state.history[-1]["tokens"] if state.history else 0
     t0 = time.perf_counter() - state.elapsed
     with sigterm_as_interrupt(), lora_casts_off(model, autocast_on(cfg, device)):
@@ -175,7 +180,7 @@ def fit(model: torch.nn.Module, step: Step, cfg, checkpoint: str | Path | None =
                 # the step's one host sync
                 means = mean_over_ranks(list(outs), device) if world > 1 else [float(o) for o in outs]
                 _finite(means[0], state.step + 1)
-                lr = cfg.lr * lr_at(state.step)
+                lr = cfg.lr * sched.lr_lambdas[0](state.step)
                 sched.step()
                 if graphed is not None:
                     graphs.keep_tensor_lrs(opt, graph_lrs)
@@ -187,7 +192,7 @@ def fit(model: torch.nn.Module, step: Step, cfg, checkpoint: str | Path | None =
                 ratio = loss_rise(state.history) if start and state.step <= cfg.steps // 2 else None
                 if ratio is not None and ratio > rise:
                     _rewind(params, start, opt, sched, cfg, state)
-                    start, lr_at = [], sched.lr_lambdas[0]
+                    start = []
                     bar.write(f"step {state.step}: the training loss ({RISE_WINDOW}-step mean) rose to {ratio:.2f}x "
                               f"its first {RISE_WINDOW} steps': back to the start, lr x {cfg.rewind_lr_scale:.3g}")
                     if metrics is not None:
