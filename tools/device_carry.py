@@ -40,14 +40,16 @@ from recover_lora.zoo import sha256_file as _sha256  # noqa: E402 (after the sys
 
 def _eval_tar(src: Path, dest: Path, train: bool) -> Path:
     """A reproducible tar of <task>/<split>.jsonl (eval splits; train splits too with ``train``)."""
-    members = sorted(p for p in src.glob("*/*.jsonl")
-                     if p.parent.name in EVAL_TASKS and (train or p.stem != "train"))
+    # <task>/<split>.jsonl, and MMLU's subjects one folder down (mmlu/<subject>/<split>.jsonl)
+    members = sorted(p for p in [*src.glob("*/*.jsonl"), *src.glob("mmlu/*/*.jsonl")]
+                     if (p.parent.name in EVAL_TASKS or f"mmlu_{p.parent.name}" in EVAL_TASKS)
+                     and (train or p.stem != "train"))
     if not members:
         raise SystemExit(f"no <task>/<split>.jsonl files under {src}")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tar:
         for p in members:
-            info = tar.gettarinfo(str(p), arcname=f"{p.parent.name}/{p.name}")
+            info = tar.gettarinfo(str(p), arcname=str(p.relative_to(src)))
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
             with open(p, "rb") as f:
                 tar.addfile(info, f)
