@@ -29,7 +29,8 @@ def test_round_trip_one_folder_a_call(tmp_path, capsys, monkeypatch):
     small = tmp_path / "small.txt"
     small.write_bytes(b"hello")
     ed = tmp_path / "ed"
-    for task, split in (("arc_easy", "validation"), ("arc_easy", "train"), ("piqa", "validation"), ("other", "x")):
+    for task, split in (("arc_easy", "validation"), ("arc_easy", "train"), ("piqa", "validation"), ("other", "x"),
+                        ("mmlu/astronomy", "test"), ("mmlu/other_subject", "test")):  # MMLU: a folder a subject
         (ed / task).mkdir(parents=True, exist_ok=True)
         (ed / task / f"{split}.jsonl").write_text(json.dumps({"task": task, "split": split}) + "\n")
     out = tmp_path / "carry_here"
@@ -50,7 +51,7 @@ def test_round_trip_one_folder_a_call(tmp_path, capsys, monkeypatch):
     assert (home / "files" / "small.txt").read_bytes() == b"hello"
     # eval splits only (no train split unless asked), other tasks left out
     assert sorted(str(p.relative_to(home / "ed")) for p in (home / "ed").rglob("*.jsonl")) == \
-        ["arc_easy/validation.jsonl", "piqa/validation.jsonl"]
+        ["arc_easy/validation.jsonl", "mmlu/astronomy/test.jsonl", "piqa/validation.jsonl"]
     assert "3/3 payloads ready" in capsys.readouterr().out
     # idempotent: another call with any folder changes nothing
     _call(home, carried, folders[1])

@@ -509,3 +509,21 @@ def test_eval_command_interrupted_resumes_with_the_same_command(tmp_path, monkey
     assert calls["n"] == n_whole - 2 and not (tmp_path / ".cut.partial").exists()
     whole, cut = (json.loads((tmp_path / f).read_text()) for f in ("whole.json", "cut.json"))
     assert cut["results"] == whole["results"]
+
+
+def test_default_batch_tokens_follow_the_gpu_memory_share(monkeypatch):
+    """4096 on a CPU; on a GPU 32768 unless the logits (3 fp32 copies of [tokens, vocab]) would take over
+    a quarter of the process's memory: the free memory, and its share under ``study --jobs``."""
+    from recover_lora.evaluate.scorer import default_batch_tokens
+
+    assert default_batch_tokens(torch.device("cpu"), 49152) == 4096
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (130 * gib, 140 * gib))
+    monkeypatch.delenv("RECOVER_LORA_GPU_SHARE", raising=False)
+    cuda = torch.device("cuda", 0)
+    assert default_batch_tokens(cuda, 49152) == 32768  # one process on an H200: the cap
+    assert default_batch_tokens(cuda, 151936) == int(130 * gib / 4 // (12 * 151936))  # Qwen's vocab: 19,139
+    monkeypatch.setenv("RECOVER_LORA_GPU_SHARE", repr(1 / 9))  # nine workers: 15.6 GiB each
+    assert default_batch_tokens(cuda, 49152) == int(140 * gib / 9 / 4 // (12 * 49152)) == 7079
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gib // 2, 140 * gib))
+    assert default_batch_tokens(cuda, 49152) == 1024  # nearly full: the floor

@@ -432,6 +432,9 @@ def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml, capsys):
     # a fresh checkout: the study folder is gone, the mirror is committed; nothing runs again
     import shutil
     shutil.rmtree(t / "study")
+    assert main(["study", "--config", str(study_yaml), "--results-only"]) == 0  # made from the mirror
+    assert (t / "RESULTS.md").read_text() == res
+    shutil.rmtree(t / "study")
     capsys.readouterr()
     assert main(["study", "--config", str(study_yaml), "--dry-run"]) == 0
     assert ", 0 to do" in capsys.readouterr().out  # the mirrored runs count as done before anything runs
@@ -442,6 +445,13 @@ def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml, capsys):
     finally:
         study.run.run_recover = real
     assert (base / "noise-kv/kv/done.json").exists() and (t / "RESULTS.md").read_text() == res
+    # the device round trip of a study that lives in its mirror here: unpacking fills the mirror too
+    assert main(["study", "--config", str(study_yaml), "--results-only", "--pack", str(t / "p.tar.gz")]) == 0
+    shutil.rmtree(t / "study")
+    shutil.rmtree(t / "mirror")
+    assert main(["study", "--config", str(study_yaml), "--unpack", str(t / "p.tar.gz")]) == 0
+    assert (t / "mirror/tiny/noise-kv/kv/done.json").read_bytes() == (base / "noise-kv/kv/done.json").read_bytes()
+    assert (t / "RESULTS.md").read_text() == res
 
 
 def test_a_failing_run_is_recorded_and_the_others_go_on(study_yaml, monkeypatch, capsys):

@@ -30,7 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-DEFAULT_WHEELS = ("gguf==0.19.0", "transformers==5.23.0")  # the device lacks gguf; 5.17 misreads Gemma-3
+# the device lacks gguf and tyro (the CLI; + its two needs the image lacks); its transformers 5.17 misreads Gemma-3
+DEFAULT_WHEELS = ("gguf==0.19.0", "transformers==5.23.0", "tyro==1.0.17", "docstring-parser==0.18.0",
+                  "typeguard==4.6.1")
 EVAL_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "winogrande", "piqa", "openbookqa", "boolq",
               "mmlu_philosophy", "mmlu_management", "mmlu_astronomy")
 

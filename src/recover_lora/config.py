@@ -235,7 +235,7 @@ class EvalConfig:
     limit: int | None = None  # only the first N documents of each task
     num_fewshot: int = 0  # k-shot (MMLU: first k dev examples; others: seeded random train examples)
     batch_size: int | None = None  # max sequences per forward (None: only the token budget limits it)
-    max_batch_tokens: int | None = None  # padded tokens per forward (None: 32768 on CUDA, 4096 on CPU)
+    max_batch_tokens: int | None = None  # padded tokens per forward (None: 4096 on CPU; on CUDA up to 32768, by memory)
     seed: int = FEWSHOT_SEED  # few-shot sampling seed (lm-eval's fewshot_random_seed)
     add_bos: bool | None = None  # None: lm-eval's rule (load.needs_bos); or force True/False
     keep_items: bool = True  # per-item lists (report needs them for bootstrap CIs)

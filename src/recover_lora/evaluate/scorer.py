@@ -21,6 +21,7 @@ the log-likelihood and whether greedy decoding reproduces the continuation. For 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -80,6 +81,19 @@ def model_max_length(model, default: int = 2048) -> int:
         if isinstance(v, int) and v > 0:
             return v
     return default
+
+
+def default_batch_tokens(device: torch.device, vocab_size: int) -> int:
+    """Padded tokens per forward when none is given: 4096 on a CPU; on a GPU 32768, or fewer where the
+    logits ([tokens, vocab] in fp32, about three copies) would take over a quarter of this process's
+    memory: what is free now, and its share of the GPU when ``study --jobs N`` runs N processes on one
+    (RECOVER_LORA_GPU_SHARE, 1/N; nine processes at 32768 tokens ran out of an H200's memory)."""
+    if device.type != "cuda":
+        return 4096
+    free, total = torch.cuda.mem_get_info(device)
+    share = float(os.environ.get("RECOVER_LORA_GPU_SHARE") or 1.0)
+    budget = min(free, share * total) / 4
+    return int(max(1024, min(32768, budget // (3 * 4 * max(1, vocab_size)))))
 
 
 def _device_of(model) -> torch.device:
@@ -320,7 +334,7 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
     """(log-likelihood, is_greedy) of each (context ids, continuation ids) request.
 
     ``batch_size``: at most this many input rows per forward (None: no cap besides the token budget).
-    ``max_batch_tokens``: cap on padded tokens per forward (default 32768 on CUDA, 4096 on CPU).
+    ``max_batch_tokens``: cap on padded tokens per forward (default: :func:`default_batch_tokens`).
     ``share_context``: the choices of a question share one pass over their common prefix, their
     remaining tokens packed behind it (own positions, a block attention mask), and several
     questions share an input row; False: one row per request, as lm-eval's ``hf`` backend.
@@ -346,7 +360,9 @@ def score(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
     device = _device_of(model)
     max_length = max_length or model_max_length(model)
     if max_batch_tokens is None:
-        max_batch_tokens = 32768 if device.type == "cuda" else 4096
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        vocab = head.weight.shape[0] if head is not None else getattr(getattr(model, "config", None), "vocab_size", 0)
+        max_batch_tokens = default_batch_tokens(device, vocab or 0)
     rows, where, by_row, lines, lw = _lines(requests, max_length, share_context, _window(model), groups)
     batches = _batches(lines, lw, batch_size, max_batch_tokens)
 

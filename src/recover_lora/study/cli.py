@@ -71,8 +71,11 @@ def run_cli(a) -> int:
     if a.eval.data_dir:
         cfg.eval["data_dir"] = a.eval.data_dir
     only = [s for o in a.only for s in o.split(",") if s] if a.only else None
+    if a.results_only or getattr(a, "unpack", None):
+        seed_from_mirror(cfg)  # a study made elsewhere (a GPU machine) lives here in its mirror alone
     if getattr(a, "unpack", None):
         print(f"unpacked {unpack_results(a.unpack, cfg.study_dir)} files into {cfg.study_dir}")
+        mirror_results(cfg)  # and into the repository's copy, to be committed
         a.results_only = True
     try:
         with sigterm_as_interrupt():  # SIGTERM (a `timeout` around the command) ends the runs as Ctrl-C does

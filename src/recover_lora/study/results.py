@@ -88,7 +88,8 @@ def collect(study_dir: Path, cfg: dict) -> dict:
             rec_acc = _read_results(d / "eval" / "recovered-accuracy.json")
             acc_tier = rec_acc is not None and ref_acc is not None and deg_acc is not None
             rep = compute_report(ref_acc, deg_acc, rec_acc, rcfg) if acc_tier else compute_report(ref, deg, rec, rcfg)
-            runs[m] = {"done": read_json(d / "done.json"), "report": rep, "acc_tier": acc_tier,
+            # no accuracy tier configured (study.yaml: every item is evaluated once): that evaluation is the accuracy run
+            runs[m] = {"done": read_json(d / "done.json"), "report": rep, "acc_tier": acc_tier or not cfg.get("accuracy"),
                        "measures": compute_measures(ref, rec, rcfg)}
         out[(model, damage)] = {"runs": runs, "deg_measures": compute_measures(ref, deg, rcfg), "methods": methods}
     return out

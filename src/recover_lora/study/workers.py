@@ -151,6 +151,10 @@ def run_workers(cfg: StudyConfig, todo: list[Run], jobs: int, progress: bool = T
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))  # no CPU oversubscription
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")  # src/
+    # N processes on one GPU: each keeps to its share (nine at full batch ran out of an H200's memory),
+    # and expandable segments keep the varying evaluation batches from fragmenting it
+    env["RECOVER_LORA_GPU_SHARE"] = repr(1.0 / jobs)
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     procs, logs = [], []
     for k in range(jobs):
         logs.append(open(study / "logs" / f"worker-{k}.log", "a"))
@@ -192,6 +196,11 @@ def worker_main(study_dir: str | Path) -> int:
     cfg = StudyConfig(**read_json(study / "study.json"))
     runs = {r.name: r for r in plan(cfg)}
     queue = read_json(study / "queue.json")
+    import torch
+
+    share = float(os.environ.get("RECOVER_LORA_GPU_SHARE") or 1.0)
+    if torch.cuda.is_available() and share < 1.0:  # an error in this process, not in a neighbour's
+        torch.cuda.set_per_process_memory_fraction(0.95 * share)
     execute(cfg, [runs[n] for n in queue["runs"]], progress=False, mode="claim", jobs=queue["jobs"],
              deadline=queue.get("deadline"))
     return 0
