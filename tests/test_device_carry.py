@@ -67,3 +67,18 @@ def test_a_corrupt_piece_is_refused(tmp_path):
     piece.write_bytes(b"x" * piece.stat().st_size)
     with pytest.raises(SystemExit, match="sha256 mismatch"):
         dc.main(["stash", "--carry", str(out), "--home", str(tmp_path / "home")])
+
+
+def test_folder_size_follows_the_checkout(tmp_path):
+    """A call carries 64 MiB with the checkout: folders are what is left of 62 MiB beside it."""
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text("ignored/\n")
+    (tmp_path / "a.bin").write_bytes(b"x" * 3000)
+    (tmp_path / "ignored").mkdir()
+    (tmp_path / "ignored" / "big.bin").write_bytes(b"x" * 50000)  # ignored: does not travel
+    assert dc.checkout_bytes(tmp_path) == 3000 + len("ignored/\n")
+    assert dc.auto_chunk_mib(19 * 2**20) == 43.0 and dc.auto_chunk_mib(int(1.5 * 2**20)) == 60.0
+    with pytest.raises(SystemExit, match="too little"):
+        dc.auto_chunk_mib(59 * 2**20)

@@ -59,8 +59,28 @@ def _eval_tar(src: Path, dest: Path, train: bool) -> Path:
     return dest
 
 
+def checkout_bytes(root: Path = ROOT) -> int:
+    """What a device call sends besides the carried folders: tracked files and untracked ones git does
+    not ignore (the device tool's rule)."""
+    names = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           check=True, capture_output=True).stdout.split(b"\0")
+    return sum((root / n.decode()).stat().st_size for n in names if n and (root / n.decode()).is_file())
+
+
+def auto_chunk_mib(tree: int, limit_mib: float = 62.0) -> float:
+    """The largest folder that travels beside a checkout of ``tree`` bytes within ``limit_mib``."""
+    left = limit_mib - tree / 2**20
+    if left < 4:
+        raise SystemExit(f"the checkout is {tree / 2**20:.1f} MiB: too little of a call's 64 MiB is left to carry")
+    return float(int(left))
+
+
 def prepare(a: argparse.Namespace) -> int:
     out = Path(a.out)
+    if a.chunk_mib is None:
+        tree = checkout_bytes()
+        a.chunk_mib = auto_chunk_mib(tree)
+        print(f"checkout {tree / 2**20:.1f} MiB: folders of <= {a.chunk_mib:.0f} MiB")
     chunk = int(a.chunk_mib * 2**20)
     payloads: list[dict] = []  # {name, kind, path, dest?}
     staging = out / "_staging"
@@ -214,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--eval-data", default=None, help="folder with <task>/<split>.jsonl")
     pr.add_argument("--train-splits", action="store_true", help="also the train splits (sft-lora)")
     pr.add_argument("--file", action="append", default=[], help="any other file (lands in $HOME/files)")
-    # a call carries 64 MiB in all, the checkout (~1 MiB) included: 60 MiB folders take SmolLM2, the
-    # wheels and the evaluation data in two calls
-    pr.add_argument("--chunk-mib", type=float, default=60.0)
+    # a call carries 64 MiB in all, the checkout included (19 MB on 2026-12-04, and growing with the
+    # committed results): by default a folder is what is left of 62 MiB beside the checkout
+    pr.add_argument("--chunk-mib", type=float, default=None, help="folder size (default: 62 MiB - the checkout)")
     pr.add_argument("--out", default=str(ROOT / ".carry"))
     pr.set_defaults(func=prepare)
     st = sub.add_parser("stash", help="collect the carried pieces and assemble what is complete (there)")

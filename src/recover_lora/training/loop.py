@@ -137,8 +137,9 @@ def fit(model: torch.nn.Module, step: Step, cfg, checkpoint: str | Path | None =
         raise RecoverLoraError(f"cuda_graph='on' but {graph_why}")
     opt, sched = _optimizer(params, cfg, device, graph_why is None)
     rise = getattr(cfg, "rewind_rise", 0.0)
-    # the start a rewind goes back to: what the caller made (a resumed run makes the same start again)
-    start = [p.detach().clone() for p in params] if rise else []
+    # the start a rewind goes back to: what the caller made (a resumed run makes the same start again);
+    # kept in host memory, where full-KD's copy of every weight does not take the GPU's
+    start = [p.detach().to("cpu", copy=True) for p in params] if rise else []
     ckpt = Path(checkpoint) if checkpoint else None
     state = load_checkpoint(ckpt, model, opt, sched, cfg) if ckpt and ckpt.exists() else TrainState()
     if state.step:
