@@ -757,3 +757,43 @@ def test_a_model_with_no_finished_run_gets_its_rows_but_no_chart(study_yaml, mon
     res = (t / "RESULTS.md").read_text()
     assert "## tiny (`" in res and "| degraded |" in res
     assert "![held-out KL]" not in res and not (t / "results" / "tiny-heldout-kl.png").exists()
+
+
+def test_every_run_of_a_model_measures_on_one_heldout_set(study_yaml, monkeypatch):
+    """The held-out set is made once per model and settings and copied into each run: the same
+    sequences whatever process or device made a run (a GPU's runs made theirs a little differently)."""
+    from pathlib import Path
+
+    from recover_lora.synth import load_synthetic
+
+    d = yaml.safe_load(study_yaml.read_text())
+    d["methods"]["kv-h4"] = {"adapter": {"modules": "kv"}, "heldout_sequences": 4}  # other settings: its own set
+    d["sweep"] = None
+    study_yaml.write_text(yaml.safe_dump(d))
+    made = []
+    real = study.run.share_heldout.__globals__["locked"]
+
+    def counting_locked(path, *a, **k):  # each shared set is made (or found) under its lock
+        made.append(Path(path).name)
+        return real(path, *a, **k)
+
+    monkeypatch.setitem(study.run.share_heldout.__globals__, "locked", counting_locked)
+    assert main(["study", "--config", str(study_yaml)]) == 0
+    t = study_yaml.parent / "study/tiny"
+    shared = sorted(t.glob("heldout-*"))
+    assert len(shared) == 2  # heldout_sequences 8 (kv, svd-only) and 4 (kv-h4)
+    sets = {p.name: load_synthetic(p) for p in shared}
+    runs = {m: load_synthetic(t / "noise-all" / m / "heldout") for m in ("kv", "svd-only", "kv-h4")}
+    eight = next(v for v in sets.values() if len(v) == 8)
+    four = next(v for v in sets.values() if len(v) == 4)
+    assert torch.equal(runs["kv"], eight) and torch.equal(runs["svd-only"], eight) and torch.equal(runs["kv-h4"], four)
+    assert sum(n.startswith(".heldout-") for n in made) == 3  # one lock visit a run
+    # what a run makes by itself on this CPU is the same set: results do not change
+    from recover_lora.config import RecoverConfig, train_synth_config
+    from recover_lora.load import load_model, load_tokenizer
+    from recover_lora.synth import heldout
+
+    rcfg = RecoverConfig.from_dict(d["recover"])
+    ref = load_model(d["models"]["tiny"], rcfg.load)
+    own = heldout(ref, load_tokenizer(d["models"]["tiny"], rcfg.load), train_synth_config(rcfg), 8)
+    assert torch.equal(own.long(), eight.long())

@@ -336,6 +336,22 @@ def _missing_shards(out_dir: Path, cfg: SynthConfig, n_shards: int, have: list[d
     return todo
 
 
+def settings_key(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: SynthConfig) -> dict:
+    """What a folder's manifest records as its settings (folders are reused only when it is equal):
+    the settings that change the tokens, BOS, and the decode dtype where it is not the model's."""
+    bos = needs_bos(tokenizer, model.config) if cfg.add_bos is None else cfg.add_bos
+    key = {**cfg.content_key(), "add_bos": bos}
+    dtype = decode_dtype(model, cfg)
+    if dtype != next(model.parameters()).dtype:  # decoded by a copy in another dtype: other tokens
+        key["decode_dtype"] = str(dtype).removeprefix("torch.")
+    return key
+
+
+def heldout_config(cfg: SynthConfig, n: int, offset: int = HELDOUT_SEED) -> SynthConfig:
+    """The settings :func:`heldout` makes ``n`` held-out sequences with."""
+    return replace(cfg, num_sequences=n, seed=cfg.seed + offset)
+
+
 def synthesize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: SynthConfig,
                out_dir: str | Path, progress: bool = True) -> Path:
     """Generate (or finish generating) a synthetic data set in ``out_dir``; returns the folder.
@@ -355,9 +371,7 @@ def synthesize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: 
         raise RecoverLoraError("add_bos is set but the tokenizer has no BOS token")
     fp = fingerprint(model)
     dtype = decode_dtype(model, cfg)
-    key = {**cfg.content_key(), "add_bos": bos}
-    if dtype != next(model.parameters()).dtype:  # decoded by a copy in another dtype: other tokens
-        key["decode_dtype"] = str(dtype).removeprefix("torch.")
+    key = settings_key(model, tokenizer, cfg)
     n_shards = math.ceil(cfg.num_sequences / cfg.shard_size)
     man_path = out_dir / MANIFEST
     if man_path.exists():
@@ -449,7 +463,7 @@ def heldout(reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg:
     """``n`` held-out sequences made as the training data is (``cfg``'s hybrid sampling) on a seed the
     training data never uses (``cfg.seed + offset``): written to ``out_dir`` and reused when complete,
     or, without a folder, made in memory in one shard."""
-    cfg = replace(cfg, num_sequences=n, seed=cfg.seed + offset)
+    cfg = heldout_config(cfg, n, offset)
     if out_dir is None:
         return generate_shard(reference, tokenizer, cfg, 0, n, needs_bos(tokenizer, reference.config)).long()
     synthesize(reference, tokenizer, cfg, out_dir, progress=progress)

@@ -258,6 +258,34 @@ def share_plan(run: Run, rcfg: RecoverConfig) -> Path | None:
     return None
 
 
+def share_heldout(run: Run, rcfg: RecoverConfig, reference, tokenizer, progress: bool = True) -> None:
+    """One held-out set per model and settings: every run of a model measures on the same sequences.
+    Made once, under a lock, in ``<model>/heldout-<key>`` and copied into the run's folder before the
+    run would make its own. On a CPU that is what each run makes anyway; on a GPU (bf16 decoding, other
+    kernels in another process) runs made their own a little differently (H200, 2026-12-04: the
+    degraded model's held-out KL 0.546 on most runs' sets, 0.559 on one's)."""
+    import hashlib
+    import shutil
+
+    from ..config import train_synth_config
+    from ..synth import MANIFEST, heldout, heldout_config, settings_key
+
+    mine = run.dir / "heldout"
+    if (mine / MANIFEST).exists():
+        return
+    hcfg = heldout_config(train_synth_config(rcfg), rcfg.heldout_sequences)
+    key = settings_key(reference, tokenizer, hcfg)
+    tag = hashlib.sha256(repr((sorted(key.items()), rcfg.heldout_sequences)).encode()).hexdigest()[:8]
+    shared = run.dir.parents[1] / f"heldout-{tag}"  # run.dir: <study>/<model>/<damage>/<method>
+    with locked(run.dir.parents[1] / f".heldout-{tag}.lock"):
+        heldout(reference, tokenizer, train_synth_config(rcfg), rcfg.heldout_sequences, shared, progress)
+        run.dir.mkdir(parents=True, exist_ok=True)
+        tmp = run.dir / ".heldout.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(shared, tmp)
+        tmp.rename(mine)
+
+
 def prepare_plan(run: Run, rcfg: RecoverConfig, reference, degraded, tokenizer, progress: bool = True) -> None:
     """Before runs go out to parallel workers: give an auto-placement run its plan now (a
     sibling's, else diagnose it here, as recover() would), so siblings running side by side share
@@ -269,6 +297,7 @@ def prepare_plan(run: Run, rcfg: RecoverConfig, reference, degraded, tokenizer, 
         return
     log.info("study: %s: diagnosing for the auto placement of its siblings", run.name)
     run.dir.mkdir(parents=True, exist_ok=True)
+    share_heldout(run, rcfg, reference, tokenizer, progress)
     atomic_write_json(run.dir / "config.json", rcfg.to_dict())  # what share_plan matches siblings on
     with timed(run.dir / "timing.json", "recover"):
         placement_plan(rcfg, reference, degraded, tokenizer, make_heldout(rcfg, reference, tokenizer, progress))
@@ -286,6 +315,7 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
     if not (run.dir / "report.json").exists():
         log.info("study: %s: recover (%s)", run.name, rcfg.method)
         share_plan(run, rcfg)
+        share_heldout(run, rcfg, reference, tokenizer, progress)
         with timed(timing, "recover"):
             # full-KD trains the degraded model itself: no copy (the caller makes it anew for the next run)
             run_recover(rcfg, reference, degraded if rcfg.method == "full-kd" else copy.deepcopy(degraded), tokenizer,
