@@ -151,6 +151,9 @@ def test_miniature_study_runs_resumes_and_reports(study_yaml, monkeypatch, capsy
     assert rows["svd-only"][2] == "-" and rows["kv"][2] == "-"
     cpu = sum(sum(d["cpu_minutes"].values()) for d in after.values()) / 60
     assert f"Time used: 3 finished runs {cpu:.1f} CPU-hours" in res
+    evals = sum(json.loads(f.read_text())["seconds"] for f in [*(t / "study/tiny").glob("eval/*.json"),
+                                                              *(t / "study/tiny").glob("*/eval/degraded*.json")])
+    assert f"degraded models' evaluations {evals / 60:.1f} minutes (wall)." in res  # under an hour: minutes
 
     # the device round trip: pack the small files, unpack them into a fresh folder, same RESULTS.md
     assert main(["study", "--config", str(study_yaml), "--results-only", "--pack", str(t / "p.tar.gz")]) == 0

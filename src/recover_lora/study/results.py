@@ -207,7 +207,8 @@ def cpu_used(study_dir: Path, data: dict, model: str | None = None) -> str:
     unit = "CPU-hours" if on_cpu else "GPU-hours"
     return (f"Time used: {len(dones)} finished runs {train + ev:.1f} {unit} (recover {train:.1f}, evaluations "
             f"{ev:.1f}); made once and shared: the synthetic pool {60 * pool:.1f} {unit[:3]}-minutes, the "
-            f"reference's and degraded models' evaluations {shared:.1f} hours (wall).")
+            f"reference's and degraded models' evaluations "
+            + (f"{shared:.1f} hours (wall)." if shared >= 1 else f"{60 * shared:.1f} minutes (wall)."))
 
 
 def winners(data: dict, sweep_method: str | None) -> list[str]:
