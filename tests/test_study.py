@@ -800,3 +800,33 @@ def test_every_run_of_a_model_measures_on_one_heldout_set(study_yaml, monkeypatc
     ref = load_model(d["models"]["tiny"], rcfg.load)
     own = heldout(ref, load_tokenizer(d["models"]["tiny"], rcfg.load), train_synth_config(rcfg), 8)
     assert torch.equal(own.long(), eight.long())
+
+
+def test_skip_leaves_matching_runs_out(study_yaml, capsys):
+    """--skip takes the --only globs away from the plan (a short lease leaves the long @100k out)."""
+    cfg = study.StudyConfig.from_yaml(study_yaml)
+    assert [r.method for r in study.plan(cfg, None, ["*/*/*@*"])] == ["kv", "svd-only"]
+    assert [r.method for r in study.plan(cfg, ["tiny"], ["*/*/kv*"])] == ["svd-only"]
+    assert main(["study", "--config", str(study_yaml), "--dry-run", "--skip", "*/*/kv@16,*/*/svd-only"]) == 0
+    out = capsys.readouterr().out
+    assert "1 runs selected" in out and "tiny/noise-all/kv " in out and "kv@16" not in out
+    with pytest.raises(RecoverLoraError, match="selects no run"):
+        study.run_study(cfg, ["tiny"], dry_run=True, skip=["tiny"])
+
+
+def test_a_report_without_its_adapter_trains_again(study_yaml, capsys):
+    """A run trained on another machine came back as its small files (report.json, no adapter): it is
+    trained again here, not evaluated from an adapter that is not there."""
+    import shutil
+
+    assert main(["study", "--config", str(study_yaml), "--only", "tiny/*/kv"]) == 0
+    run = study_yaml.parent / "study/tiny/noise-all/kv"
+    before = json.loads((run / "done.json").read_text())
+    (run / "done.json").unlink()
+    shutil.rmtree(run / "adapter")
+    capsys.readouterr()
+    assert main(["study", "--config", str(study_yaml), "--only", "tiny/*/kv", "--dry-run"]) == 0
+    assert "trained, evaluation pending" not in capsys.readouterr().out
+    assert main(["study", "--config", str(study_yaml), "--only", "tiny/*/kv"]) == 0
+    after = json.loads((run / "done.json").read_text())
+    assert (run / "adapter").is_dir() and after["heldout"]["after"]["kl"] == pytest.approx(before["heldout"]["after"]["kl"])

@@ -17,19 +17,20 @@ from .workers import execute, run_workers, worker_main
 
 
 def run_study(cfg: StudyConfig, only: list[str] | None = None, dry_run: bool = False, progress: bool = True,
-              command: str | None = None, jobs: int = 1, stop_after: float | None = None) -> list[Run]:
+              command: str | None = None, jobs: int = 1, stop_after: float | None = None,
+              skip: list[str] | None = None) -> list[Run]:
     """Run every selected, unfinished run (see the package's docstring), ``jobs`` at a time, starting
     none after ``stop_after`` seconds (a device lease: what is started should finish); then write
     RESULTS.md."""
     deadline = time.time() + stop_after if stop_after is not None else None
-    runs = plan(cfg, only)
+    runs = plan(cfg, only, skip)
     if not runs:
-        raise RecoverLoraError(f"--only {only} selects no run; models {list(cfg.models)}, damages "
+        raise RecoverLoraError(f"--only {only} (--skip {skip}) selects no run; models {list(cfg.models)}, damages "
                                f"{list(cfg.damages)}, methods {list(cfg.all_methods())}")
     if jobs < 1:
         raise RecoverLoraError(f"--jobs must be at least 1, not {jobs}")
     if seed_from_mirror(cfg):  # a fresh checkout: the committed results first (a dry run too: they are done)
-        runs = plan(cfg, only)
+        runs = plan(cfg, only, skip)
     print(describe_plan(cfg, runs), flush=True)
     if dry_run:
         return runs
@@ -71,6 +72,7 @@ def run_cli(a) -> int:
     if a.eval.data_dir:
         cfg.eval["data_dir"] = a.eval.data_dir
     only = [s for o in a.only for s in o.split(",") if s] if a.only else None
+    skip = [s for o in a.skip for s in o.split(",") if s] if getattr(a, "skip", None) else None
     if a.results_only or getattr(a, "unpack", None):
         seed_from_mirror(cfg)  # a study made elsewhere (a GPU machine) lives here in its mirror alone
     if getattr(a, "unpack", None):
@@ -84,10 +86,11 @@ def run_cli(a) -> int:
                 print(goals_section(cfg.results))
             else:
                 argv = ["recover-lora", "study", "--config", a.config] + (["--only", *a.only] if a.only else [])
+                argv += ["--skip", *a.skip] if skip else []
                 argv += ["--jobs", str(a.jobs)] if a.jobs != 1 else []
                 argv += ["--stop-after", str(a.stop_after)] if a.stop_after is not None else []
                 run_study(cfg, only, dry_run=a.dry_run, command=" ".join(shlex.quote(x) for x in argv), jobs=a.jobs,
-                          stop_after=a.stop_after)
+                          stop_after=a.stop_after, skip=skip)
                 if not a.dry_run:
                     print(f"wrote {cfg.results}")
                     print(goals_section(cfg.results))

@@ -186,12 +186,17 @@ class Run:
     def name(self) -> str:
         return f"{self.model}/{self.damage}/{self.method}"
 
+    def trained(self) -> bool:
+        """recover() finished here and what it saved is here too: the adapter (full-KD: the model) stays
+        on the machine that trained it, while its report.json is mirrored and travels."""
+        return (self.dir / "report.json").exists() and ((self.dir / "adapter").is_dir() or (self.dir / "model").is_dir())
+
     def status(self) -> str:
         if (self.dir / "done.json").exists():
             return "done"
         if (self.dir / FAILED).exists():
             return f"failed: {read_json(self.dir / FAILED).get('error', '?')[:120]} (tried again next call)"
-        if (self.dir / "report.json").exists():
+        if self.trained():
             return "trained, evaluation pending"
         if (self.dir / "checkpoint.pt").exists():
             return "started: resumes from its checkpoint"
@@ -211,7 +216,7 @@ def _selected(run: Run, only: list[str] | None) -> bool:
     return False
 
 
-def plan(cfg: StudyConfig, only: list[str] | None = None) -> list[Run]:
+def plan(cfg: StudyConfig, only: list[str] | None = None, skip: list[str] | None = None) -> list[Run]:
     """The runs, model by model in the config's order (a plan's damages and methods in its order)."""
     runs: dict[str, Run] = {}
     for m in cfg.models:
@@ -223,7 +228,7 @@ def plan(cfg: StudyConfig, only: list[str] | None = None) -> list[Run]:
                     runs.setdefault(f"{m}/{d}/{k}", Run(m, d, k, run_dir(cfg, m, d, k)))
     # model by model, block by block, damage by damage (one degraded model made at a time): a
     # plan's first block lands complete before its later ones (a sweep) start
-    return [r for r in runs.values() if _selected(r, only)]
+    return [r for r in runs.values() if _selected(r, only) and not (skip and _selected(r, skip))]
 
 
 def describe_plan(cfg: StudyConfig, runs: list[Run]) -> str:

@@ -312,7 +312,7 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
     reference's kept answers, for the answer-token KL."""
     rcfg = cfg.recover_config(run.model, run.damage, run.method, pool)
     timing = run.dir / "timing.json"
-    if not (run.dir / "report.json").exists():
+    if not run.trained():  # (a report.json that came back without its adapter, from another machine: again)
         log.info("study: %s: recover (%s)", run.name, rcfg.method)
         share_plan(run, rcfg)
         share_heldout(run, rcfg, reference, tokenizer, progress)
