@@ -261,9 +261,9 @@ def share_plan(run: Run, rcfg: RecoverConfig) -> Path | None:
 def share_heldout(run: Run, rcfg: RecoverConfig, reference, tokenizer, progress: bool = True) -> None:
     """One held-out set per model and settings: every run of a model measures on the same sequences.
     Made once, under a lock, in ``<model>/heldout-<key>`` and copied into the run's folder before the
-    run would make its own. On a CPU that is what each run makes anyway; on a GPU (bf16 decoding, other
-    kernels in another process) runs made their own a little differently (H200, 2026-12-04: the
-    degraded model's held-out KL 0.546 on most runs' sets, 0.559 on one's)."""
+    run would make its own. On a CPU that is what each run makes anyway; on a GPU, bf16 decoding in
+    different processes need not be bit-reproducible (H200, 2026-12-04: the degraded model's held-out
+    KL was 0.546 on most runs, 0.559 on the run whose set another process made)."""
     import hashlib
     import shutil
 
