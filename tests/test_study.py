@@ -791,6 +791,8 @@ def test_every_run_of_a_model_measures_on_one_heldout_set(study_yaml, monkeypatc
     four = next(v for v in sets.values() if len(v) == 4)
     assert torch.equal(runs["kv"], eight) and torch.equal(runs["svd-only"], eight) and torch.equal(runs["kv-h4"], four)
     assert sum(n.startswith(".heldout-") for n in made) == 3  # one lock visit a run
+    digest = {m: json.loads((t / "noise-all" / m / "done.json").read_text())["heldout_digest"] for m in runs}
+    assert digest["kv"] == digest["svd-only"] != digest["kv-h4"] and len(digest["kv"]) == 16
     # what a run makes by itself on this CPU is the same set: results do not change
     from recover_lora.config import RecoverConfig, train_synth_config
     from recover_lora.load import load_model, load_tokenizer

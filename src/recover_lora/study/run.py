@@ -258,6 +258,18 @@ def share_plan(run: Run, rcfg: RecoverConfig) -> Path | None:
     return None
 
 
+def heldout_digest(folder: Path) -> str | None:
+    """A short digest of a held-out set's token ids: runs measured on the same sequences share it."""
+    import hashlib
+
+    from ..synth import MANIFEST, load_synthetic
+
+    if not (folder / MANIFEST).exists():
+        return None
+    ids = load_synthetic(folder).long().contiguous()
+    return hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
+
+
 def share_heldout(run: Run, rcfg: RecoverConfig, reference, tokenizer, progress: bool = True) -> None:
     """One held-out set per model and settings: every run of a model measures on the same sequences.
     Made once, under a lock, in ``<model>/heldout-<key>`` and copied into the run's folder before the
@@ -342,6 +354,7 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
                             "eval": round(secs.get("eval_cpu", 0.0) / 60, 3)},
             "concurrent_runs": jobs,
             "device_name": rep.get("device_name"), "heldout": rep["heldout"],
+            "heldout_digest": heldout_digest(run.dir / "heldout"),  # which sequences (the shards do not travel)
             "warm_start_check": rep.get("warm_start_check"),
             "gap_closed": summary["average"]["gap_closed"], "recovered_points": summary["average"]["recovered_points"],
             "resolved_gap_closed": (summary.get("resolved_average") or {}).get("gap_closed"),
