@@ -793,6 +793,22 @@ def test_every_run_of_a_model_measures_on_one_heldout_set(study_yaml, monkeypatc
     assert sum(n.startswith(".heldout-") for n in made) == 3  # one lock visit a run
     digest = {m: json.loads((t / "noise-all" / m / "done.json").read_text())["heldout_digest"] for m in runs}
     assert digest["kv"] == digest["svd-only"] != digest["kv-h4"] and len(digest["kv"]) == 16
+    # a run's manifest that came back from another machine without its shards: the shared set replaces it
+    import shutil
+
+    kv = t / "noise-all" / "kv"
+    (kv / "done.json").unlink()
+    shutil.rmtree(kv / "adapter")
+    for f in (kv / "heldout").glob("*.safetensors"):
+        f.unlink()
+    # (the shared set reordered, so that a set the run made again by itself would differ from it)
+    from safetensors.torch import save_file
+
+    shard = next(p for p in shared if len(load_synthetic(p)) == 8) / "shard-00000.safetensors"
+    save_file({"input_ids": eight.flip(0).contiguous()}, str(shard))
+    assert main(["study", "--config", str(study_yaml), "--only", "tiny/*/kv"]) == 0
+    assert torch.equal(load_synthetic(kv / "heldout"), eight.flip(0))
+    assert json.loads((kv / "done.json").read_text())["heldout_digest"] != digest["svd-only"]
     # what a run makes by itself on this CPU is the same set: results do not change
     from recover_lora.config import RecoverConfig, train_synth_config
     from recover_lora.load import load_model, load_tokenizer

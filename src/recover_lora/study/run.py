@@ -284,7 +284,10 @@ def share_heldout(run: Run, rcfg: RecoverConfig, reference, tokenizer, progress:
 
     mine = run.dir / "heldout"
     if (mine / MANIFEST).exists():
-        return
+        man = read_json(mine / MANIFEST)
+        if all((mine / sh["file"]).exists() for sh in man.get("shards", [])):
+            return  # its own, whole: a run resumed on the machine that began it keeps its set
+        shutil.rmtree(mine)  # its manifest came back from another machine, its shards did not
     hcfg = heldout_config(train_synth_config(rcfg), rcfg.heldout_sequences)
     key = settings_key(reference, tokenizer, hcfg)
     tag = hashlib.sha256(repr((sorted(key.items()), rcfg.heldout_sequences)).encode()).hexdigest()[:8]
