@@ -165,11 +165,11 @@ def test_miniature_study_runs_resumes_and_reports(study_yaml, monkeypatch, capsy
     assert not list((t / "study").rglob("*.pt")) and not list((t / "study").rglob("adapter"))
     assert (t / "RESULTS.md").read_text() == res
     # a later session on a fresh machine: the manifest came back, the shards did not; the pool is remade
-    assert not study.workers._pool_ready(t / "study/tiny/synth")
+    assert not study.run.synth_ready(t / "study/tiny/synth")
     for f in (t / "study/tiny/noise-all/kv").glob("done.json"):
         f.unlink()
     assert main(["study", "--config", str(study_yaml), "--only", "tiny/*/kv"]) == 0
-    assert study.workers._pool_ready(t / "study/tiny/synth")
+    assert study.run.synth_ready(t / "study/tiny/synth")
 
 
 def test_pool_mmlu_pools_the_subjects():

@@ -258,6 +258,13 @@ def share_plan(run: Run, rcfg: RecoverConfig) -> Path | None:
     return None
 
 
+def synth_ready(folder: Path) -> bool:
+    """A complete synthetic set (the pool, a held-out set) whose shards are on this machine: what
+    comes back from another machine, or from the mirror, is its manifest alone."""
+    man = read_json(folder / "manifest.json") if (folder / "manifest.json").exists() else {}
+    return bool(man.get("complete")) and all((folder / s["file"]).exists() for s in man.get("shards", []))
+
+
 def heldout_digest(folder: Path) -> str | None:
     """A short digest of a held-out set's token ids: runs measured on the same sequences share it."""
     import hashlib
@@ -280,14 +287,12 @@ def share_heldout(run: Run, rcfg: RecoverConfig, reference, tokenizer, progress:
     import shutil
 
     from ..config import train_synth_config
-    from ..synth import MANIFEST, heldout, heldout_config, settings_key
+    from ..synth import heldout, heldout_config, settings_key
 
     mine = run.dir / "heldout"
-    if (mine / MANIFEST).exists():
-        man = read_json(mine / MANIFEST)
-        if all((mine / sh["file"]).exists() for sh in man.get("shards", [])):
-            return  # its own, whole: a run resumed on the machine that began it keeps its set
-        shutil.rmtree(mine)  # its manifest came back from another machine, its shards did not
+    if synth_ready(mine):
+        return  # its own, whole: a run resumed on the machine that began it keeps its set
+    shutil.rmtree(mine, ignore_errors=True)  # a manifest from another machine without its shards, or a part
     hcfg = heldout_config(train_synth_config(rcfg), rcfg.heldout_sequences)
     key = settings_key(reference, tokenizer, hcfg)
     tag = hashlib.sha256(repr((sorted(key.items()), rcfg.heldout_sequences)).encode()).hexdigest()[:8]

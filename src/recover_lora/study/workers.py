@@ -16,15 +16,10 @@ from ..errors import Interrupted
 from ..utils import RecoverLoraError, atomic_write_json, log, read_json
 from .config import FAILED, Run, StudyConfig, accuracy_config, degrade_config, eval_config, plan, slug
 from .files import mirror_results
-from .run import MEMORY_LOCK, answers_file, evaluate_tiers, heavy, locked, prepare_plan, reference_answers, run_one, timed
+from .run import (MEMORY_LOCK, answers_file, evaluate_tiers, heavy, locked, prepare_plan, reference_answers, run_one,
+                  synth_ready, timed)
 
 CLAIM = ".claim"  # in a run folder while a parallel worker has it
-
-
-def _pool_ready(pool: Path) -> bool:
-    """A complete synthetic pool whose shards are on this machine (an unpacked study has only the manifest)."""
-    man = read_json(pool / "manifest.json") if (pool / "manifest.json").exists() else {}
-    return bool(man.get("complete")) and all((pool / s["file"]).exists() for s in man.get("shards", []))
 
 
 def execute(cfg: StudyConfig, todo: list[Run], progress: bool = True, mode: str = "run", jobs: int = 1,
@@ -99,7 +94,7 @@ def _synth_pool(cfg: StudyConfig, model: str, method: str, reference, tokenizer,
         return None
     mdir = Path(cfg.study_dir) / slug(model)
     with locked(mdir / ".synth.lock"):
-        if not _pool_ready(mdir / "synth"):
+        if not synth_ready(mdir / "synth"):
             with timed(mdir / "timing.json", "synth_pool"):
                 synthesize(reference, tokenizer, train_synth_config(common), mdir / "synth", progress=progress)
     return mdir / "synth"
