@@ -527,3 +527,27 @@ def test_default_batch_tokens_follow_the_gpu_memory_share(monkeypatch):
     assert default_batch_tokens(cuda, 49152) == int(140 * gib / 9 / 4 // (12 * 49152)) == 7079
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gib // 2, 140 * gib))
     assert default_batch_tokens(cuda, 49152) == 1024  # nearly full: the floor
+
+
+def test_head_check_allows_bf16_rounding_and_refuses_another_head():
+    """The kept-answers check (the LM head of the kept states gives back the forward's logits) takes
+    an ulp or two of bf16 apart (another kernel for another shape, as oneDNN/AMX picks) under bf16
+    autocast, not in fp32, and refuses logits that are not this head's (scaled by 1.2) in both."""
+    from recover_lora.evaluate.refcache import head_logits
+    from recover_lora.evaluate.scorer import _head_inputs
+
+    model = tiny_model("llama", seed=0)
+    h = torch.randn(70, model.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 8
+    with torch.no_grad():
+        logits = head_logits(model, h).float()
+    keep = torch.ones(70, dtype=torch.bool)
+    ulp = logits + logits.abs().max() * 2.0 ** -7  # ~one bf16 ulp at the largest logit
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _head_inputs(model, h, keep, ulp, check=True) is not None
+        with pytest.raises(RuntimeError, match="not its LM head"):
+            _head_inputs(model, h, keep, logits * 1.2, check=True)
+    with torch.no_grad():
+        assert _head_inputs(model, h, keep, logits, check=True) is not None
+        for bad in (ulp, logits * 1.2):
+            with pytest.raises(RuntimeError, match="not its LM head"):
+                _head_inputs(model, h, keep, bad, check=True)
