@@ -11,7 +11,7 @@ from recover_lora import study
 from recover_lora.cli import main
 from recover_lora.config import RecoverConfig
 from recover_lora.errors import RecoverLoraError
-from recover_lora.load import LoadConfig, load_model, save_model_dir
+from recover_lora.load import LoadConfig, load_model, load_tokenizer, save_model_dir
 from recover_lora.study import results
 from recover_lora.twin import mha_twin
 
@@ -848,3 +848,34 @@ def test_a_report_without_its_adapter_trains_again(study_yaml, capsys):
     assert main(["study", "--config", str(study_yaml), "--only", "tiny/*/kv"]) == 0
     after = json.loads((run / "done.json").read_text())
     assert (run / "adapter").is_dir() and after["heldout"]["after"]["kl"] == pytest.approx(before["heldout"]["after"]["kl"])
+
+
+def test_reference_answers_made_again_are_checked_against_the_kept_evaluation(study_yaml):
+    """On a fresh machine the reference's answers are kept again (they are not mirrored): its kept
+    evaluation stays as it was, and a comparison, choice by choice, is appended to the recheck file:
+    all the same when nothing changed, one item in n apart when the kept choices differ on one."""
+    from recover_lora.study.run import recheck_reference, reference_answers
+
+    cfg = study.StudyConfig.from_yaml(study_yaml)
+    load = RecoverConfig.from_dict(cfg.recover).load
+    ref, tok = load_model(cfg.models["tiny"], load), load_tokenizer(cfg.models["tiny"], load)
+    ecfg = study.eval_config(cfg)
+    folder = study_yaml.parent / "refeval"
+    folder.mkdir()
+    answers, results_path = folder / "reference-answers.pt", folder / "reference.json"
+    reference_answers(answers, ref, tok, ecfg, results_path, progress=False)
+    kept = results_path.read_text()
+    recheck = folder / "reference-recheck.json"
+    assert answers.exists() and not recheck.exists()
+    answers.unlink()  # a fresh machine
+    reference_answers(answers, ref, tok, ecfg, results_path, progress=False)
+    assert results_path.read_text() == kept
+    (first,) = json.loads(recheck.read_text())
+    assert first["tasks"]["arc_easy"]["same_pred"] == 1.0 and first["tasks"]["arc_easy"]["n"] == 24
+    old = json.loads(kept)
+    pred = old["results"]["arc_easy"]["items"]["pred"]
+    old["results"]["arc_easy"]["items"]["pred"] = str((int(pred[0]) + 1) % 4) + pred[1:]
+    results_path.write_text(json.dumps(old))
+    entry = recheck_reference(results_path, json.loads(kept)["results"], 1.0)
+    assert entry["tasks"]["arc_easy"]["same_pred"] == pytest.approx(23 / 24, abs=1e-5)
+    assert len(json.loads(recheck.read_text())) == 2

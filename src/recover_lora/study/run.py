@@ -200,11 +200,51 @@ def reference_answers(path: Path, reference, tokenizer, ecfg, results_path: Path
     part = partial_path(path)
     res, answers = evaluate_reference(reference, tokenizer, ecfg, progress, resume=part)
     answers.save(path)
+    seconds = round(time.perf_counter() - t0, 2)
     if not _have(results_path, _eval_key(ecfg, False)):
-        atomic_write_json(results_path, {"config": _eval_key(ecfg, False),
-                                         "seconds": round(time.perf_counter() - t0, 2), "results": slim(res)})
+        atomic_write_json(results_path, {"config": _eval_key(ecfg, False), "seconds": seconds, "results": slim(res)})
+    else:  # made again (a fresh machine): how far this one's evaluation is from the kept one
+        recheck_reference(results_path, slim(res), seconds)
     remove_partial(part)
     return answers
+
+
+def cpu_name() -> str:
+    """This machine's processor, as /proc/cpuinfo names it (or platform's guess)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def recheck_reference(results_path: Path, new: dict, seconds: float) -> dict:
+    """Compare a reference evaluation made again (another machine, same settings) with the kept one,
+    choice by choice, and append the comparison to ``<results>-recheck.json``: the study's rows made on
+    different CPUs are comparable only if the reference chooses the same answers on both."""
+    old = read_json(results_path)["results"]
+    tasks = {}
+    for t, r in new.items():
+        if t not in old or "items" not in r:
+            continue
+        row = {"n": r.get("n"), "acc_kept": old[t].get("acc"), "acc_now": r.get("acc")}
+        for k in ("pred", "pred_norm"):
+            a, b = old[t]["items"].get(k), r["items"].get(k)
+            if a is not None and b is not None and len(a) == len(b):
+                row[f"same_{k}"] = round(float(np.mean(np.asarray(list(a)) == np.asarray(list(b)))), 5)
+        tasks[t] = row
+    entry = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(), "seconds": seconds,
+             "seconds_kept": read_json(results_path).get("seconds"), "tasks": tasks}
+    out = results_path.with_name(results_path.stem + "-recheck.json")
+    atomic_write_json(out, (read_json(out) if out.exists() else []) + [entry])
+    same = [v["same_pred"] for v in tasks.values() if "same_pred" in v]
+    log.info("study: the reference evaluated again on %s: the same choice on %.2f%% of items (min over tasks %.2f%%)",
+             entry["cpu"], 100 * float(np.mean(same)) if same else float("nan"), 100 * min(same) if same else float("nan"))
+    return entry
 
 
 def evaluate_tiers(folder: Path, name: str, get_model, tokenizer, ecfg, acfg, progress: bool = True,
