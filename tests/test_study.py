@@ -425,7 +425,10 @@ def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml, capsys):
     assert json.loads((base / "noise-kv/svd-only/done.json").read_text())["accuracy_items"] == "measures"
     mirror = t / "mirror/tiny"
     assert (mirror / "noise-kv/kv/done.json").read_bytes() == (base / "noise-kv/kv/done.json").read_bytes()
-    assert (mirror / "noise-all/eval/degraded.json").exists() and not list(mirror.rglob("*.safetensors"))
+    assert (mirror / "noise-all/eval/degraded.json").exists()
+    # of the data, the shared pool and held-out set travel (a few hundred KB); adapters and run copies do not
+    shards = sorted(str(f.relative_to(mirror)).split("/")[0].split("-")[0] for f in mirror.rglob("*.safetensors"))
+    assert shards == ["heldout", "synth"], shards
     res = (t / "RESULTS.md").read_text()
     assert "Accuracy (%), items: arc_easy 24" in res and "| tiny | noise-kv | kv |" in res
     assert "Per model: tiny in fp32 throughout" in res
@@ -441,6 +444,8 @@ def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml, capsys):
     capsys.readouterr()
     assert main(["study", "--config", str(study_yaml), "--dry-run"]) == 0
     assert ", 0 to do" in capsys.readouterr().out  # the mirrored runs count as done before anything runs
+    assert study.run.synth_ready(base / "synth") and [f.read_bytes() for f in sorted((base / "synth").glob("*.sa*"))] \
+        == [f.read_bytes() for f in sorted((mirror / "synth").glob("*.sa*"))]  # the same tokens, not made again
     real = study.run.run_recover
     study.run.run_recover = lambda *a, **k: pytest.fail("a finished run ran again")
     try:
@@ -730,6 +735,10 @@ def test_precision_per_model(study_yaml):
     assert cfg.recover_config("tiny", "noise-all", "kv", None).distill.autocast == "off"
     assert cfg.recover_config("tiny", "noise-all", "kv", None).sft.autocast == "off"
     assert cfg.recover_config("twin", "noise-all", "kv", None).distill.autocast == "bf16"
+    # its synthetic data decoded in its precision whatever the machine ("auto" follows the CPU's bf16)
+    assert cfg.recover_config("tiny", "noise-all", "kv", None).synth.dtype == "float32"
+    assert cfg.common_config("tiny").synth.dtype == "float32" and cfg.common_config("twin").synth.dtype == "auto"
+    assert cfg.recover_config("twin", "noise-all", "kv", None).synth.dtype == "auto"
     assert study.eval_config(cfg, "tiny").autocast == "off" and study.eval_config(cfg, "twin").autocast == "bf16"
     assert study.config.accuracy_config(cfg, "tiny") is None  # no accuracy tier in this study
     d["precision"] = {"tiny": "fp16"}

@@ -17,6 +17,9 @@ from ..evaluate.tasks import DEFAULT_TASKS  # the seven benchmarks, MMLU as its 
 from ..utils import RecoverLoraError, read_json
 
 _AUTOCAST = {"bf16": "bf16", "fp32": "off"}  # a study's precision -> the autocast setting it means
+# ... and the dtype its synthetic data is decoded in ("auto" would decode in bf16 on a CPU that has bf16
+# matmuls and in fp32 on one without: a model's data would change with the machine a session gets)
+_SYNTH_DTYPE = {"bf16": "bfloat16", "fp32": "float32"}
 FAILED = "failed.json"  # in a run folder whose last attempt raised: the error, tried again next time
 
 
@@ -118,13 +121,24 @@ class StudyConfig:
         """``model``'s autocast from ``precision`` ("bf16" / "off"), or None where it names none."""
         return _AUTOCAST.get(self.precision.get(model)) if model is not None else None
 
+    def common_config(self, model: str | None = None) -> RecoverConfig:
+        """The settings every run of ``model`` shares (``recover``, with its precision's synthesis
+        dtype): what the model's shared synthetic pool is made with."""
+        return RecoverConfig.from_dict(merge(self.recover, self._precision_fixed(model)))
+
+    def _precision_fixed(self, model: str | None) -> dict:
+        p = self.precision.get(model) if model is not None else None
+        if p is None:
+            return {}
+        a = _AUTOCAST[p]
+        return {"distill": {"autocast": a}, "sft": {"autocast": a}, "synth": {"dtype": _SYNTH_DTYPE[p]}}
+
     def recover_config(self, model: str, damage: str, method: str, pool: Path | None) -> RecoverConfig:
         over = self.all_methods()[method]
         fixed = {"reference": self.models[model], "degraded": f"{self.models[model]} + {damage}",
                  "out_dir": str(run_dir(self, model, damage, method)), "data": str(pool) if pool else None,
-                 "eval": {"tasks": [], "data_dir": self.eval.get("data_dir"), "limit": self.eval.get("limit")}}
-        if (a := self.autocast_of(model)) is not None:
-            fixed.update(distill={"autocast": a}, sft={"autocast": a})
+                 "eval": {"tasks": [], "data_dir": self.eval.get("data_dir"), "limit": self.eval.get("limit")},
+                 **self._precision_fixed(model)}
         return RecoverConfig.from_dict(merge(merge(self.recover, over), fixed))
 
     def damage_ops(self, model: str, damage: str) -> list:

@@ -16,8 +16,17 @@ PACK_SKIP_DIRS = {"model", "adapter", "merged"}  # (tokenizer.json alone is 3.5 
 MIRROR_MAX_BYTES = 4_000_000  # a larger file is not mirrored
 
 
-def _small_files(root: Path) -> list[Path]:
-    return sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in PACK_SUFFIXES
+def _shared_data(parts: tuple[str, ...]) -> bool:
+    """A shard of a model's shared synthetic pool (<model>/synth/) or held-out set (<model>/heldout-<tag>/):
+    a few hundred KB at the CPU study's size, and what makes a run on a fresh machine comparable with the
+    runs before it: the same tokens, where decoding them again on another CPU need not give them."""
+    return len(parts) == 3 and (parts[1] == "synth" or parts[1].startswith("heldout-")) and parts[2].endswith(".safetensors")
+
+
+def _small_files(root: Path, data: bool = False) -> list[Path]:
+    """The result files under ``root``; with ``data`` the shared synthetic shards too (:func:`_shared_data`)."""
+    return sorted(f for f in root.rglob("*") if f.is_file()
+                  and (f.suffix in PACK_SUFFIXES or data and _shared_data(f.relative_to(root).parts))
                   and not PACK_SKIP_DIRS & set(f.relative_to(root).parts[:-1])
                   and not any(p.startswith(".") for p in f.relative_to(root).parts))  # (.partial folders: resume state)
 
@@ -51,7 +60,7 @@ def unpack_results(archive: str | Path, study_dir: str | Path) -> int:
 def _copy_small_files(src: Path, dest: Path, replace: bool) -> int:
     """Copy ``src``'s small result files missing in ``dest``; with ``replace`` changed ones too (to a size)."""
     n = 0
-    for f in _small_files(src):
+    for f in _small_files(src, data=True):
         t = dest / f.relative_to(src)
         if replace and f.stat().st_size > MIRROR_MAX_BYTES or t.exists() and (
                 not replace or t.stat().st_size == f.stat().st_size and t.read_bytes() == f.read_bytes()):

@@ -68,7 +68,7 @@ def execute(cfg: StudyConfig, todo: list[Run], progress: bool = True, mode: str 
                 deg_acc, deg_res = evaluate_tiers(dv, "degraded", lambda m=degraded: m, tokenizer, ecfg, acfg,
                                                   progress, answers)
             mirror_results(cfg)
-        pool = _synth_pool(cfg, model, run.method, reference, tokenizer, common, progress)
+        pool = _synth_pool(cfg, model, run.method, reference, tokenizer, cfg.common_config(model), progress)
         if mode == "prepare":
             prepare_plan(run, cfg.recover_config(model, damage, run.method, pool), reference, degraded, tokenizer,
                          progress)
