@@ -150,6 +150,7 @@ def test_miniature_study_runs_resumes_and_reports(study_yaml, monkeypatch, capsy
     rows = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in res.split("### noise-all")[1].split("\n\n")[1].splitlines()}
     assert rows["svd-only"][2] == "-" and rows["kv"][2] == "-"
     cpu = sum(sum(d["cpu_minutes"].values()) for d in after.values()) / 60
+    assert {d["cpu"] for d in after.values()} == {study.run.cpu_name()} and study.run.cpu_name()
     assert f"Time used: 3 finished runs {cpu:.1f} CPU-hours" in res
     evals = sum(json.loads(f.read_text())["seconds"] for f in [*(t / "study/tiny").glob("eval/*.json"),
                                                               *(t / "study/tiny").glob("*/eval/degraded*.json")])
@@ -884,6 +885,7 @@ def test_reference_answers_made_again_are_checked_against_the_kept_evaluation(st
     assert results_path.read_text() == kept
     (first,) = json.loads(recheck.read_text())
     assert first["tasks"]["arc_easy"]["same_pred"] == 1.0 and first["tasks"]["arc_easy"]["n"] == 24
+    assert first["tasks"]["arc_easy"]["pred_now"] == json.loads(kept)["results"]["arc_easy"]["items"]["pred"]
     old = json.loads(kept)
     pred = old["results"]["arc_easy"]["items"]["pred"]
     old["results"]["arc_easy"]["items"]["pred"] = str((int(pred[0]) + 1) % 4) + pred[1:]

@@ -231,7 +231,8 @@ def recheck_reference(results_path: Path, new: dict, seconds: float) -> dict:
     for t, r in new.items():
         if t not in old or "items" not in r:
             continue
-        row = {"n": r.get("n"), "acc_kept": old[t].get("acc"), "acc_now": r.get("acc")}
+        row = {"n": r.get("n"), "acc_kept": old[t].get("acc"), "acc_now": r.get("acc"),
+               "pred_now": r["items"].get("pred")}  # to measure this machine's rows against this machine's choices
         for k in ("pred", "pred_norm"):
             a, b = old[t]["items"].get(k), r["items"].get(k)
             if a is not None and b is not None and len(a) == len(b):
@@ -402,6 +403,8 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
                             "eval": round(secs.get("eval_cpu", 0.0) / 60, 3)},
             "concurrent_runs": jobs,
             "device_name": rep.get("device_name"), "heldout": rep["heldout"],
+            # which CPU: its bf16 kernels choose differently from another's on ~1.5% of items (*-recheck.json)
+            "cpu": cpu_name() if rep.get("device_name") == "cpu" else None,
             "heldout_digest": heldout_digest(run.dir / "heldout"),  # which sequences (the shards do not travel)
             "warm_start_check": rep.get("warm_start_check"),
             "gap_closed": summary["average"]["gap_closed"], "recovered_points": summary["average"]["recovered_points"],
