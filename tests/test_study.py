@@ -867,6 +867,8 @@ def test_reference_answers_made_again_are_checked_against_the_kept_evaluation(st
     """On a fresh machine the reference's answers are kept again (they are not mirrored): its kept
     evaluation stays as it was, and a comparison, choice by choice, is appended to the recheck file:
     all the same when nothing changed, one item in n apart when the kept choices differ on one."""
+    import shutil
+
     from recover_lora.study.run import recheck_reference, reference_answers
 
     cfg = study.StudyConfig.from_yaml(study_yaml)
@@ -893,3 +895,8 @@ def test_reference_answers_made_again_are_checked_against_the_kept_evaluation(st
     entry = recheck_reference(results_path, json.loads(kept)["results"], 1.0)
     assert entry["tasks"]["arc_easy"]["same_pred"] == pytest.approx(23 / 24, abs=1e-5)
     assert len(json.loads(recheck.read_text())) == 2
+    # RESULTS.md's time line counts the evaluations made again (the recheck's entries) with the others
+    shutil.copytree(folder, study_yaml.parent / "study/tiny/eval")
+    line = results.cpu_used(study_yaml.parent / "study", {("tiny", "noise-all"): {"runs": {}}}, "tiny")
+    spent = json.loads(kept)["seconds"] + first["seconds"] + 1.0
+    assert f"evaluations {spent / 60:.1f} minutes (wall)" in line

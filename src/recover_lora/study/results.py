@@ -202,8 +202,9 @@ def cpu_used(study_dir: Path, data: dict, model: str | None = None) -> str:
     for mdir in [study_dir / slug(model)] if model else sorted({study_dir / slug(m) for m, _ in data}):
         timing = read_json(mdir / "timing.json") if (mdir / "timing.json").exists() else {}
         pool += timing.get("synth_pool_cpu" if on_cpu else "synth_pool", 0) / 3600
-        shared += sum(read_json(f).get("seconds", 0) for f in [*mdir.glob("eval/*.json"),
-                                                               *mdir.glob("*/eval/degraded*.json")]) / 3600  # wall
+        for f in [*mdir.glob("eval/*.json"), *mdir.glob("*/eval/degraded*.json")]:
+            d = read_json(f)  # an evaluation's results, or a recheck's list of evaluations made again
+            shared += sum(e.get("seconds") or 0 for e in (d if isinstance(d, list) else [d])) / 3600  # wall
     unit = "CPU-hours" if on_cpu else "GPU-hours"
     return (f"Time used: {len(dones)} finished runs {train + ev:.1f} {unit} (recover {train:.1f}, evaluations "
             f"{ev:.1f}); made once and shared: the synthetic pool {60 * pool:.1f} {unit[:3]}-minutes, the "
