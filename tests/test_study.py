@@ -887,7 +887,7 @@ def test_reference_answers_made_again_are_checked_against_the_kept_evaluation(st
     assert results_path.read_text() == kept
     (first,) = json.loads(recheck.read_text())
     assert first["tasks"]["arc_easy"]["same_pred"] == 1.0 and first["tasks"]["arc_easy"]["n"] == 24
-    assert first["tasks"]["arc_easy"]["pred_now"] == json.loads(kept)["results"]["arc_easy"]["items"]["pred"]
+    assert first["tasks"]["arc_easy"]["items_now"]["pred"] == json.loads(kept)["results"]["arc_easy"]["items"]["pred"]
     old = json.loads(kept)
     pred = old["results"]["arc_easy"]["items"]["pred"]
     old["results"]["arc_easy"]["items"]["pred"] = str((int(pred[0]) + 1) % 4) + pred[1:]

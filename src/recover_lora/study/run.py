@@ -232,7 +232,8 @@ def recheck_reference(results_path: Path, new: dict, seconds: float) -> dict:
         if t not in old or "items" not in r:
             continue
         row = {"n": r.get("n"), "acc_kept": old[t].get("acc"), "acc_now": r.get("acc"),
-               "pred_now": r["items"].get("pred")}  # to measure this machine's rows against this machine's choices
+               # this machine's choices: its rows' agreement can be measured against them too (tools/cross_machine.py)
+               "items_now": {k: v for k, v in r["items"].items() if k in ("pred", "pred_norm")}}
         for k in ("pred", "pred_norm"):
             a, b = old[t]["items"].get(k), r["items"].get(k)
             if a is not None and b is not None and len(a) == len(b):
