@@ -227,6 +227,7 @@ def test_check_goals_pass_fail_and_missing():
     assert study.check_goals(runs, goals)["baselines"][0] == "FAIL"
     del runs["full-kd"]
     assert study.check_goals(runs, goals)["baselines"] == ("n/a", "missing full-kd")
+    assert study.check_goals(runs, {**goals, "presets": []})["presets"] == ("n/a", "none planned")
     runs["auto+svd"]["report"] = compute_report(ref, ref, res(160))  # no gap: nothing resolved
     assert study.check_goals(runs, goals)["gap"][0] == "n/a"
 
@@ -434,6 +435,10 @@ def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml, capsys):
     assert "Accuracy (%), items: arc_easy 24" in res and "| tiny | noise-kv | kv |" in res
     assert "Per model: tiny in fp32 throughout" in res
     assert "| tiny | noise-all | kv |" in res and "svd-only" in res.split("## tiny")[1]
+    goal_rows = {ln.split(" | ")[1]: ln for ln in res.split("## Goals")[1].split("## Where")[0].splitlines()
+                 if ln.startswith("| tiny |")}
+    assert "**PASS** svd-only" in goal_rows["noise-kv"] or "**FAIL** svd-only" in goal_rows["noise-kv"]
+    assert "**n/a** none planned" in goal_rows["noise-all"]  # svd-only is not in noise-all's plan: not waited for
     assert "| tiny | noise-kv | kv |" in res.split("## Where the goals fall short\n\nHand-written reading.")[0]
     assert "## What wins where" in res.split("Hand-written reading.")[1]  # the notes follow the goals
     # a fresh checkout: the study folder is gone, the mirror is committed; nothing runs again
