@@ -905,3 +905,29 @@ def test_reference_answers_made_again_are_checked_against_the_kept_evaluation(st
     line = results.cpu_used(study_yaml.parent / "study", {("tiny", "noise-all"): {"runs": {}}}, "tiny")
     spent = json.loads(kept)["seconds"] + first["seconds"] + 1.0
     assert f"evaluations {spent / 60:.1f} minutes (wall)" in line
+
+
+def test_time_of_an_attempt_that_left_nothing_is_not_the_runs_cost(study_yaml):
+    """A run whose earlier attempt left its time on record but nothing else (a fresh machine seeded
+    from the mirror: no checkpoint, no evaluation part) counts only the attempt that made it; the
+    lost seconds are kept apart. With a checkpoint the earlier time is the run's (it resumes)."""
+    from recover_lora.study.run import write_off_lost
+
+    d = yaml.safe_load(study_yaml.read_text())
+    d.update(sweep=None, plan={"tiny": {"damages": ["noise-all"], "methods": ["kv"]}})
+    study_yaml.write_text(yaml.safe_dump(d))
+    kv = study_yaml.parent / "study/tiny/noise-all/kv"
+    kv.mkdir(parents=True)
+    (kv / "timing.json").write_text(json.dumps({"recover": 600.0, "recover_cpu": 590.0, "eval": 60.0, "eval_cpu": 50.0}))
+    assert main(["study", "--config", str(study_yaml)]) == 0
+    t = json.loads((kv / "timing.json").read_text())
+    assert (t["recover_lost"], t["recover_cpu_lost"], t["eval_lost"], t["eval_cpu_lost"]) == (600.0, 590.0, 60.0, 50.0)
+    done = json.loads((kv / "done.json").read_text())
+    assert 0 < done["cpu_minutes"]["recover"] < 590 / 60 and done["cpu_minutes"]["eval"] < 50 / 60
+    assert main(["study", "--config", str(study_yaml), "--results-only"]) == 0
+    assert "Lost to attempts that left nothing (a machine gone with its checkpoints): 0.2 CPU-hours." in \
+        (study_yaml.parent / "RESULTS.md").read_text()  # (590 + 50) CPU seconds
+    f = study_yaml.parent / "t.json"
+    f.write_text(json.dumps({"recover": 5.0, "recover_cpu": 4.0}))
+    write_off_lost(f, "recover", kept=True)  # a checkpoint is there: the run resumes, its time stays
+    assert json.loads(f.read_text()) == {"recover": 5.0, "recover_cpu": 4.0}

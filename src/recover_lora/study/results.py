@@ -201,10 +201,13 @@ def cpu_used(study_dir: Path, data: dict, model: str | None = None) -> str:
     else:
         train = sum(d.get("gpu_minutes", 0) for d in dones) / 60
         ev = sum(d.get("eval_minutes", 0) for d in dones) / 60
-    pool = shared = 0.0
+    pool = shared = lost = 0.0
     for mdir in [study_dir / slug(model)] if model else sorted({study_dir / slug(m) for m, _ in data}):
         timing = read_json(mdir / "timing.json") if (mdir / "timing.json").exists() else {}
         pool += timing.get("synth_pool_cpu" if on_cpu else "synth_pool", 0) / 3600
+        for f in mdir.glob("*/*/timing.json"):  # attempts that left nothing (run.write_off_lost), finished runs or not
+            t = read_json(f)
+            lost += sum(t.get(f"{k}{'_cpu' if on_cpu else ''}_lost", 0) for k in ("recover", "eval")) / 3600
         for f in [*mdir.glob("eval/*.json"), *mdir.glob("*/eval/degraded*.json")]:
             d = read_json(f)  # an evaluation's results, or a recheck's list of evaluations made again
             shared += sum(e.get("seconds") or 0 for e in (d if isinstance(d, list) else [d])) / 3600  # wall
@@ -212,7 +215,9 @@ def cpu_used(study_dir: Path, data: dict, model: str | None = None) -> str:
     return (f"Time used: {len(dones)} finished runs {train + ev:.1f} {unit} (recover {train:.1f}, evaluations "
             f"{ev:.1f}); made once and shared: the synthetic pool {60 * pool:.1f} {unit[:3]}-minutes, the "
             f"reference's and degraded models' evaluations "
-            + (f"{shared:.1f} hours (wall)." if shared >= 1 else f"{60 * shared:.1f} minutes (wall)."))
+            + (f"{shared:.1f} hours (wall)." if shared >= 1 else f"{60 * shared:.1f} minutes (wall).")
+            + (f" Lost to attempts that left nothing (a machine gone with its checkpoints): {lost:.1f} {unit}."
+               if lost >= 0.05 else ""))
 
 
 def winners(data: dict, sweep_method: str | None) -> list[str]:

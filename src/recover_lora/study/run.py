@@ -95,6 +95,20 @@ def heavy(rcfg: RecoverConfig, reference, ram_bytes: int | None = None) -> bool:
     return 5 * 4 * sum(p.numel() for p in reference.parameters()) > 0.4 * ram_bytes
 
 
+def write_off_lost(path: Path, key: str, kept: bool) -> None:
+    """Time spent on work that is gone is not a run's cost: when nothing of an earlier attempt at
+    ``key`` is kept (no checkpoint, no evaluation part; a session's machine lost with them, or a kill
+    before the first checkpoint), its seconds move to ``<key>_lost`` (and ``<key>_cpu_lost``)."""
+    have = read_json(path) if path.exists() else {}
+    if kept or not (have.get(key) or have.get(f"{key}_cpu")):
+        return
+    for k in (key, f"{key}_cpu"):
+        have[f"{k}_lost"] = round(have.get(f"{k}_lost", 0.0) + have.pop(k, 0.0), 3)
+    atomic_write_json(path, have)
+    log.info("study: %s: %.1f min of an earlier attempt at %s left nothing here: not counted as its cost",
+             path.parent.name, have[f"{key}_lost"] / 60, key)
+
+
 def slim(results: dict) -> dict:
     """Eval results without per-choice loglikelihoods: the report needs the acc / acc_norm items only,
     kept as "0110..." strings when they are all 0/1 (``report.item_array`` reads both forms); the
@@ -378,6 +392,7 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
         log.info("study: %s: recover (%s)", run.name, rcfg.method)
         share_plan(run, rcfg)
         share_heldout(run, rcfg, reference, tokenizer, progress)
+        write_off_lost(timing, "recover", kept=(run.dir / "checkpoint.pt").exists())
         with timed(timing, "recover"):
             # full-KD trains the degraded model itself: no copy (the caller makes it anew for the next run)
             run_recover(rcfg, reference, degraded if rcfg.method == "full-kd" else copy.deepcopy(degraded), tokenizer,
@@ -386,6 +401,7 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
     get_repaired = functools.cache(lambda: load_repaired(run, rcfg, degraded))  # only if an evaluation is not cached
     # a headline method's row: accuracy on more items too, the measures being its first items
     headline = acfg is not None and run.method in (cfg.accuracy or {}).get("methods", [])
+    write_off_lost(timing, "eval", kept=any((run.dir / "eval").glob("*recovered*")))
     with timed(timing, "eval"):
         rec_acc, rec_res = evaluate_tiers(run.dir / "eval", "recovered", get_repaired, tokenizer, ecfg,
                                           acfg if headline else None, progress,
