@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from recover_lora.report import compute_measures  # noqa: E402
 from recover_lora.study import StudyConfig  # noqa: E402
 from recover_lora.study.config import accuracy_config, eval_config, slug  # noqa: E402
+from recover_lora.study.results import pool_mmlu  # noqa: E402
 from recover_lora.study.run import answers_file, cpu_name, reference_answers  # noqa: E402
 
 
@@ -79,9 +80,9 @@ def main() -> None:
     print("|---|---|---:|---:|")
     for done in sorted(mdir.glob("*/*/done.json")):
         d = json.loads(done.read_text())
-        rec = json.loads((done.parent / "eval" / "recovered.json").read_text())["results"]
-        a_kept = compute_measures(kept, rec)["average"]["agreement"]
-        a_now = compute_measures(now, rec)["average"]["agreement"]
+        rec = pool_mmlu(json.loads((done.parent / "eval" / "recovered.json").read_text())["results"])
+        a_kept = compute_measures(pool_mmlu(kept), rec)["average"]["agreement"]  # as RESULTS.md: MMLU pooled
+        a_now = compute_measures(pool_mmlu(now), rec)["average"]["agreement"]
         cpu = d.get("cpu") or "(not recorded)"
         print(f"| {d['damage']}/{d['method']} | {cpu} | {100 * a_kept:.1f}% | {100 * a_now:.1f}% |")
 
