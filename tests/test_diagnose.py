@@ -134,6 +134,7 @@ def test_cli_writes_table_json_png(ref, tok, tmp_path):
     md = (out / "diagnosis.md").read_text()
     assert "| 2 |" in md and "Recommended placement" in md
     assert (out / "diagnosis.png").stat().st_size > 1000
+    assert not (out / ".diagnosis.partial.json").exists()  # kept only until the diagnosis is written
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
@@ -187,3 +188,44 @@ def test_cached_reference_probabilities_give_the_same_kl(monkeypatch):
     a, b = cached(deg), plain(deg)
     assert a["kl"] == pytest.approx(b["kl"], rel=1e-5) and a["top1"] == b["top1"] and a["kl"] > 0
     assert cached(ref)["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_an_interrupted_diagnosis_resumes_equal_to_an_uninterrupted_one(ref, tok, tmp_path, monkeypatch):
+    """The partial file keeps each measured layer; a diagnosis interrupted in layer 2 continues there
+    (layers 0-1 not measured again) and ends equal to one never interrupted; a partial made for other
+    tokens is not reused."""
+    from recover_lora import diagnose as dg
+
+    deg = copy.deepcopy(ref)
+    degrade(deg, DegradeConfig(ops=[NoiseOp(rel=0.3)], seed=0))
+    ids = torch.randint(4, 100, (8, 24), generator=torch.Generator().manual_seed(0))
+    cfg = DiagnoseConfig(sequences=8, seq_len=24, per_group=True)
+    whole = diagnose(ref, deg, tok, cfg, heldout_ids=ids)
+
+    part = tmp_path / ".diagnosis.partial.json"
+    real, calls, stop = dg.restored, [], [True]
+
+    def interrupted(model, reference, names, measure):
+        calls.append(names[0])
+        if stop[0] and len(calls) > 6:  # layers 0 and 1 (each: the layer, attention, MLP), then a stop in layer 2
+            raise KeyboardInterrupt
+        return real(model, reference, names, measure)
+
+    monkeypatch.setattr(dg, "restored", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        diagnose(ref, copy.deepcopy(deg), tok, cfg, heldout_ids=ids, partial=part)
+    assert set(json.loads(part.read_text())["layers"]) == {"0", "1"}
+
+    calls.clear()
+    stop[0] = False
+    resumed = diagnose(ref, deg, tok, cfg, heldout_ids=ids, partial=part)
+    assert all(".layers.2." in n for n in calls) and len(calls) == 3  # only layer 2 measured again
+    assert resumed["functional"].pop("resumed_layers") == 2 and "resumed_layers" not in whole["functional"]
+    assert resumed["functional"].pop("forward_passes") < whole["functional"].pop("forward_passes")
+    strip = lambda d: {k: v for k, v in d.items() if k != "seconds"}  # noqa: E731
+    assert json.dumps(strip(resumed), sort_keys=True) == json.dumps(strip(whole), sort_keys=True)
+
+    calls.clear()
+    other = torch.randint(4, 100, (8, 24), generator=torch.Generator().manual_seed(1))
+    diagnose(ref, deg, tok, cfg, heldout_ids=other, partial=part)
+    assert len(calls) == 9  # other tokens: every layer measured again

@@ -21,6 +21,7 @@ output finite again ranks first.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict
@@ -199,10 +200,23 @@ def _layer_table(wd: dict[str, Any], n_layers: int) -> tuple[dict, list[str], li
     return layer_params, outside, layers
 
 
+def _partial_key(ids: torch.Tensor, cfg: DiagnoseConfig, base: dict[str, Any]) -> dict[str, Any]:
+    """What a kept partial diagnosis must match to be reused: the same tokens, measurement settings
+    and degraded model (its base KL, to the bit: another damage or model reads differently)."""
+    import hashlib
+
+    return {"ids": hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()[:16], "shape": list(ids.shape),
+            "batch_size": cfg.batch_size, "chunk_tokens": cfg.chunk_tokens, "per_group": cfg.per_group,
+            "base": base}
+
+
 def _functional(reference: nn.Module, degraded: nn.Module, ids: torch.Tensor, cfg: DiagnoseConfig,
                 layer_params: dict, outside: list[str], outside_damaged: list[str], layers: list[dict[str, Any]],
-                progress: bool) -> dict[str, Any]:
-    """The held-out KL with each damaged layer (and block) restored in turn; fills ``layers``."""
+                progress: bool, partial: Path | None = None) -> dict[str, Any]:
+    """The held-out KL with each damaged layer (and block) restored in turn; fills ``layers``.
+
+    ``partial``: a file that keeps each measured layer as it finishes, so that an interrupted
+    diagnosis continues at the next layer (the caller deletes it once the diagnosis is written)."""
     meter = KLMeter(reference, ids, cfg.batch_size, DistillConfig(chunk_tokens=cfg.chunk_tokens), cache=True)
 
     def kl(model, start=None):
@@ -210,6 +224,20 @@ def _functional(reference: nn.Module, degraded: nn.Module, ids: torch.Tensor, cf
 
     meter.keep_inputs()  # restoring layer i changes nothing before it: later passes start at i
     base = kl(degraded)
+    key = _partial_key(ids, cfg, base)
+    kept: dict[str, Any] = {}
+    functional_resumed = 0
+    if partial is not None and partial.exists():
+        try:
+            saved = json.loads(partial.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        if saved.get("key") == key:
+            kept = saved.get("layers", {})
+            log.info("diagnosis: resuming after %d measured layers (%s)", len(kept), partial)
+            functional_resumed = len(kept)
+        else:
+            log.info("diagnosis: %s was made for other inputs; measuring every layer again", partial)
     todo = sum(1 + sum(G["damaged"] for G in L["groups"].values()) * cfg.per_group for L in layers if L["damaged"])
     bar = _progress(todo, progress)
     functional = {"sequences": len(ids), "seq_len": ids.shape[1], "base": base}
@@ -219,6 +247,13 @@ def _functional(reference: nn.Module, degraded: nn.Module, ids: torch.Tensor, cf
         if not L["damaged"]:
             L["restore"] = dict(base)  # nothing to restore: the same model
             L["kl_reduction"] = 0.0
+            continue
+        if str(i) in kept:  # measured before the interruption, with the same inputs
+            K = kept[str(i)]
+            L["restore"], L["kl_reduction"] = K["restore"], K["kl_reduction"]
+            for g, G in K["groups"].items():
+                L["groups"].get(g, {}).update(G)
+            bar.update(1 + sum(G["damaged"] for G in L["groups"].values()) * cfg.per_group)
             continue
         L["restore"] = restored(degraded, reference, names, lambda: kl(degraded, start=i))
         L["kl_reduction"] = _reduction(base, L["restore"])
@@ -233,24 +268,34 @@ def _functional(reference: nn.Module, degraded: nn.Module, ids: torch.Tensor, cf
                 G["kl_reduction"] = _reduction(base, G["restore"])
             if cfg.per_group:
                 bar.update(1)
+        if partial is not None:
+            # floats round-trip through JSON exactly (infinities as Infinity): a resumed diagnosis
+            # equals an uninterrupted one
+            kept[str(i)] = {"restore": L["restore"], "kl_reduction": L["kl_reduction"],
+                            "groups": {g: {k: G[k] for k in ("restore", "kl_reduction") if k in G}
+                                       for g, G in L["groups"].items()}}
+            atomic_write_json(partial, {"key": key, "layers": kept})
     bar.close()
     if outside_damaged:
         r = restored(degraded, reference, outside, lambda: kl(degraded))
         functional["outside_layers"] = {"tensors": outside_damaged, "restore": r,
                                         "kl_reduction": _num(_reduction(base, r))}
-    functional["forward_passes"] = meter.calls
+    functional["forward_passes"] = meter.calls  # this process's: a resumed diagnosis counts its own
+    if functional_resumed:
+        functional["resumed_layers"] = functional_resumed  # measured before an interruption, kept
     return functional
 
 
 def diagnose(reference: PreTrainedModel, degraded: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
              cfg: DiagnoseConfig | None = None, heldout_ids: torch.Tensor | None = None,
-             progress: bool = False) -> dict[str, Any]:
+             progress: bool = False, partial: str | Path | None = None) -> dict[str, Any]:
     """Weight and functional damage per layer and module (measurements only: the placement they
     recommend is :func:`recover_lora.placement.recommend`'s).
 
     ``degraded`` is modified during the functional measurements and restored exactly afterwards.
     ``heldout_ids`` (e.g. recover's held-out synthetic shard): the first ``cfg.sequences`` rows are
-    used; None generates them from the reference (needs ``tokenizer``).
+    used; None generates them from the reference (needs ``tokenizer``). ``partial``: a file that
+    keeps the layers measured so far, so that an interrupted diagnosis resumes (delete it after).
     """
     cfg = cfg or DiagnoseConfig()
     cfg.validate()
@@ -273,7 +318,8 @@ def diagnose(reference: PreTrainedModel, degraded: PreTrainedModel, tokenizer: P
         degraded.eval()
         try:
             functional = _functional(reference, degraded, heldout_ids[:cfg.sequences].long(), cfg, layer_params,
-                                     outside, outside_damaged, layers, progress)
+                                     outside, outside_damaged, layers, progress,
+                                     Path(partial) if partial is not None else None)
         finally:
             reference.train(was[0])
             degraded.train(was[1])

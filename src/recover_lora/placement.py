@@ -198,12 +198,16 @@ def auto_plan(reference: nn.Module, degraded: nn.Module, tokenizer: Any, heldout
                                    "use a new output folder or delete it")
         return plan
     cfg = DiagnoseConfig(rank=rank, alpha=2.0 * rank if alpha is None else alpha, budget=budget, **diagnose_kw)
-    diag = diagnose(reference, degraded, tokenizer, cfg, heldout_ids=heldout_ids)
+    partial = out / ".diagnosis.partial.json" if write else None  # an interruption keeps the measured layers
+    if partial is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    diag = diagnose(reference, degraded, tokenizer, cfg, heldout_ids=heldout_ids, partial=partial)
     plan = recommend(diag, degraded, cfg)
     plan.dropout, plan.init = dropout, init
     diag["recommendation"].update(dropout=dropout, init=init)
     if write:
         write_diagnosis(diag, out)
+        partial.unlink(missing_ok=True)
     return plan
 
 
@@ -222,10 +226,13 @@ def diagnose_cli(args) -> int:
     lcfg = args.load
     print(f"loading {args.reference} and {args.degraded} ...", flush=True)
     pair = load_pair(args.reference, args.degraded, lcfg)
-    diag = diagnose(pair.reference, pair.degraded, pair.tokenizer, cfg, progress=True)
+    partial = Path(args.out_dir) / ".diagnosis.partial.json"  # Ctrl-C keeps the layers measured so far
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    diag = diagnose(pair.reference, pair.degraded, pair.tokenizer, cfg, progress=True, partial=partial)
     diag["reference"], diag["degraded"] = str(args.reference), str(args.degraded)
     recommend(diag, pair.degraded, cfg)
     paths = write_diagnosis(diag, args.out_dir)
+    partial.unlink(missing_ok=True)
     for n, e in diag["nonfinite"].items():
         print(f"non-finite weights: {n}: {e['nan']} NaN, {e['inf']} Inf")
     f = diag["functional"]
