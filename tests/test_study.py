@@ -931,3 +931,38 @@ def test_time_of_an_attempt_that_left_nothing_is_not_the_runs_cost(study_yaml):
     f.write_text(json.dumps({"recover": 5.0, "recover_cpu": 4.0}))
     write_off_lost(f, "recover", kept=True)  # a checkpoint is there: the run resumes, its time stays
     assert json.loads(f.read_text()) == {"recover": 5.0, "recover_cpu": 4.0}
+
+
+def test_another_study_beside_this_one(study_yaml):
+    """`beside:` puts another study's runs of the same model, damage and method beside this one's:
+    each cell this / that, from the two studies' done files (here: the same runs with 1 step of
+    training instead of 3, and no svd-only)."""
+    t = study_yaml.parent
+    d = yaml.safe_load(study_yaml.read_text())
+    other = {**d, "study_dir": "other", "results": "OTHER.md", "sweep": None,
+             "methods": {"kv": d["methods"]["kv"]}, "goals": {**d["goals"], "method": "kv"}}
+    other["recover"] = {**d["recover"], "distill": {**d["recover"]["distill"], "steps": 1}}
+    (t / "other.yaml").write_text(yaml.safe_dump(other))
+    assert main(["study", "--config", str(t / "other.yaml")]) == 0
+    assert main(["study", "--config", str(study_yaml)]) == 0
+    assert "## Beside" not in (t / "RESULTS.md").read_text()  # not asked for
+    study_yaml.write_text(yaml.safe_dump({**d, "beside": "other.yaml"}))
+    assert main(["study", "--config", str(study_yaml), "--results-only"]) == 0
+    res = (t / "RESULTS.md").read_text()
+    sec = res.split("## Beside: `other.yaml` (CPU)")[1].split("\n## ")[0]
+    assert "(OTHER.md)" in sec and "There: every item a task, 1 steps." in sec
+    rows = {ln.split(" | ")[2]: ln.split(" | ")[3:] for ln in sec.splitlines() if ln.startswith("| tiny |")}
+    assert list(rows) == ["degraded", "kv"]  # svd-only and the sweep's run are not in the other study
+
+    def done(root, m):
+        return json.loads((t / root / "tiny/noise-all" / m / "done.json").read_text())
+
+    from recover_lora.study.config import kl_closed, pct
+
+    here, there = done("study", "kv"), done("other", "kv")
+    assert rows["kv"][0] == f"{pct(kl_closed(here))} / {pct(kl_closed(there))}"
+    assert rows["kv"][1] == f"{100 * here['agreement']:.1f}% / {100 * there['agreement']:.1f}%"
+    assert rows["kv"][3] == "384 / 128"  # 3 and 1 steps of 8 x 16 tokens
+    assert kl_closed(here) != kl_closed(there)  # two different runs, in their own columns
+    a, b = rows["degraded"][1].split(" / ")
+    assert a == b and a.endswith("%")  # the same degraded model, evaluated by each study

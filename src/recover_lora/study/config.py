@@ -53,6 +53,9 @@ class StudyConfig:
     accuracy: dict[str, Any] | None = None
     mirror: str | None = None  # folder the small result files are copied to as each run finishes
     notes: str | None = None  # a hand-written Markdown file put into RESULTS.md after the goals (where, why)
+    # another study's config (the GPU study beside the CPU one): its finished runs of the same model,
+    # damage and method are put beside this study's in one table of RESULTS.md (read from its mirror)
+    beside: str | None = None
     goals: dict[str, Any] = field(default_factory=lambda: {
         "method": "auto+svd", "presets": ["kv", "attn-mlp"], "baselines": ["full-kd", "svd-only"],
         "min_gap_closed": 0.9})
@@ -92,6 +95,8 @@ class StudyConfig:
             cfg.mirror = str(base / cfg.mirror)
         if cfg.notes:
             cfg.notes = str(base / cfg.notes)
+        if cfg.beside:
+            cfg.beside = str(base / cfg.beside)
         cfg.eval = {**cls().eval, **cfg.eval}
         if cfg.eval.get("data_dir"):
             cfg.eval["data_dir"] = str(base / cfg.eval["data_dir"])

@@ -356,6 +356,57 @@ def sweep_table(model: str, damage: str, runs: dict, method: str, chart: Path, r
     return L + ["", f"![data sweep]({rel})", ""]
 
 
+def _where(runs: dict) -> str:
+    """What a study's runs ran on, for a column head: "CPU", "GPU" or both."""
+    kinds = {"CPU" if r["done"].get("device_name") == "cpu" else "GPU" for r in runs}
+    return " + ".join(sorted(kinds)) or "?"
+
+
+def beside_table(data: dict, beside: str | Path, out: Path) -> list[str]:
+    """RESULTS.md's section that puts another study's finished runs (``beside``: its config; its
+    mirror, else its study folder) beside this one's: per (model, damage, method) finished in both,
+    the held-out KL removed, the agreement with the reference, the resolved accuracy gap closed (where
+    each measured accuracy), the synthetic tokens and the minutes. Empty when none are in both."""
+    other = StudyConfig.from_yaml(beside)
+    odir = Path(other.mirror) if other.mirror and (Path(other.mirror) / "study.json").exists() else Path(other.study_dir)
+    if not odir.exists():
+        return []
+    odata = collect(odir, asdict(other))
+    pairs = [(k, m) for k, v in data.items() if k in odata for m in v["runs"] if m in odata[k]["runs"]]
+    if not pairs:
+        return []
+    here = _where([data[k]["runs"][m] for k, m in pairs])
+    there = _where([odata[k]["runs"][m] for k, m in pairs])
+    name = os.path.basename(beside)
+    steps = (other.recover.get("distill") or {}).get("steps")
+    L = [f"## Beside: `{name}` ({there})", "",
+         f"The runs of `{name}` ({os.path.relpath(other.results, out.parent)}) that this study ran too (same model, "
+         f"damage and method); each cell is *this study* / *{name}*. There: "
+         f"{other.eval.get('limit') or 'every'} item{'s' if other.eval.get('limit') else ''} a task"
+         f"{f', {steps} steps' if steps else ''}. The gap closed is over each study's own resolved tasks "
+         "(-: no accuracy run).", "",
+         f"| model | damage | method | held-out KL removed | agreement | resolved gap closed | synthetic tokens | "
+         f"minutes, {here} / {there} |", "|---|---|---|---:|---:|---:|---:|---:|"]
+
+    def cells(e: dict, m: str) -> tuple[str, ...]:
+        r = e["runs"][m]
+        done, ms = r["done"], r["measures"]["average"]
+        gap = (r["report"].get("resolved_average") or {}).get("gap_closed") if r["acc_tier"] else None
+        tokens = "0" if done.get("recover_method") == "sft-lora" else _num(done["train_tokens"])  # (labeled data)
+        return (pct(kl_closed(done)), _m(ms["agreement"], pct=True), "-" if gap is None else pct(gap), tokens,
+                _minutes(done))
+
+    shown = set()
+    for (model, damage), m in pairs:
+        if (model, damage) not in shown:  # the degraded model's agreement first: what each study starts from
+            shown.add((model, damage))
+            a, b = (_m(e[(model, damage)]["deg_measures"]["average"]["agreement"], pct=True) for e in (data, odata))
+            L.append(f"| {model} | {damage} | degraded | - | {a} / {b} | - | - | - |")
+        a, b = cells(data[(model, damage)], m), cells(odata[(model, damage)], m)
+        L.append(f"| {model} | {damage} | {m} | " + " | ".join(f"{x} / {y}" for x, y in zip(a, b)) + " |")
+    return L + [""]
+
+
 def _m(x, ci=None, pct=False, digits=3) -> str:
     if x is None:
         return "n/a"
@@ -439,6 +490,8 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
     glance = out.parent / "results" / "overview.png"
     if plot_overview(data, goals, glance):
         L += [f"![the study at a glance]({os.path.relpath(glance, out.parent)})", ""]
+    if cfg.get("beside"):
+        L += beside_table(data, cfg["beside"], out)
     for model, spec in cfg["models"].items():
         keys = [k for k in data if k[0] == model]
         if not keys:
