@@ -82,3 +82,11 @@ def test_folder_size_follows_the_checkout(tmp_path):
     assert dc.auto_chunk_mib(19 * 2**20) == 43.0 and dc.auto_chunk_mib(int(1.5 * 2**20)) == 60.0
     with pytest.raises(SystemExit, match="too little"):
         dc.auto_chunk_mib(59 * 2**20)
+    # the heaviest folders two levels down, what to move aside before a lease
+    (tmp_path / "results" / "cpu" / "x").mkdir(parents=True)
+    (tmp_path / "results" / "cpu" / "x" / "r.json").write_bytes(b"x" * 7000)
+    (tmp_path / "results" / "gpu").mkdir()
+    (tmp_path / "results" / "gpu" / "r.json").write_bytes(b"x" * 5000)
+    files = dc.checkout_files(tmp_path)
+    assert dc.heaviest_folders(files) == [("results/cpu", 7000), ("results/gpu", 5000)]
+    assert sum(files.values()) == dc.checkout_bytes(tmp_path) == 15000 + len("ignored/\n")

@@ -59,12 +59,27 @@ def _eval_tar(src: Path, dest: Path, train: bool) -> Path:
     return dest
 
 
-def checkout_bytes(root: Path = ROOT) -> int:
-    """What a device call sends besides the carried folders: tracked files and untracked ones git does
-    not ignore (the device tool's rule)."""
+def checkout_files(root: Path = ROOT) -> dict[str, int]:
+    """What a device call sends besides the carried folders, name -> bytes: tracked files and untracked
+    ones git does not ignore (the device tool's rule; a tracked file moved away does not travel)."""
     names = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                            check=True, capture_output=True).stdout.split(b"\0")
-    return sum((root / n.decode()).stat().st_size for n in names if n and (root / n.decode()).is_file())
+    return {n.decode(): (root / n.decode()).stat().st_size for n in names if n and (root / n.decode()).is_file()}
+
+
+def checkout_bytes(root: Path = ROOT) -> int:
+    return sum(checkout_files(root).values())
+
+
+def heaviest_folders(files: dict[str, int], depth: int = 2, top: int = 3) -> list[tuple[str, int]]:
+    """The folders (``depth`` levels down) that weigh most in a checkout: what to move aside for a lease."""
+    sizes: dict[str, int] = {}
+    for name, size in files.items():
+        parts = name.split("/")
+        if len(parts) > depth:
+            key = "/".join(parts[:depth])
+            sizes[key] = sizes.get(key, 0) + size
+    return sorted(sizes.items(), key=lambda kv: -kv[1])[:top]
 
 
 def auto_chunk_mib(tree: int, limit_mib: float = 62.0) -> float:
@@ -78,9 +93,15 @@ def auto_chunk_mib(tree: int, limit_mib: float = 62.0) -> float:
 def prepare(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if a.chunk_mib is None:
-        tree = checkout_bytes()
+        files = checkout_files()
+        tree = sum(files.values())
         a.chunk_mib = auto_chunk_mib(tree)
         print(f"checkout {tree / 2**20:.1f} MiB: folders of <= {a.chunk_mib:.0f} MiB")
+        heavy = [(n, b) for n, b in heaviest_folders(files) if b > 4 * 2**20]
+        if heavy:  # every call sends the checkout: what the device does not need costs calls (device time)
+            print("  the checkout travels with every call; its heaviest folders (move aside those the device "
+                  "does not need, mv and back after the lease, for fewer calls): "
+                  + ", ".join(f"{n} {b / 2**20:.1f} MiB" for n, b in heavy))
     chunk = int(a.chunk_mib * 2**20)
     payloads: list[dict] = []  # {name, kind, path, dest?}
     staging = out / "_staging"
