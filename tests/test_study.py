@@ -711,14 +711,27 @@ def test_an_evaluation_killed_mid_pass_resumes_where_it_stopped(tmp_path, monkey
             raise KeyboardInterrupt
     h = model.register_forward_pre_hook(hook)
     out = tmp_path / "run" / "eval" / "degraded.json"
+    import time
+
+    def slow(m, args):  # the first pass takes >= 0.3 s before its kill
+        time.sleep(0.1)
+    h2 = model.register_forward_pre_hook(slow)
     with pytest.raises(KeyboardInterrupt):
         study.run.cached_eval(out, lambda: model, tok, ecfg, progress=False)
+    h2.remove()
     assert not out.exists() and len(list(partial_path(out).glob("shard-*.pt"))) == 2
+    first = json.loads((partial_path(out) / "elapsed.json").read_text())
+    assert first["earlier"] == 0 and first["seconds"] >= 0.2  # two scored batches' time, kept
     calls.update(n=0, kill_at=None)
+    t0 = time.perf_counter()
     got = study.run.cached_eval(out, lambda: model, tok, ecfg, progress=False)
+    second = time.perf_counter() - t0
     h.remove()
     assert calls["n"] == n_fwd["n"] - 2  # the two batches kept before the kill were not scored again
     assert got == whole and json.loads(out.read_text())["results"] == whole
+    # its time: this pass's and the interrupted one's
+    seconds = json.loads(out.read_text())["seconds"]
+    assert first["seconds"] + 0.5 * min(second, 0.01) <= seconds <= second + first["seconds"] + 0.01
     assert not partial_path(out).exists()
 
 

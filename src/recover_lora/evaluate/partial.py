@@ -24,6 +24,8 @@ import torch
 
 from ..utils import atomic_write_bytes, log
 
+ELAPSED = "elapsed.json"  # {"earlier": seconds of the passes before this one, "seconds": all so far}
+
 
 def partial_key(model, requests, settings: dict, reference) -> str:
     """What a kept shard must match: the model's weights, the requests, the scoring settings and the
@@ -50,8 +52,9 @@ class Partial:
     def __init__(self, folder: str | Path, key: str, every: float = 60.0):
         self.folder, self.key, self.every = Path(folder), key, every
         self.pending: list[dict] = []
-        self.last = time.monotonic()
+        self.last = self.started = time.monotonic()
         self.n_shards = 0
+        self.earlier = 0.0  # seconds the earlier (interrupted) passes under this key spent scoring
 
     def load(self) -> list[dict]:
         """The shards kept under this key (none, and the folder cleared, when it holds another key's)."""
@@ -62,6 +65,8 @@ class Partial:
         self.folder.mkdir(parents=True, exist_ok=True)
         if not kf.exists():
             atomic_write_bytes(kf, json.dumps({"key": self.key}).encode())
+        if (self.folder / ELAPSED).exists():
+            self.earlier = float(json.loads((self.folder / ELAPSED).read_text()).get("seconds", 0.0))
         shards = []
         for p in sorted(self.folder.glob("shard-*.pt")):
             shards.append(torch.load(p, map_location="cpu", weights_only=True))
@@ -79,8 +84,11 @@ class Partial:
             self.flush()
 
     def flush(self) -> None:
-        """Write what finished since the last save as one shard."""
+        """Write what finished since the last save as one shard (and the time spent so far)."""
         self.last = time.monotonic()
+        if self.folder.exists():  # what a resumed pass adds to its own time (earlier_seconds)
+            atomic_write_bytes(self.folder / ELAPSED, json.dumps(
+                {"earlier": self.earlier, "seconds": self.earlier + self.last - self.started}).encode())
         if not self.pending:
             return
         cat = {k: torch.cat([p[k] for p in self.pending]) for k in ("ids", "ll", "greedy", "kl")}
@@ -91,6 +99,13 @@ class Partial:
         self.n_shards += 1
         atomic_write_bytes(self.folder / f"shard-{self.n_shards:05d}.pt", buf.getvalue())
         self.pending = []
+
+
+def earlier_seconds(folder: str | Path) -> float:
+    """Seconds that the earlier, interrupted passes of a finished scoring pass kept in ``folder`` spent
+    (0 when it ran in one go): added to the last pass's own time, what the whole evaluation cost."""
+    f = Path(folder) / ELAPSED
+    return float(json.loads(f.read_text()).get("earlier", 0.0)) if f.exists() else 0.0
 
 
 def partial_path(result: str | Path) -> Path:

@@ -172,7 +172,7 @@ def cached_eval(path: Path, get_model, tokenizer, ecfg, progress: bool = True, r
     only then) and write it. ``reference``: add the answer-token KL to it (a model, or its kept
     answers)."""
     from ..evaluate import evaluate
-    from ..evaluate.partial import partial_path, remove_partial
+    from ..evaluate.partial import earlier_seconds, partial_path, remove_partial
 
     key = _eval_key(ecfg, reference is not None)
     if path.exists():
@@ -192,7 +192,8 @@ def cached_eval(path: Path, get_model, tokenizer, ecfg, progress: bool = True, r
     part = partial_path(path)  # an interrupted evaluation resumes from its finished batches
     res = slim(evaluate(get_model(), tokenizer, ecfg, progress=progress, reference=reference,
                         name=f"{path.parent.parent.name}/{path.stem}", resume=part))
-    atomic_write_json(path, {"config": key, "seconds": round(time.perf_counter() - t0, 2), "results": res})
+    seconds = time.perf_counter() - t0 + earlier_seconds(part)  # with the passes an interruption cut short
+    atomic_write_json(path, {"config": key, "seconds": round(seconds, 2), "results": res})
     remove_partial(part)
     return res
 
@@ -202,7 +203,7 @@ def reference_answers(path: Path, reference, tokenizer, ecfg, results_path: Path
     reference, which also writes ``results_path`` where missing): every later model's answer-token
     KL then costs an LM-head product instead of a second forward pass."""
     from ..evaluate import ReferenceAnswers, evaluate_reference
-    from ..evaluate.partial import partial_path, remove_partial
+    from ..evaluate.partial import earlier_seconds, partial_path, remove_partial
 
     if path.exists():
         try:
@@ -214,7 +215,7 @@ def reference_answers(path: Path, reference, tokenizer, ecfg, results_path: Path
     part = partial_path(path)
     res, answers = evaluate_reference(reference, tokenizer, ecfg, progress, resume=part)
     answers.save(path)
-    seconds = round(time.perf_counter() - t0, 2)
+    seconds = round(time.perf_counter() - t0 + earlier_seconds(part), 2)
     if not _have(results_path, _eval_key(ecfg, False)):
         atomic_write_json(results_path, {"config": _eval_key(ecfg, False), "seconds": seconds, "results": slim(res)})
     else:  # made again (a fresh machine): how far this one's evaluation is from the kept one
