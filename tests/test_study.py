@@ -932,14 +932,18 @@ def test_time_of_an_attempt_that_left_nothing_is_not_the_runs_cost(study_yaml):
     kv = study_yaml.parent / "study/tiny/noise-all/kv"
     kv.mkdir(parents=True)
     (kv / "timing.json").write_text(json.dumps({"recover": 600.0, "recover_cpu": 590.0, "eval": 60.0, "eval_cpu": 50.0}))
+    pool = study_yaml.parent / "study/tiny/timing.json"  # the shared pool, made before on a machine gone
+    pool.write_text(json.dumps({"synth_pool": 1000.0, "synth_pool_cpu": 900.0}))
     assert main(["study", "--config", str(study_yaml)]) == 0
     t = json.loads((kv / "timing.json").read_text())
     assert (t["recover_lost"], t["recover_cpu_lost"], t["eval_lost"], t["eval_cpu_lost"]) == (600.0, 590.0, 60.0, 50.0)
+    p = json.loads(pool.read_text())
+    assert (p["synth_pool_lost"], p["synth_pool_cpu_lost"]) == (1000.0, 900.0) and 0 < p["synth_pool"] < 1000
     done = json.loads((kv / "done.json").read_text())
     assert 0 < done["cpu_minutes"]["recover"] < 590 / 60 and done["cpu_minutes"]["eval"] < 50 / 60
     assert main(["study", "--config", str(study_yaml), "--results-only"]) == 0
-    assert "Lost to attempts that left nothing (a machine gone with its checkpoints): 0.2 CPU-hours." in \
-        (study_yaml.parent / "RESULTS.md").read_text()  # (590 + 50) CPU seconds
+    assert "Lost to work a machine took with it (runs started over, pools made again): 0.4 CPU-hours." in \
+        (study_yaml.parent / "RESULTS.md").read_text()  # (590 + 50 + 900) CPU seconds
     f = study_yaml.parent / "t.json"
     f.write_text(json.dumps({"recover": 5.0, "recover_cpu": 4.0}))
     write_off_lost(f, "recover", kept=True)  # a checkpoint is there: the run resumes, its time stays

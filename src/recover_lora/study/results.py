@@ -205,6 +205,7 @@ def cpu_used(study_dir: Path, data: dict, model: str | None = None) -> str:
     for mdir in [study_dir / slug(model)] if model else sorted({study_dir / slug(m) for m, _ in data}):
         timing = read_json(mdir / "timing.json") if (mdir / "timing.json").exists() else {}
         pool += timing.get("synth_pool_cpu" if on_cpu else "synth_pool", 0) / 3600
+        lost += timing.get("synth_pool_cpu_lost" if on_cpu else "synth_pool_lost", 0) / 3600  # a pool made again
         for f in mdir.glob("*/*/timing.json"):  # attempts that left nothing (run.write_off_lost), finished runs or not
             t = read_json(f)
             lost += sum(t.get(f"{k}{'_cpu' if on_cpu else ''}_lost", 0) for k in ("recover", "eval")) / 3600
@@ -216,7 +217,7 @@ def cpu_used(study_dir: Path, data: dict, model: str | None = None) -> str:
             f"{ev:.1f}); made once and shared: the synthetic pool {60 * pool:.1f} {unit[:3]}-minutes, the "
             f"reference's and degraded models' evaluations "
             + (f"{shared:.1f} hours (wall)." if shared >= 1 else f"{60 * shared:.1f} minutes (wall).")
-            + (f" Lost to attempts that left nothing (a machine gone with its checkpoints): {lost:.1f} {unit}."
+            + (f" Lost to work a machine took with it (runs started over, pools made again): {lost:.1f} {unit}."
                if lost >= 0.05 else ""))
 
 

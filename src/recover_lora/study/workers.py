@@ -17,7 +17,7 @@ from ..utils import RecoverLoraError, atomic_write_json, log, read_json
 from .config import FAILED, Run, StudyConfig, accuracy_config, degrade_config, eval_config, plan, slug
 from .files import mirror_results
 from .run import (MEMORY_LOCK, answers_file, evaluate_tiers, heavy, locked, prepare_plan, reference_answers, run_one,
-                  synth_ready, timed)
+                  synth_ready, timed, write_off_lost)
 
 CLAIM = ".claim"  # in a run folder while a parallel worker has it
 
@@ -95,6 +95,8 @@ def _synth_pool(cfg: StudyConfig, model: str, method: str, reference, tokenizer,
     mdir = Path(cfg.study_dir) / slug(model)
     with locked(mdir / ".synth.lock"):
         if not synth_ready(mdir / "synth"):
+            # a pool made before on a machine that is gone (no shard here) is not this one's cost
+            write_off_lost(mdir / "timing.json", "synth_pool", kept=any((mdir / "synth").glob("shard-*")))
             with timed(mdir / "timing.json", "synth_pool"):
                 synthesize(reference, tokenizer, train_synth_config(common), mdir / "synth", progress=progress)
     return mdir / "synth"
