@@ -229,3 +229,35 @@ def test_an_interrupted_diagnosis_resumes_equal_to_an_uninterrupted_one(ref, tok
     other = torch.randint(4, 100, (8, 24), generator=torch.Generator().manual_seed(1))
     diagnose(ref, deg, tok, cfg, heldout_ids=other, partial=part)
     assert len(calls) == 9  # other tokens: every layer measured again
+
+
+def test_a_diagnosis_resumed_after_an_infinite_reduction_equals_an_uninterrupted_one(ref, tok, tmp_path, monkeypatch):
+    """A NaN weight: restoring its layer turns the output finite, an infinite KL reduction, which the
+    partial file keeps (as "inf") through an interruption."""
+    from recover_lora import diagnose as dg
+
+    deg = copy.deepcopy(ref)
+    degrade(deg, DegradeConfig(ops=[NoiseOp(rel=0.3)], seed=0))
+    with torch.no_grad():
+        deg.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    ids = torch.randint(4, 100, (8, 24), generator=torch.Generator().manual_seed(0))
+    whole = diagnose(ref, deg, tok, FAST, heldout_ids=ids)
+    assert whole["layers"][1]["kl_reduction"] == "inf"
+    part, real, n = tmp_path / "p.json", dg.restored, [0]
+
+    def interrupted(*a):
+        n[0] += 1
+        if n[0] == 7:  # in layer 2, after layers 0 and 1
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(dg, "restored", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        diagnose(ref, deg, tok, FAST, heldout_ids=ids, partial=part)
+    assert json.loads(part.read_text())["layers"]["1"]["kl_reduction"] == "inf"
+    resumed = diagnose(ref, deg, tok, FAST, heldout_ids=ids, partial=part)
+    for d in (resumed, whole):
+        d.pop("seconds")
+        d["functional"].pop("forward_passes")
+    assert resumed["functional"].pop("resumed_layers") == 2
+    assert json.dumps(resumed, sort_keys=True) == json.dumps(whole, sort_keys=True)

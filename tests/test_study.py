@@ -358,6 +358,11 @@ def test_parallel_workers_equal_one_process(study_yaml):
     text = "".join(f.read_text() for f in logs)
     assert all(text.count(f"study: tiny/noise-all/{m} done") == 1 for m in names)  # each run by one worker
     assert "2 sharing" in (study_yaml.parent / "RESULTS-par.md").read_text()
+    # the diagnosis made before the workers is its run's cost (timed apart: not written off as lost)
+    diagnosed = next(m for m in ("auto", "svd-only") if not (base / m / "diagnosis/SHARED.txt").exists())
+    t = json.loads((base / diagnosed / "timing.json").read_text())
+    assert t["diagnose"] > 0 and "recover_lost" not in t
+    assert two[diagnosed]["gpu_minutes"] == pytest.approx((t["recover"] + t["diagnose"]) / 60, abs=1e-3)
 
     # a worker that fails leaves its run unfinished, the others finish theirs; the next call completes it
     (base / "kv/done.json").unlink()
@@ -742,6 +747,18 @@ def test_chart_order_puts_the_goal_method_presets_and_baselines_first_and_the_sw
     assert got == ["auto+eora", "kv", "eora-only", "auto+eora-r64", "sft-lora", "auto+eora@240"]
 
 
+def test_eval_settings_reach_the_evaluation_and_unknown_ones_are_refused(study_yaml):
+    d = yaml.safe_load(study_yaml.read_text())
+    d["eval"]["max_batch_tokens"] = 4096
+    study_yaml.write_text(yaml.safe_dump(d))
+    cfg = study.StudyConfig.from_yaml(study_yaml)
+    assert study.eval_config(cfg).max_batch_tokens == 4096
+    d["eval"]["max_batch_token"] = 4096  # a typo would otherwise be ignored in silence
+    study_yaml.write_text(yaml.safe_dump(d))
+    with pytest.raises(RecoverLoraError, match="unknown eval keys"):
+        study.StudyConfig.from_yaml(study_yaml)
+
+
 def test_precision_per_model(study_yaml):
     """A model's precision overrides the study's autocast in its training and scoring; a bad one is named."""
     d = yaml.safe_load(study_yaml.read_text())
@@ -963,6 +980,9 @@ def test_another_study_beside_this_one(study_yaml):
     assert main(["study", "--config", str(t / "other.yaml")]) == 0
     assert main(["study", "--config", str(study_yaml)]) == 0
     assert "## Beside" not in (t / "RESULTS.md").read_text()  # not asked for
+    study_yaml.write_text(yaml.safe_dump({**d, "beside": "missing.yaml"}))
+    assert main(["study", "--config", str(study_yaml), "--results-only"]) == 0  # a missing one: left out, no error
+    assert "## Beside" not in (t / "RESULTS.md").read_text()
     study_yaml.write_text(yaml.safe_dump({**d, "beside": "other.yaml"}))
     assert main(["study", "--config", str(study_yaml), "--results-only"]) == 0
     res = (t / "RESULTS.md").read_text()

@@ -250,9 +250,10 @@ def _functional(reference: nn.Module, degraded: nn.Module, ids: torch.Tensor, cf
             continue
         if str(i) in kept:  # measured before the interruption, with the same inputs
             K = kept[str(i)]
-            L["restore"], L["kl_reduction"] = K["restore"], K["kl_reduction"]
+            L["restore"], L["kl_reduction"] = K["restore"], float(K["kl_reduction"])  # ("inf" -> inf)
             for g, G in K["groups"].items():
-                L["groups"].get(g, {}).update(G)
+                L["groups"].get(g, {}).update({**G, **({"kl_reduction": float(G["kl_reduction"])}
+                                                       if "kl_reduction" in G else {})})
             bar.update(1 + sum(G["damaged"] for G in L["groups"].values()) * cfg.per_group)
             continue
         L["restore"] = restored(degraded, reference, names, lambda: kl(degraded, start=i))
@@ -269,10 +270,11 @@ def _functional(reference: nn.Module, degraded: nn.Module, ids: torch.Tensor, cf
             if cfg.per_group:
                 bar.update(1)
         if partial is not None:
-            # floats round-trip through JSON exactly (infinities as Infinity): a resumed diagnosis
-            # equals an uninterrupted one
-            kept[str(i)] = {"restore": L["restore"], "kl_reduction": L["kl_reduction"],
-                            "groups": {g: {k: G[k] for k in ("restore", "kl_reduction") if k in G}
+            # floats round-trip through JSON exactly, infinities as "inf" (a NaN weight restored turns the
+            # output finite: an infinite reduction): a resumed diagnosis equals an uninterrupted one
+            kept[str(i)] = {"restore": L["restore"], "kl_reduction": _num(L["kl_reduction"]),
+                            "groups": {g: {**({"restore": G["restore"]} if "restore" in G else {}),
+                                           **({"kl_reduction": _num(G["kl_reduction"])} if "kl_reduction" in G else {})}
                                        for g, G in L["groups"].items()}}
             atomic_write_json(partial, {"key": key, "layers": kept})
     bar.close()

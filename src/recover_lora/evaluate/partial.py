@@ -103,7 +103,8 @@ class Partial:
 
 def earlier_seconds(folder: str | Path) -> float:
     """Seconds that the earlier, interrupted passes of a finished scoring pass kept in ``folder`` spent
-    (0 when it ran in one go): added to the last pass's own time, what the whole evaluation cost."""
+    (0 when it ran in one go): added to the last pass's own time, what the whole evaluation cost. An
+    earlier pass counts from its scoring's start (after loading and tokenizing: a slight undercount)."""
     f = Path(folder) / ELAPSED
     return float(json.loads(f.read_text()).get("earlier", 0.0)) if f.exists() else 0.0
 

@@ -23,6 +23,10 @@ _SYNTH_DTYPE = {"bf16": "bfloat16", "fp32": "float32"}
 FAILED = "failed.json"  # in a run folder whose last attempt raised: the error, tried again next time
 
 
+# what a study's ``eval:`` may set (answer_kl: keep the reference's answers for the answer-token KL)
+EVAL_KEYS = {"tasks", "data_dir", "limit", "autocast", "answer_kl", "max_batch_tokens"}
+
+
 @dataclass
 class StudyConfig:
     """What ``study.yaml`` holds (see the file at the repository root)."""
@@ -98,6 +102,8 @@ class StudyConfig:
         if cfg.beside:
             cfg.beside = str(base / cfg.beside)
         cfg.eval = {**cls().eval, **cfg.eval}
+        if set(cfg.eval) - EVAL_KEYS:
+            raise RecoverLoraError(f"unknown eval keys {sorted(set(cfg.eval) - EVAL_KEYS)}; known: {sorted(EVAL_KEYS)}")
         if cfg.eval.get("data_dir"):
             cfg.eval["data_dir"] = str(base / cfg.eval["data_dir"])
         return cfg
@@ -187,7 +193,8 @@ def degrade_config(cfg: StudyConfig, damage: str, model: str | None = None):
 def eval_config(cfg: StudyConfig, model: str | None = None) -> EvalConfig:
     """The evaluation of every run's measures (``eval``; ``model``'s precision where it has one)."""
     return EvalConfig(tasks=cfg.eval["tasks"], data_dir=cfg.eval.get("data_dir"), limit=cfg.eval.get("limit"),
-                      autocast=cfg.autocast_of(model) or cfg.eval.get("autocast", "off"))
+                      autocast=cfg.autocast_of(model) or cfg.eval.get("autocast", "off"),
+                      max_batch_tokens=cfg.eval.get("max_batch_tokens"))
 
 
 def accuracy_config(cfg: StudyConfig, model: str | None = None) -> EvalConfig | None:

@@ -11,7 +11,7 @@ import numpy as np
 import yaml
 
 from ..report import ReportConfig, compute_measures, compute_report, item_array, task_results
-from ..utils import RecoverLoraError, atomic_write_bytes, read_json, save_figure
+from ..utils import RecoverLoraError, atomic_write_bytes, log, read_json, save_figure
 from .config import StudyConfig, kl_closed, pct, plan, slug
 
 
@@ -492,7 +492,10 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
     if plot_overview(data, goals, glance):
         L += [f"![the study at a glance]({os.path.relpath(glance, out.parent)})", ""]
     if cfg.get("beside"):
-        L += beside_table(data, cfg["beside"], out)
+        try:
+            L += beside_table(data, cfg["beside"], out)
+        except (RecoverLoraError, OSError, KeyError) as e:  # the other study's files: not this one's results
+            log.warning("RESULTS.md: no table beside %s (%s)", cfg["beside"], e)
     for model, spec in cfg["models"].items():
         keys = [k for k in data if k[0] == model]
         if not keys:

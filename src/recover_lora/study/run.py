@@ -376,7 +376,8 @@ def prepare_plan(run: Run, rcfg: RecoverConfig, reference, degraded, tokenizer, 
     run.dir.mkdir(parents=True, exist_ok=True)
     share_heldout(run, rcfg, reference, tokenizer, progress)
     atomic_write_json(run.dir / "config.json", rcfg.to_dict())  # what share_plan matches siblings on
-    with timed(run.dir / "timing.json", "recover"):
+    # timed apart: run_one writes an earlier "recover" off when no checkpoint is kept, but the plan is kept
+    with timed(run.dir / "timing.json", "diagnose"):
         placement_plan(rcfg, reference, degraded, tokenizer, make_heldout(rcfg, reference, tokenizer, progress))
 
 
@@ -416,8 +417,10 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
             "init": rep.get("init"), "trainable_parameters": rep["trainable_parameters"],
             "train_tokens": rep["train_tokens"], "steps": rep["steps"],
             "synthetic_sequences": rep["synthetic_sequences"], "shared_pool": pool is not None,
-            "gpu_minutes": round(secs.get("recover", 0.0) / 60, 3), "eval_minutes": round(secs.get("eval", 0.0) / 60, 3),
-            "cpu_minutes": {"recover": round(secs.get("recover_cpu", 0.0) / 60, 3),
+            # recover's minutes: with the diagnosis made for it before the workers started (prepare_plan)
+            "gpu_minutes": round((secs.get("recover", 0.0) + secs.get("diagnose", 0.0)) / 60, 3),
+            "eval_minutes": round(secs.get("eval", 0.0) / 60, 3),
+            "cpu_minutes": {"recover": round((secs.get("recover_cpu", 0.0) + secs.get("diagnose_cpu", 0.0)) / 60, 3),
                             "eval": round(secs.get("eval_cpu", 0.0) / 60, 3)},
             "concurrent_runs": jobs,
             "device_name": rep.get("device_name"), "heldout": rep["heldout"],
