@@ -988,6 +988,7 @@ def test_another_study_beside_this_one(study_yaml):
     res = (t / "RESULTS.md").read_text()
     sec = res.split("## Beside: `other.yaml` (CPU)")[1].split("\n## ")[0]
     assert "(OTHER.md)" in sec and "There: every item a task, 1 steps." in sec
+    assert "![beside](results/beside-other.png)" in sec and (t / "results/beside-other.png").stat().st_size > 0
     rows = {ln.split(" | ")[2]: ln.split(" | ")[3:] for ln in sec.splitlines() if ln.startswith("| tiny |")}
     assert list(rows) == ["degraded", "kv"]  # svd-only and the sweep's run are not in the other study
 

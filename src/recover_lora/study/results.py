@@ -363,6 +363,27 @@ def _where(runs: dict) -> str:
     return " + ".join(sorted(kinds)) or "?"
 
 
+def plot_beside(pairs: list, data: dict, odata: dict, labels: tuple[str, str], path: Path) -> Path:
+    """The runs of two studies side by side: per (model, damage, method) finished in both, the share of
+    the held-out KL each removed (solid: this study, hatched: the other)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(pairs) + 2.0), 3.8))
+    x = np.arange(len(pairs))
+    for k, (d, lab, style) in enumerate(((data, labels[0], {}), (odata, labels[1], {"hatch": "//", "alpha": 0.6}))):
+        vals = [np.nan if (v := kl_closed(d[g]["runs"][m]["done"])) is None else 100 * v for g, m in pairs]
+        ax.bar(x + (k - 0.5) * 0.4, vals, 0.4, label=lab, color="tab:blue", edgecolor="k", lw=0.5, **style)
+    ax.set_xticks(x, [f"{m}\n{g[0]} {g[1]}" for g, m in pairs], fontsize=7, rotation=45, ha="right")
+    ax.set_ylabel("held-out KL removed (%)")
+    ax.set_ylim(min(0.0, ax.get_ylim()[0]), 100)
+    ax.legend(fontsize=8)
+    ax.set_title("The same runs in two studies", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def beside_table(data: dict, beside: str | Path, out: Path) -> list[str]:
     """RESULTS.md's section that puts another study's finished runs (``beside``: its config; its
     mirror, else its study folder) beside this one's: per (model, damage, method) finished in both,
@@ -397,6 +418,9 @@ def beside_table(data: dict, beside: str | Path, out: Path) -> list[str]:
         return (pct(kl_closed(done)), _m(ms["agreement"], pct=True), "-" if gap is None else pct(gap), tokens,
                 _minutes(done))
 
+    chart = out.parent / "results" / f"beside-{slug(os.path.splitext(name)[0])}.png"
+    plot_beside(pairs, data, odata, (here, there), chart)
+    L[2:2] = [f"![beside]({os.path.relpath(chart, out.parent)})", ""]
     shown = set()
     for (model, damage), m in pairs:
         if (model, damage) not in shown:  # the degraded model's agreement first: what each study starts from
