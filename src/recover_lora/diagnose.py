@@ -225,19 +225,18 @@ def _functional(reference: nn.Module, degraded: nn.Module, ids: torch.Tensor, cf
     meter.keep_inputs()  # restoring layer i changes nothing before it: later passes start at i
     base = kl(degraded)
     key = _partial_key(ids, cfg, base)
-    kept: dict[str, Any] = {}
-    functional_resumed = 0
+    kept: dict[str, Any] = {}  # layer -> its measurements, kept in ``partial`` as each finishes
     if partial is not None and partial.exists():
         try:
             saved = json.loads(partial.read_text())
         except (OSError, ValueError):
             saved = {}
         if saved.get("key") == key:
-            kept = saved.get("layers", {})
+            kept = dict(saved.get("layers", {}))
             log.info("diagnosis: resuming after %d measured layers (%s)", len(kept), partial)
-            functional_resumed = len(kept)
         else:
             log.info("diagnosis: %s was made for other inputs; measuring every layer again", partial)
+    resumed = len(kept)
     todo = sum(1 + sum(G["damaged"] for G in L["groups"].values()) * cfg.per_group for L in layers if L["damaged"])
     bar = _progress(todo, progress)
     functional = {"sequences": len(ids), "seq_len": ids.shape[1], "base": base}
@@ -250,10 +249,9 @@ def _functional(reference: nn.Module, degraded: nn.Module, ids: torch.Tensor, cf
             continue
         if str(i) in kept:  # measured before the interruption, with the same inputs
             K = kept[str(i)]
-            L["restore"], L["kl_reduction"] = K["restore"], float(K["kl_reduction"])  # ("inf" -> inf)
+            L["restore"], L["kl_reduction"] = K["restore"], K["kl_reduction"]
             for g, G in K["groups"].items():
-                L["groups"].get(g, {}).update({**G, **({"kl_reduction": float(G["kl_reduction"])}
-                                                       if "kl_reduction" in G else {})})
+                L["groups"][g].update(G)
             bar.update(1 + sum(G["damaged"] for G in L["groups"].values()) * cfg.per_group)
             continue
         L["restore"] = restored(degraded, reference, names, lambda: kl(degraded, start=i))
@@ -270,21 +268,21 @@ def _functional(reference: nn.Module, degraded: nn.Module, ids: torch.Tensor, cf
             if cfg.per_group:
                 bar.update(1)
         if partial is not None:
-            # floats round-trip through JSON exactly, infinities as "inf" (a NaN weight restored turns the
-            # output finite: an infinite reduction): a resumed diagnosis equals an uninterrupted one
-            kept[str(i)] = {"restore": L["restore"], "kl_reduction": _num(L["kl_reduction"]),
-                            "groups": {g: {**({"restore": G["restore"]} if "restore" in G else {}),
-                                           **({"kl_reduction": _num(G["kl_reduction"])} if "kl_reduction" in G else {})}
+            kept[str(i)] = {"restore": L["restore"], "kl_reduction": L["kl_reduction"],
+                            "groups": {g: {k: G[k] for k in ("restore", "kl_reduction") if k in G}
                                        for g, G in L["groups"].items()}}
-            atomic_write_json(partial, {"key": key, "layers": kept})
+            # plain json.dumps, not atomic_write_json (which writes infinities as null): a NaN weight
+            # restored gives an infinite reduction, and floats and Infinity round-trip exactly, so a
+            # resumed diagnosis equals an uninterrupted one
+            atomic_write_bytes(partial, json.dumps({"key": key, "layers": kept}).encode())
     bar.close()
     if outside_damaged:
         r = restored(degraded, reference, outside, lambda: kl(degraded))
         functional["outside_layers"] = {"tensors": outside_damaged, "restore": r,
                                         "kl_reduction": _num(_reduction(base, r))}
     functional["forward_passes"] = meter.calls  # this process's: a resumed diagnosis counts its own
-    if functional_resumed:
-        functional["resumed_layers"] = functional_resumed  # measured before an interruption, kept
+    if resumed:
+        functional["resumed_layers"] = resumed  # measured before an interruption, kept
     return functional
 
 

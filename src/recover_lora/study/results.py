@@ -357,7 +357,7 @@ def sweep_table(model: str, damage: str, runs: dict, method: str, chart: Path, r
     return L + ["", f"![data sweep]({rel})", ""]
 
 
-def _where(runs: dict) -> str:
+def _where(runs: list[dict]) -> str:
     """What a study's runs ran on, for a column head: "CPU", "GPU" or both."""
     kinds = {"CPU" if r["done"].get("device_name") == "cpu" else "GPU" for r in runs}
     return " + ".join(sorted(kinds)) or "?"
@@ -401,7 +401,9 @@ def beside_table(data: dict, beside: str | Path, out: Path) -> list[str]:
     there = _where([odata[k]["runs"][m] for k, m in pairs])
     name = os.path.basename(beside)
     steps = (other.recover.get("distill") or {}).get("steps")
-    L = [f"## Beside: `{name}` ({there})", "",
+    chart = out.parent / "results" / f"beside-{slug(os.path.splitext(name)[0])}.png"
+    plot_beside(pairs, data, odata, (here, there), chart)
+    L = [f"## Beside: `{name}` ({there})", "", f"![beside]({os.path.relpath(chart, out.parent)})", "",
          f"The runs of `{name}` ({os.path.relpath(other.results, out.parent)}) that this study ran too (same model, "
          f"damage and method); each cell is *this study* / *{name}*. There: "
          f"{other.eval.get('limit') or 'every'} item{'s' if other.eval.get('limit') else ''} a task"
@@ -418,9 +420,6 @@ def beside_table(data: dict, beside: str | Path, out: Path) -> list[str]:
         return (pct(kl_closed(done)), _m(ms["agreement"], pct=True), "-" if gap is None else pct(gap), tokens,
                 _minutes(done))
 
-    chart = out.parent / "results" / f"beside-{slug(os.path.splitext(name)[0])}.png"
-    plot_beside(pairs, data, odata, (here, there), chart)
-    L[2:2] = [f"![beside]({os.path.relpath(chart, out.parent)})", ""]
     shown = set()
     for (model, damage), m in pairs:
         if (model, damage) not in shown:  # the degraded model's agreement first: what each study starts from
