@@ -120,6 +120,8 @@ def test_miniature_study_runs_resumes_and_reports(study_yaml, monkeypatch, capsy
     assert any(w in res for w in ("**PASS**", "**FAIL**"))
     assert "| accuracy (%) | " in res and "arc_easy" in res and "| reference |" in res and "| svd-only |" in res
     assert "| kv@16 |" in res and "## Commands" in res and "| degraded | " in res and "answer-token KL" in res
+    commands = res.split("## Commands")[1]  # the config beside RESULTS.md is named as on any clone
+    assert f"recover-lora study --config {study_yaml.name}\n" in commands and str(t) not in commands
     assert (t / "results" / "tiny-heldout-kl.png").stat().st_size > 0
     # what wins where: the method with the lowest held-out KL after, by the done files
     after = {m: json.loads((t / "study/tiny/noise-all" / study.slug(m) / "done.json").read_text())

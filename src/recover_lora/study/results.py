@@ -613,7 +613,10 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
           f"accuracy: `{yaml.safe_dump(acc, default_flow_style=True, width=1000).strip()}`; damage seed {cfg['damage_seed']}.", ""]
     log_p = study_dir / "commands.log"
     if log_p.exists():
-        cmds = dict.fromkeys(line.split("\t", 2)[-1].strip() for line in log_p.read_text().splitlines() if line.strip())
+        # paths under the results' folder are shown relative to it, so the commands read the same on any clone
+        root = str(out.parent.resolve()) + os.sep
+        cmds = dict.fromkeys(line.split("\t", 2)[-1].strip().replace(root, "")
+                             for line in log_p.read_text().splitlines() if line.strip())
         L += ["## Commands", "", "Every invocation that ran part of the study (time, device and command are in "
               f"`{os.path.relpath(log_p, out.parent)}`):", "", "```"] + list(cmds) + ["```", ""]
     atomic_write_bytes(out, "\n".join(L).encode())
