@@ -223,6 +223,10 @@ def test_check_goals_pass_fail_and_missing():
     assert g["kl"] == ("PASS", "95%") and g["gap"][0] == g["presets"][0] == g["baselines"][0] == "PASS"
     assert "arc_easy" in g["gap"][1]
     assert g["no_worse"][0] == "PASS" and "svd-only: arc_easy" in g["no_worse"][1]  # named; not the goal's method
+    assert "one choice position" not in g["no_worse"][1]
+    runs["svd-only"]["priors"] = {"reference": {"arc_easy": (0.5, 0)}, "svd-only": {"arc_easy": (0.85, 3)}}
+    assert "(distance to the reference; one choice position: reference #1 50%, svd-only #4 85%)" in \
+        study.check_goals(runs, goals)["no_worse"][1]  # the worse task is a position prior's: said so
     assert study.check_goals({**runs, "auto+svd": run(60, 0.05, 0.02)}, goals)["no_worse"][0] == "FAIL"
     assert study.check_goals(runs, {**goals, "min_gap_closed": 0.97})["kl"][0] == "FAIL"
     runs["full-kd"]["measures"]["average"]["answer_kl"] = 0.01  # full-kd closer on the benchmarks' answers
@@ -232,6 +236,19 @@ def test_check_goals_pass_fail_and_missing():
     assert study.check_goals(runs, {**goals, "presets": []})["presets"] == ("n/a", "none planned")
     runs["auto+svd"]["report"] = compute_report(ref, ref, res(160))  # no gap: nothing resolved
     assert study.check_goals(runs, goals)["gap"][0] == "n/a"
+
+
+def test_choice_prior_reads_the_scored_metrics_predictions():
+    from recover_lora.study.results import PRIOR_SHARE, choice_prior, prior_note
+
+    res = {"mmlu": {"items": {"pred": "1111111110", "pred_norm": "0123012301"}},
+           "hellaswag": {"items": {"pred": "0000000000", "pred_norm": [0, 1, 2, 3, 0, 1, 2, 3, 0, 0]}},
+           "piqa": {"items": {"acc": "0110"}}}  # no predictions kept: no figure
+    pr = choice_prior(res, {"mmlu": "acc", "hellaswag": "acc_norm", "piqa": "acc", "boolq": "acc"})
+    assert pr == {"mmlu": (0.9, 1), "hellaswag": (0.4, 0)}
+    assert PRIOR_SHARE <= 0.9
+    assert prior_note({"reference": pr, "degraded": {"mmlu": (0.5, 3)}}, "mmlu") == "reference #2 90%, degraded #4 50%"
+    assert prior_note({"reference": pr}, "hellaswag") == "" and prior_note({"reference": pr}, "piqa") == ""
 
 
 def test_auto_runs_share_one_diagnosis(study_yaml, monkeypatch):

@@ -61,6 +61,35 @@ def _num(n) -> str:
     return str(n)
 
 
+# A model that picks one choice position (the first, "A" on MMLU, ...) on this share of a task's items is
+# answering from a position prior (0.5B models do so on 0-shot MMLU): its accuracy there follows how
+# often the answer key uses that position, and a repair that moves the prior moves it by points.
+PRIOR_SHARE = 0.8
+
+
+def choice_prior(results: dict | None, metrics: dict[str, str]) -> dict[str, tuple[float, int]]:
+    """Per task: (share of items on which the most often picked choice position was picked, that position),
+    from the predictions of the metric the report scores (``pred_norm`` for acc_norm)."""
+    out = {}
+    for t, metric in metrics.items():
+        items = ((results or {}).get(t) or {}).get("items") or {}
+        preds = items.get("pred_norm" if metric == "acc_norm" else "pred")
+        if preds is None or len(preds) == 0:
+            continue
+        counts = np.bincount(item_array(preds).astype(int))
+        out[t] = (float(counts.max() / counts.sum()), int(counts.argmax()))
+    return out
+
+
+def prior_note(priors: dict[str, dict], task: str) -> str:
+    """"who #1 84%, ..." (position 1-based) for a task on which some model picked one position on
+    PRIOR_SHARE of its items, else ""."""
+    got = {who: p[task] for who, p in priors.items() if task in p}
+    if not any(share >= PRIOR_SHARE for share, _ in got.values()):
+        return ""
+    return ", ".join(f"{who} #{i + 1} {share:.0%}" for who, (share, i) in got.items())
+
+
 def _read_results(path: Path) -> dict | None:
     return pool_mmlu(read_json(path)["results"]) if path.exists() else None
 
@@ -87,10 +116,13 @@ def collect(study_dir: Path, cfg: dict) -> dict:
             rec = _read_results(d / "eval" / "recovered.json")
             rec_acc = _read_results(d / "eval" / "recovered-accuracy.json")
             acc_tier = rec_acc is not None and ref_acc is not None and deg_acc is not None
-            rep = compute_report(ref_acc, deg_acc, rec_acc, rcfg) if acc_tier else compute_report(ref, deg, rec, rcfg)
+            rows = (ref_acc, deg_acc, rec_acc) if acc_tier else (ref, deg, rec)
+            rep = compute_report(*rows, rcfg)
+            metrics = {t: e["metric"] for t, e in rep["tasks"].items()}
             # no accuracy tier configured (study.yaml: every item is evaluated once): that evaluation is the accuracy run
             runs[m] = {"done": read_json(d / "done.json"), "report": rep, "acc_tier": acc_tier or not cfg.get("accuracy"),
-                       "measures": compute_measures(ref, rec, rcfg)}
+                       "measures": compute_measures(ref, rec, rcfg),
+                       "priors": dict(zip(("reference", "degraded", m), (choice_prior(x, metrics) for x in rows)))}
         out[(model, damage)] = {"runs": runs, "deg_measures": compute_measures(ref, deg, rcfg), "methods": methods}
     return out
 
@@ -145,7 +177,9 @@ def check_goals(runs: dict, goals: dict) -> dict[str, tuple[str, str]]:
         for t in rep["task_order"]:
             ci = (rep["tasks"][t].get("ci") or {}).get("distance_closed")
             if ci and ci[1] < 0:
-                worse[m == best].append(f"{m}: {t} {_pts(rep['tasks'][t]['distance_closed'], ci)} (distance to the reference)")
+                note = prior_note(v.get("priors") or {}, t)
+                note = f"; one choice position: {note}" if note else ""
+                worse[m == best].append(f"{m}: {t} {_pts(rep['tasks'][t]['distance_closed'], ci)} (distance to the reference{note})")
     others = f"; other methods: {'; '.join(worse[False])}" if worse[False] else ""
     if not r.get("acc_tier"):
         out["no_worse"] = ("n/a", f"{best} has no accuracy run" + others)
@@ -597,6 +631,15 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
                          f"{wt} {_pts(rep['tasks'][wt]['distance_closed'], wci)} |")
             if rep0.get("unresolved"):
                 L.append(f"\nGap not resolved (not averaged in): {', '.join(rep0['unresolved'])}.")
+            first_pr = next(iter(shown.values())).get("priors") or {}
+            priors = {w: first_pr.get(w, {}) for w in ("reference", "degraded")}
+            priors.update({m: (r.get("priors") or {}).get(m, {}) for m, r in shown.items()})
+            notes = [f"{t}: {n}" for t in tasks if (n := prior_note(priors, t))]
+            if notes:
+                L.append(f"\nOne choice position picked on at least {PRIOR_SHARE:.0%} of a task's items (#1 = the first "
+                         "choice: A on MMLU, \"no\" on BoolQ): accuracy there follows how often the answer key uses "
+                         "that position, not what the model knows; the answer-token KL is the measure to read. "
+                         f"{'; '.join(notes)}.")
             L.append("")
             if sweep_method:
                 chart = out.parent / "results" / f"{slug(model)}-{slug(damage)}-sweep.png"
