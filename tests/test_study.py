@@ -669,6 +669,30 @@ def test_heavy_is_full_kd_whose_training_copies_exceed_the_machine_share():
     assert not heavy(lora, model, ram_bytes=1)
 
 
+def test_a_heavy_run_computes_on_every_core_and_the_next_on_one_again(study_yaml, monkeypatch):
+    """Study processes run one thread each; a heavy run (full-KD of a big model), which holds the
+    machine alone, uses every core for its training and evaluation, and the next run is back on one."""
+    import os
+
+    d = yaml.safe_load(study_yaml.read_text())
+    d.update(sweep=None, methods={**d["methods"], "full-kd": {"method": "full-kd"}},
+             plan={"tiny": {"damages": ["noise-all"], "methods": ["full-kd", "kv"]}},
+             goals={"method": "kv", "presets": [], "baselines": [], "min_gap_closed": 0.9})
+    study_yaml.write_text(yaml.safe_dump(d))
+    seen, real = {}, study.run.run_recover
+    monkeypatch.setattr(study.run, "run_recover",
+                        lambda cfg, *a, **k: seen.setdefault(cfg.method, torch.get_num_threads()) and real(cfg, *a, **k))
+    monkeypatch.setattr(study.workers, "heavy", lambda rcfg, reference: rcfg.method == "full-kd")  # tiny: not by size
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["study", "--config", str(study_yaml)]) == 0
+        assert seen == {"full-kd": len(os.sched_getaffinity(0)), "recover-lora": 1}
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_run_after_full_kd_gets_a_fresh_degraded_model(study_yaml):
     """full-KD trains the degraded model in place (no copy: memory); the next run of the same damage
     must start from the degraded model as made, so its adapter is the one it trains alone."""

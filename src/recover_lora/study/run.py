@@ -82,6 +82,24 @@ def locked(path: Path, shared: bool = False):
 MEMORY_LOCK = ".memory.lock"  # in the study folder: a run that needs most of the machine's memory holds it alone
 
 
+@contextlib.contextmanager
+def machine_threads(alone: bool):
+    """A run that holds the machine alone (a heavy one, under the exclusive memory lock) computes on
+    all of its cores for the block: study processes run one thread each so that two share a 2-core
+    machine, and while a heavy run goes the other one waits. torch's thread count is restored after."""
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    if alone:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def heavy(rcfg: RecoverConfig, reference, ram_bytes: int | None = None) -> bool:
     """Whether a run needs the machine's memory to itself: full-KD trains every weight (AdamW: weights,
     gradients and two moments) beside the reference, ~5 copies of the model in fp32 (Qwen2.5-0.5B

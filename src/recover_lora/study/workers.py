@@ -16,8 +16,8 @@ from ..errors import Interrupted
 from ..utils import RecoverLoraError, atomic_write_json, log, read_json
 from .config import FAILED, Run, StudyConfig, accuracy_config, degrade_config, eval_config, plan, slug
 from .files import mirror_results
-from .run import (MEMORY_LOCK, answers_file, evaluate_tiers, heavy, locked, prepare_plan, reference_answers, run_one,
-                  synth_ready, timed, write_off_lost)
+from .run import (MEMORY_LOCK, answers_file, evaluate_tiers, heavy, locked, machine_threads, prepare_plan,
+                  reference_answers, run_one, synth_ready, timed, write_off_lost)
 
 CLAIM = ".claim"  # in a run folder while a parallel worker has it
 
@@ -75,8 +75,10 @@ def execute(cfg: StudyConfig, todo: list[Run], progress: bool = True, mode: str 
         else:
             rcfg = cfg.recover_config(model, damage, run.method, pool)
             # runs side by side (two study processes) share the memory; a heavy one (full-KD of a 0.5B
-            # model) waits until no other run is going, and holds the others off until it is done
-            with locked(study / MEMORY_LOCK, shared=not heavy(rcfg, reference)):
+            # model) waits until no other run is going, holds the others off until it is done, and
+            # meanwhile uses every core
+            alone = heavy(rcfg, reference)
+            with locked(study / MEMORY_LOCK, shared=not alone), machine_threads(alone):
                 _run_recorded(cfg, run, reference, degraded, tokenizer, ecfg, ref_res, deg_res, pool, progress,
                               jobs, acfg, ref_acc, deg_acc, answers)
             if rcfg.method == "full-kd":  # it trained the degraded model in place: make it anew for the next run
