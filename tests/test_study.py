@@ -111,6 +111,9 @@ def test_miniature_study_runs_resumes_and_reports(study_yaml, monkeypatch, capsy
     assert "3 done" in capsys.readouterr().out
 
     (t / "RESULTS.md").unlink()
+    with open(t / "study/commands.log", "a") as f:  # as logged on a clone whose path the results' folder ends
+        f.write(f"2026-01-01 00:00:00\tcpu\trecover-lora study --config=/elsewhere{t}/study.yaml "
+                f"--eval.data-dir {t.absolute()}/eval\n")
     capsys.readouterr()
     assert main(["study", "--config", str(study_yaml), "--results-only"]) == 0
     res = (t / "RESULTS.md").read_text()
@@ -121,7 +124,8 @@ def test_miniature_study_runs_resumes_and_reports(study_yaml, monkeypatch, capsy
     assert "| accuracy (%) | " in res and "arc_easy" in res and "| reference |" in res and "| svd-only |" in res
     assert "| kv@16 |" in res and "## Commands" in res and "| degraded | " in res and "answer-token KL" in res
     commands = res.split("## Commands")[1]  # the config beside RESULTS.md is named as on any clone
-    assert f"recover-lora study --config {study_yaml.name}\n" in commands and str(t) not in commands
+    assert f"recover-lora study --config {study_yaml.name}\n" in commands
+    assert f"--config=/elsewhere{t}/study.yaml --eval.data-dir eval\n" in commands  # only whole paths
     assert (t / "results" / "tiny-heldout-kl.png").stat().st_size > 0
     # what wins where: the method with the lowest held-out KL after, by the done files
     after = {m: json.loads((t / "study/tiny/noise-all" / study.slug(m) / "done.json").read_text())
@@ -687,10 +691,42 @@ def test_a_heavy_run_computes_on_every_core_and_the_next_on_one_again(study_yaml
     torch.set_num_threads(1)
     try:
         assert main(["study", "--config", str(study_yaml)]) == 0
-        assert seen == {"full-kd": len(os.sched_getaffinity(0)), "recover-lora": 1}
+        cores = len(os.sched_getaffinity(0))
+        assert seen == {"full-kd": cores, "recover-lora": 1}
+        assert torch.get_num_threads() == 1
+        base = study_yaml.parent / "study/tiny/noise-all"
+        assert json.loads((base / "full-kd/done.json").read_text())["threads"] == cores  # recorded,
+        assert json.loads((base / "kv/done.json").read_text())["threads"] == 1
+        row = next(x for x in (study_yaml.parent / "RESULTS.md").read_text().splitlines() if x.startswith("| full-kd |"))
+        assert row.endswith(f" CPU, {cores} threads |") if cores > 1 else row.endswith(" CPU |")  # and shown
+        with pytest.raises(RuntimeError), study.run.machine_threads(True):
+            raise RuntimeError  # a failed heavy run gives the threads back too
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_results_name_tasks_answered_from_a_choice_position_prior(study_yaml, monkeypatch):
+    """Under each accuracy table: the tasks on which some model picked one choice position on at least
+    PRIOR_SHARE of the items, each model's position and share, in the table's row order."""
+    from recover_lora.study import results as results_mod
+
+    assert main(["study", "--config", str(study_yaml), "--only", "tiny/*/kv"]) == 0
+    res = (study_yaml.parent / "RESULTS.md").read_text()
+    n_rows = res.count("| kv |")
+    fake = {"reference": (0.95, 0), "degraded": (0.5, 2), "kv": (0.85, 1)}
+    calls = iter(["reference", "degraded", "kv"] * 4)  # collect() asks for reference, degraded, method
+    monkeypatch.setattr(results_mod, "choice_prior", lambda r, metrics: {t: fake[next(calls)] for t in metrics})
+    results_mod.write_results(study_yaml.parent / "study", study_yaml.parent / "RESULTS.md",
+                              study.StudyConfig.from_yaml(study_yaml))
+    res = (study_yaml.parent / "RESULTS.md").read_text()
+    assert res.count("| kv |") == n_rows
+    assert "arc_easy: reference #1 95%, degraded #3 50%, kv #2 85%." in res
+    fake.update(reference=(0.5, 0), kv=(0.79, 1))
+    calls = iter(["reference", "degraded", "kv"] * 4)
+    results_mod.write_results(study_yaml.parent / "study", study_yaml.parent / "RESULTS.md",
+                              study.StudyConfig.from_yaml(study_yaml))
+    assert "One choice position" not in (study_yaml.parent / "RESULTS.md").read_text()  # none at 80%
 
 
 def test_a_run_after_full_kd_gets_a_fresh_degraded_model(study_yaml):

@@ -4,6 +4,7 @@ result files it is made from: packed for the trip back from a device, mirrored i
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -48,7 +49,8 @@ def _minutes(done: dict) -> str:
     n, cpu = done.get("concurrent_runs", 1), done.get("cpu_minutes")
     sharing = f" ({n} sharing)" if n > 1 else ""
     if cpu and done.get("device_name") == "cpu":
-        return f"{cpu['recover']:.1f} + {cpu['eval']:.1f} CPU{sharing}"
+        threads = f", {done['threads']} threads" if done.get("threads", 1) > 1 else ""
+        return f"{cpu['recover']:.1f} + {cpu['eval']:.1f} CPU{sharing}{threads}"
     return f"{done['gpu_minutes']:.1f}{sharing} + {done.get('eval_minutes', 0):.1f}"
 
 
@@ -657,8 +659,14 @@ def write_results(study_dir: str | Path, out: str | Path = "RESULTS.md", cfg: St
     log_p = study_dir / "commands.log"
     if log_p.exists():
         # paths under the results' folder are shown relative to it, so the commands read the same on any clone
-        root = str(out.parent.resolve()) + os.sep
-        cmds = dict.fromkeys(line.split("\t", 2)[-1].strip().replace(root, "")
+        roots = {str(out.parent.absolute()) + os.sep, str(out.parent.resolve()) + os.sep}
+
+        def relative(cmd: str) -> str:
+            for root in roots:
+                cmd = re.sub(rf"(?<=[ =]){re.escape(root)}", "", cmd)
+            return cmd
+
+        cmds = dict.fromkeys(relative(line.split("\t", 2)[-1].strip())
                              for line in log_p.read_text().splitlines() if line.strip())
         L += ["## Commands", "", "Every invocation that ran part of the study (time, device and command are in "
               f"`{os.path.relpath(log_p, out.parent)}`):", "", "```"] + list(cmds) + ["```", ""]

@@ -93,7 +93,9 @@ def machine_threads(alone: bool):
 
     before = torch.get_num_threads()
     if alone:
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        cores = getattr(os, "process_cpu_count", None) or (lambda: len(os.sched_getaffinity(0))
+                                                           if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        torch.set_num_threads(cores() or before)
     try:
         yield
     finally:
@@ -406,6 +408,8 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
     ``acfg``'s items for a headline method), and write ``done.json``. ``jobs``: how many runs shared
     the device meanwhile (recorded: their minutes are wall time while sharing). ``answers``: the
     reference's kept answers, for the answer-token KL."""
+    import torch
+
     rcfg = cfg.recover_config(run.model, run.damage, run.method, pool)
     timing = run.dir / "timing.json"
     if not run.trained():  # (a report.json that came back without its adapter, from another machine: again)
@@ -441,6 +445,7 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
             "cpu_minutes": {"recover": round((secs.get("recover_cpu", 0.0) + secs.get("diagnose_cpu", 0.0)) / 60, 3),
                             "eval": round(secs.get("eval_cpu", 0.0) / 60, 3)},
             "concurrent_runs": jobs,
+            "threads": torch.get_num_threads(),  # CPU threads (a heavy run has every core: machine_threads)
             "device_name": rep.get("device_name"), "heldout": rep["heldout"],
             # which CPU: its bf16 kernels choose differently from another's on ~1.5% of items (*-recheck.json)
             "cpu": cpu_name() if rep.get("device_name") == "cpu" else None,

@@ -50,7 +50,8 @@ def execute(cfg: StudyConfig, todo: list[Run], progress: bool = True, mode: str 
             reference = load_model(cfg.models[model], common.load)
             tokenizer = load_tokenizer(cfg.models[model], common.load)
             ev = study / slug(model) / "eval"
-            with locked(ev / ".lock"):
+            # (what runs share is made under the memory lock too, shared: a heavy run has the machine alone)
+            with locked(study / MEMORY_LOCK, shared=True), locked(ev / ".lock"):
                 # the reference's answers are kept on the largest item set; every evaluation after
                 # it takes the answer-token KL from them (the measures' items are the first of those)
                 answers = reference_answers(ev / answers_file(ecfg), reference, tokenizer, acfg or ecfg,
@@ -64,7 +65,7 @@ def execute(cfg: StudyConfig, todo: list[Run], progress: bool = True, mode: str 
             degraded = copy.deepcopy(reference)
             degrade(degraded, degrade_config(cfg, damage, model))
             dv = study / slug(model) / slug(damage) / "eval"
-            with locked(dv / ".lock"):
+            with locked(study / MEMORY_LOCK, shared=True), locked(dv / ".lock"):
                 deg_acc, deg_res = evaluate_tiers(dv, "degraded", lambda m=degraded: m, tokenizer, ecfg, acfg,
                                                   progress, answers)
             mirror_results(cfg)
@@ -95,7 +96,7 @@ def _synth_pool(cfg: StudyConfig, model: str, method: str, reference, tokenizer,
     if not cfg.uses_pool(method):
         return None
     mdir = Path(cfg.study_dir) / slug(model)
-    with locked(mdir / ".synth.lock"):
+    with locked(Path(cfg.study_dir) / MEMORY_LOCK, shared=True), locked(mdir / ".synth.lock"):
         if not synth_ready(mdir / "synth"):
             # a pool made before on a machine that is gone (no shard here) is not this one's cost
             write_off_lost(mdir / "timing.json", "synth_pool", kept=any((mdir / "synth").glob("shard-*")))
