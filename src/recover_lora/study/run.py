@@ -92,10 +92,9 @@ def machine_threads(alone: bool):
     import torch
 
     before = torch.get_num_threads()
-    if alone:
-        cores = getattr(os, "process_cpu_count", None) or (lambda: len(os.sched_getaffinity(0))
-                                                           if hasattr(os, "sched_getaffinity") else os.cpu_count())
-        torch.set_num_threads(cores() or before)
+    if alone:  # the cores this process may use (affinity where the OS has it, e.g. not macOS)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(cores or before)
     try:
         yield
     finally:
