@@ -178,7 +178,8 @@ def compute_report(reference_results, degraded_results, recovered_results, cfg: 
             "resolved_average": res_avg, "unresolved": [t for t in tasks if t not in resolved]}
 
 
-def _pred_items(entry: dict, metric: str) -> np.ndarray | None:
+def pred_items(entry: dict, metric: str) -> np.ndarray | None:
+    """A task's per-item choices under its metric (``pred_norm`` for acc_norm), or None if not kept."""
     items = entry.get("items", {}).get("pred_norm" if metric == "acc_norm" else "pred")
     return None if items is None else item_array(items)
 
@@ -195,7 +196,7 @@ def compute_measures(reference_results, model_results, cfg: ReportConfig | None 
     rows, boots = {}, {"agreement": [], "answer_kl": []}
     for t in tasks:
         metric = _metric_for(t, [ref[t], mod[t]], cfg.metric)
-        a, b = _pred_items(ref[t], metric), _pred_items(mod[t], metric)
+        a, b = pred_items(ref[t], metric), pred_items(mod[t], metric)
         row: dict[str, Any] = {"metric": metric, "n": int(mod[t].get("n", 0))}
         for key, arr in (("agreement", None if a is None or b is None or a.size != b.size else (a == b).astype(float)),
                          ("answer_kl", None if "answer_kl" not in mod[t].get("items", {})

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..report import ReportConfig, compute_measures, compute_report, item_array, task_results
+from ..report import ReportConfig, compute_measures, compute_report, item_array, pred_items, task_results
 from ..utils import RecoverLoraError, atomic_write_bytes, log, read_json, save_figure
 from .config import StudyConfig, kl_closed, pct, plan, slug
 
@@ -74,11 +74,10 @@ def choice_prior(results: dict | None, metrics: dict[str, str]) -> dict[str, tup
     from the predictions of the metric the report scores (``pred_norm`` for acc_norm)."""
     out = {}
     for t, metric in metrics.items():
-        items = ((results or {}).get(t) or {}).get("items") or {}
-        preds = items.get("pred_norm" if metric == "acc_norm" else "pred")
-        if preds is None or len(preds) == 0:
+        preds = pred_items((results or {}).get(t) or {}, metric)
+        if preds is None or preds.size == 0:
             continue
-        counts = np.bincount(item_array(preds).astype(int))
+        counts = np.bincount(preds.astype(int))
         out[t] = (float(counts.max() / counts.sum()), int(counts.argmax()))
     return out
 
