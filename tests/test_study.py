@@ -1,6 +1,7 @@
 """The study runner on CPU: MHA twins, a miniature study end to end, resume, --only, --dry-run, RESULTS.md."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -225,7 +226,9 @@ def test_check_goals_pass_fail_and_missing():
              "min_gap_closed": 0.9}
     g = study.check_goals(runs, goals)
     assert g["kl"] == ("PASS", "95%") and g["gap"][0] == g["presets"][0] == g["baselines"][0] == "PASS"
-    assert "arc_easy" in g["gap"][1]
+    assert "arc_easy" in g["gap"][1] and "no accuracy run" not in g["gap"][1]
+    assert "(on the measures' items: no accuracy run)" in study.check_goals(
+        {**runs, "auto+svd": {**runs["auto+svd"], "acc_tier": False}}, goals)["gap"][1]  # read on fewer items: said
     assert g["no_worse"][0] == "PASS" and "svd-only: arc_easy" in g["no_worse"][1]  # named; not the goal's method
     assert "one choice position" not in g["no_worse"][1]
     runs["svd-only"]["priors"] = {"reference": {"arc_easy": (0.5, 0)}, "svd-only": {"arc_easy": (0.85, 3)}}
@@ -975,6 +978,41 @@ def test_a_report_without_its_adapter_trains_again(study_yaml, capsys):
     assert main(["study", "--config", str(study_yaml), "--only", "tiny/*/kv"]) == 0
     after = json.loads((run / "done.json").read_text())
     assert (run / "adapter").is_dir() and after["heldout"]["after"]["kl"] == pytest.approx(before["heldout"]["after"]["kl"])
+
+
+def test_a_finished_run_whose_method_becomes_a_headline_one_gets_its_accuracy_run(study_yaml, capsys):
+    """``accuracy.methods`` grows after runs finished: those whose adapter is here are evaluated on the
+    accuracy items (not trained again; their measures kept); one trained elsewhere stays as it is."""
+    import shutil
+
+    d = yaml.safe_load(study_yaml.read_text())
+    d["damages"]["noise-kv"] = ["noise:rel=0.5,modules=kv"]
+    d.update(accuracy={"limit": 24, "methods": ["kv"]}, sweep=None, eval={**d["eval"], "limit": 12})
+    study_yaml.write_text(yaml.safe_dump(d))
+    assert main(["study", "--config", str(study_yaml)]) == 0
+    base = study_yaml.parent / "study/tiny"
+    here, elsewhere = base / "noise-all/svd-only", base / "noise-kv/svd-only"
+    shutil.rmtree(elsewhere / "adapter")  # as a run made on another machine comes back
+    meas = (here / "eval/recovered.json").read_bytes()
+    assert not (here / "eval/recovered-accuracy.json").exists()
+    d["accuracy"]["methods"] = ["kv", "svd-only"]
+    study_yaml.write_text(yaml.safe_dump(d))
+    capsys.readouterr()
+    assert main(["study", "--config", str(study_yaml), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"tiny/noise-all/svd-only +done, accuracy pending", out), out
+    assert re.search(r"tiny/noise-kv/svd-only +done \(", out) and "4 done (1 of them accuracy pending)" in out
+    real = study.run.run_recover
+    study.run.run_recover = lambda *a, **k: pytest.fail("a finished run trained again")
+    try:
+        assert main(["study", "--config", str(study_yaml)]) == 0
+    finally:
+        study.run.run_recover = real
+    acc = json.loads((here / "eval/recovered-accuracy.json").read_text())["results"]["arc_easy"]
+    assert acc["n"] == 24 and (here / "eval/recovered.json").read_bytes() == meas
+    assert json.loads((here / "done.json").read_text())["accuracy_items"] == "accuracy"
+    assert json.loads((elsewhere / "done.json").read_text())["accuracy_items"] == "measures"
+    assert study.plan(study.StudyConfig.from_yaml(study_yaml), ["tiny/noise-all/svd-only"])[0].status() == "done"
 
 
 def test_reference_answers_made_again_are_checked_against_the_kept_evaluation(study_yaml):

@@ -207,6 +207,7 @@ class Run:
     damage: str
     method: str
     dir: Path
+    headline: bool = False  # a headline method's run: accuracy on the accuracy items too
 
     @property
     def name(self) -> str:
@@ -217,9 +218,14 @@ class Run:
         on the machine that trained it, while its report.json is mirrored and travels."""
         return (self.dir / "report.json").exists() and ((self.dir / "adapter").is_dir() or (self.dir / "model").is_dir())
 
+    def accuracy_pending(self) -> bool:
+        """Finished before its method became a headline one (``accuracy.methods`` grew): its accuracy
+        run is still to make, where its adapter is here to make it with."""
+        return self.headline and not (self.dir / "eval" / "recovered-accuracy.json").exists() and self.trained()
+
     def status(self) -> str:
         if (self.dir / "done.json").exists():
-            return "done"
+            return "done, accuracy pending" if self.accuracy_pending() else "done"
         if (self.dir / FAILED).exists():
             return f"failed: {read_json(self.dir / FAILED).get('error', '?')[:120]} (tried again next call)"
         if self.trained():
@@ -245,13 +251,14 @@ def _selected(run: Run, only: list[str] | None) -> bool:
 def plan(cfg: StudyConfig, only: list[str] | None = None, skip: list[str] | None = None) -> list[Run]:
     """The runs, model by model in the config's order (a plan's damages and methods in its order)."""
     runs: dict[str, Run] = {}
+    headline = set((cfg.accuracy or {}).get("methods") or [])
     for m in cfg.models:
         if cfg.plan and m not in cfg.plan:
             continue
         for sel in cfg.plan_blocks(m):
             for d in sel.get("damages") or cfg.damages:
                 for k in sel.get("methods") or cfg.all_methods():
-                    runs.setdefault(f"{m}/{d}/{k}", Run(m, d, k, run_dir(cfg, m, d, k)))
+                    runs.setdefault(f"{m}/{d}/{k}", Run(m, d, k, run_dir(cfg, m, d, k), k in headline))
     # model by model, block by block, damage by damage (one degraded model made at a time): a
     # plan's first block lands complete before its later ones (a sweep) start
     return [r for r in runs.values() if _selected(r, only) and not (skip and _selected(r, skip))]
@@ -259,12 +266,14 @@ def plan(cfg: StudyConfig, only: list[str] | None = None, skip: list[str] | None
 
 def describe_plan(cfg: StudyConfig, runs: list[Run]) -> str:
     st = [r.status() for r in runs]
-    lines = [f"study {cfg.study_dir}: {len(runs)} runs selected; {st.count('done')} done, "
-             f"{sum(s not in ('done', 'to do') for s in st)} started, {st.count('to do')} to do"]
+    pend = st.count("done, accuracy pending")
+    lines = [f"study {cfg.study_dir}: {len(runs)} runs selected; {st.count('done') + pend} done"
+             + (f" ({pend} of them accuracy pending)" if pend else "") + ", "
+             f"{sum(not s.startswith('done') and s != 'to do' for s in st)} started, {st.count('to do')} to do"]
     width = max((len(r.name) for r in runs), default=0)
     for r, s in zip(runs, st):
         extra = ""
-        if s == "done":
+        if s.startswith("done"):
             extra = f" ({done_summary(read_json(r.dir / 'done.json'))})"
         lines.append(f"  {r.name:<{width}}  {s}{extra}")
     return "\n".join(lines)
