@@ -980,7 +980,7 @@ def test_a_report_without_its_adapter_trains_again(study_yaml, capsys):
     assert (run / "adapter").is_dir() and after["heldout"]["after"]["kl"] == pytest.approx(before["heldout"]["after"]["kl"])
 
 
-def test_a_finished_run_whose_method_becomes_a_headline_one_gets_its_accuracy_run(study_yaml, capsys):
+def test_a_finished_run_whose_method_becomes_a_headline_one_gets_its_accuracy_run(study_yaml, capsys, monkeypatch):
     """``accuracy.methods`` grows after runs finished: those whose adapter is here are evaluated on the
     accuracy items (not trained again; their measures kept); one trained elsewhere stays as it is."""
     import shutil
@@ -1002,12 +1002,8 @@ def test_a_finished_run_whose_method_becomes_a_headline_one_gets_its_accuracy_ru
     out = capsys.readouterr().out
     assert re.search(r"tiny/noise-all/svd-only +done, accuracy pending", out), out
     assert re.search(r"tiny/noise-kv/svd-only +done \(", out) and "4 done (1 of them accuracy pending)" in out
-    real = study.run.run_recover
-    study.run.run_recover = lambda *a, **k: pytest.fail("a finished run trained again")
-    try:
-        assert main(["study", "--config", str(study_yaml)]) == 0
-    finally:
-        study.run.run_recover = real
+    monkeypatch.setattr(study.run, "run_recover", lambda *a, **k: pytest.fail("a finished run trained again"))
+    assert main(["study", "--config", str(study_yaml)]) == 0
     acc = json.loads((here / "eval/recovered-accuracy.json").read_text())["results"]["arc_easy"]
     assert acc["n"] == 24 and (here / "eval/recovered.json").read_bytes() == meas
     assert json.loads((here / "done.json").read_text())["accuracy_items"] == "accuracy"
