@@ -1011,6 +1011,42 @@ def test_a_finished_run_whose_method_becomes_a_headline_one_gets_its_accuracy_ru
     assert study.plan(study.StudyConfig.from_yaml(study_yaml), ["tiny/noise-all/svd-only"])[0].status() == "done"
 
 
+def test_again_runs_a_finished_run_from_its_start_and_keeps_the_earlier_result(study_yaml, monkeypatch, capsys):
+    """``--again``: a finished run (its adapter on a machine that is gone) is trained and evaluated anew
+    on the same held-out set and plan; what it made before moves to earlier/1/ here and in the mirror;
+    the command repeated after an interruption resumes instead of starting over."""
+    d = yaml.safe_load(study_yaml.read_text())
+    d.update(mirror="mirror")
+    study_yaml.write_text(yaml.safe_dump(d))
+    t, name = study_yaml.parent, "tiny/noise-all/kv"
+    assert main(["study", "--config", str(study_yaml), "--only", name, "tiny/noise-all/svd-only"]) == 0
+    run, mirror = t / "study/tiny/noise-all/kv", t / "mirror/tiny/noise-all/kv"
+    first = (run / "done.json").read_bytes()
+    calls = []
+    real = study.run.run_recover
+    monkeypatch.setattr(study.run, "run_recover", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(["study", "--config", str(study_yaml), "--only", "tiny/*/svd-only", "--again", name, "--dry-run"]) == 0
+    assert not calls and (run / "done.json").read_bytes() == first  # a dry run moves nothing
+    assert main(["study", "--config", str(study_yaml), "--only", "tiny/*/svd-only", "--again", name]) == 0
+    assert len(calls) == 1 and (run / "adapter").is_dir()  # trained anew (selected though --only leaves it out)
+    assert (run / "earlier/1/done.json").read_bytes() == first == (mirror / "earlier/1/done.json").read_bytes()
+    assert (run / "earlier/1/eval/recovered.json").exists() and not (run / "earlier/1/heldout").exists()
+    again, before = (json.loads((f / "done.json").read_text()) for f in (run, run / "earlier/1"))
+    assert again["heldout_digest"] == before["heldout_digest"]  # the same held-out sequences
+    assert again["heldout"]["after"]["kl"] == pytest.approx(before["heldout"]["after"]["kl"], rel=1e-5)
+    for f in (run, mirror):  # as if the second call was cut short after training (done.json is written last)
+        (f / "done.json").unlink()
+    assert main(["study", "--config", str(study_yaml), "--only", "tiny/*/svd-only", "--again", name]) == 0
+    assert len(calls) == 1 and not (run / "earlier/2").exists() and (run / "done.json").exists()  # resumed
+    # the attempt set aside is time spent twice: RESULTS.md counts it with the work lost to a machine
+    (run / "earlier/1/timing.json").write_text(json.dumps({"recover_cpu": 7200.0, "eval_cpu": 3600.0}))
+    assert main(["study", "--config", str(study_yaml), "--results-only"]) == 0
+    assert "(runs started over, pools made again): 3.0 CPU-hours" in (t / "RESULTS.md").read_text()
+    capsys.readouterr()
+    assert main(["study", "--config", str(study_yaml), "--again", "tiny/nothing"]) == 2
+    assert "--again ['tiny/nothing'] selects no run" in capsys.readouterr().err
+
+
 def test_reference_answers_made_again_are_checked_against_the_kept_evaluation(study_yaml):
     """On a fresh machine the reference's answers are kept again (they are not mirrored): its kept
     evaluation stays as it was, and a comparison, choice by choice, is appended to the recheck file:

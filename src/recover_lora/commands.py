@@ -205,6 +205,7 @@ class StudyCmd:
     config: str | None = None  # study YAML (see study.yaml, study-cpu.yaml)
     only: list[str] | None = None  # run only matching runs: MODEL[/DAMAGE[/METHOD]] globs
     skip: list[str] | None = None  # leave out matching runs (same globs), e.g. '*/*/*@100k' in a short lease
+    again: list[str] | None = None  # finished runs to run again from their start (earlier results kept in earlier/K/)
     dry_run: bool = False  # print the plan (done / started / to do) and exit
     jobs: int = 1  # runs side by side in worker processes sharing this machine's device
     stop_after: float | None = None  # seconds: start no run after this (a device lease)

@@ -28,7 +28,8 @@ RUN_FILE = "run.json"
 # Everything recover() and the study write into a run folder (hidden temp files aside).
 RUN_ENTRIES = {RUN_FILE, "config.json", "report.json", "checkpoint.pt", "synth", "heldout", "diagnosis",
                "adapter", "adapter.gguf", "model", "merged", "eval", "loss.png", "budget.json", "timing.json", "done.json",
-               "metrics.jsonl", "tensorboard"}
+               "metrics.jsonl", "tensorboard",
+               "earlier"}  # a study run's earlier attempt, set aside when it is run again (study --again)
 
 
 

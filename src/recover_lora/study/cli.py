@@ -11,17 +11,17 @@ import torch
 
 from ..utils import RecoverLoraError, atomic_write_json, sigterm_as_interrupt
 from .config import FAILED, Run, StudyConfig, describe_plan, plan
-from .files import mirror_results, pack_results, seed_from_mirror, unpack_results
+from .files import mirror_results, pack_results, seed_from_mirror, set_aside, unpack_results
 from .results import write_results
 from .workers import execute, run_workers, worker_main
 
 
 def run_study(cfg: StudyConfig, only: list[str] | None = None, dry_run: bool = False, progress: bool = True,
               command: str | None = None, jobs: int = 1, stop_after: float | None = None,
-              skip: list[str] | None = None) -> list[Run]:
+              skip: list[str] | None = None, again: list[str] | None = None) -> list[Run]:
     """Run every selected, unfinished run (see the package's docstring), ``jobs`` at a time, starting
     none after ``stop_after`` seconds (a device lease: what is started should finish); then write
-    RESULTS.md."""
+    RESULTS.md. ``again``: globs of runs to run again from their start (:func:`set_aside`)."""
     deadline = time.time() + stop_after if stop_after is not None else None
     runs = plan(cfg, only, skip)
     if not runs:
@@ -31,6 +31,18 @@ def run_study(cfg: StudyConfig, only: list[str] | None = None, dry_run: bool = F
         raise RecoverLoraError(f"--jobs must be at least 1, not {jobs}")
     if seed_from_mirror(cfg):  # a fresh checkout: the committed results first (a dry run too: they are done)
         runs = plan(cfg, only, skip)
+    redo = plan(cfg, again) if again else []
+    if again and not redo:
+        raise RecoverLoraError(f"--again {again} selects no run")
+    # a finished run only: one that is under way (an interrupted --again) resumes instead of starting over
+    redo = [r for r in redo if (r.dir / "done.json").exists()]
+    if dry_run and redo:
+        print(f"would run again from their start: {', '.join(r.name for r in redo)}")
+    elif redo:
+        for r in redo:
+            set_aside(cfg, r)
+    if again:  # a run named again is selected too
+        runs = list({r.name: r for r in runs + plan(cfg, again)}.values())
     print(describe_plan(cfg, runs), flush=True)
     if dry_run:
         return runs
@@ -73,6 +85,7 @@ def run_cli(a) -> int:
         cfg.eval["data_dir"] = a.eval.data_dir
     only = [s for o in a.only for s in o.split(",") if s] if a.only else None
     skip = [s for o in a.skip for s in o.split(",") if s] if getattr(a, "skip", None) else None
+    again = [s for o in a.again for s in o.split(",") if s] if getattr(a, "again", None) else None
     if a.results_only or getattr(a, "unpack", None):
         seed_from_mirror(cfg)  # a study made elsewhere (a GPU machine) lives here in its mirror alone
     if getattr(a, "unpack", None):
@@ -87,10 +100,11 @@ def run_cli(a) -> int:
             else:
                 argv = ["recover-lora", "study", "--config", a.config] + (["--only", *a.only] if a.only else [])
                 argv += ["--skip", *a.skip] if skip else []
+                argv += ["--again", *a.again] if again else []
                 argv += ["--jobs", str(a.jobs)] if a.jobs != 1 else []
                 argv += ["--stop-after", str(a.stop_after)] if a.stop_after is not None else []
                 run_study(cfg, only, dry_run=a.dry_run, command=" ".join(shlex.quote(x) for x in argv), jobs=a.jobs,
-                          stop_after=a.stop_after, skip=skip)
+                          stop_after=a.stop_after, skip=skip, again=again)
                 if not a.dry_run:
                     print(f"wrote {cfg.results}")
                     print(goals_section(cfg.results))

@@ -8,12 +8,14 @@ import tarfile
 from pathlib import Path
 
 from ..utils import RecoverLoraError, log
-from .config import StudyConfig
+from .config import Run, StudyConfig
 
 # What RESULTS.md and a later session need from study_dir; models, adapters, data and checkpoints stay.
 PACK_SUFFIXES = (".json", ".md", ".png", ".log", ".txt", ".yaml")
 PACK_SKIP_DIRS = {"model", "adapter", "merged"}  # (tokenizer.json alone is 3.5 MB); data shards are .pt
 MIRROR_MAX_BYTES = 4_000_000  # a larger file is not mirrored
+EARLIER = "earlier"  # <run>/earlier/K/: what a run made before it was run again (set_aside)
+KEPT_ON_AGAIN = {"diagnosis", "heldout", EARLIER}  # the same for a new attempt: its placement plan, held-out set
 
 
 def _shared_data(parts: tuple[str, ...]) -> bool:
@@ -88,3 +90,23 @@ def mirror_results(cfg: StudyConfig) -> int:
     ``cfg.mirror``, a folder in the repository, so each finished piece can be committed at once.
     Returns the number of files copied (only new or changed ones)."""
     return _copy_small_files(Path(cfg.study_dir), Path(cfg.mirror), replace=True) if cfg.mirror else 0
+
+
+def set_aside(cfg: StudyConfig, run: Run) -> int | None:
+    """Run ``run`` again from its start (on this machine: its adapter stayed on one that is gone), its
+    earlier result kept: all in its folder but what a new attempt shares with it (:data:`KEPT_ON_AGAIN`)
+    moves to ``earlier/K/``, in the study folder and in the mirror alike (else the mirror would bring
+    the earlier result back). Returns K, or None when there was nothing to set aside."""
+    folders = [run.dir]
+    if cfg.mirror:
+        folders.append(Path(cfg.mirror) / run.dir.relative_to(cfg.study_dir))
+    moving = {f: [x for x in f.iterdir() if x.name not in KEPT_ON_AGAIN] if f.is_dir() else [] for f in folders}
+    if not any(moving.values()):
+        return None
+    k = 1 + max((int(x.name) for f in folders for x in (f / EARLIER).glob("*") if x.name.isdigit()), default=0)
+    for f, items in moving.items():
+        for x in items:
+            (f / EARLIER / str(k)).mkdir(parents=True, exist_ok=True)
+            shutil.move(x, f / EARLIER / str(k) / x.name)
+    log.info("study: %s set aside in %s/%d; it runs again from its start", run.name, EARLIER, k)
+    return k

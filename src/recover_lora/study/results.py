@@ -246,6 +246,10 @@ def cpu_used(study_dir: Path, data: dict, model: str | None = None) -> str:
         for f in mdir.glob("*/*/timing.json"):  # attempts that left nothing (run.write_off_lost), finished runs or not
             t = read_json(f)
             lost += sum(t.get(f"{k}{'_cpu' if on_cpu else ''}_lost", 0) for k in ("recover", "eval")) / 3600
+        for f in mdir.glob("*/*/earlier/*/timing.json"):  # a finished attempt set aside (study --again): all of it
+            t = read_json(f)
+            lost += sum(t.get(f"{k}{'_cpu' if on_cpu else ''}{x}", 0) for k in ("recover", "eval", "diagnose")
+                        for x in ("", "_lost")) / 3600
         for f in [*mdir.glob("eval/*.json"), *mdir.glob("*/eval/degraded*.json")]:
             d = read_json(f)  # an evaluation's results, or a recheck's list of evaluations made again
             shared += sum(e.get("seconds") or 0 for e in (d if isinstance(d, list) else [d])) / 3600  # wall
