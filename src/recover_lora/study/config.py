@@ -275,6 +275,8 @@ def describe_plan(cfg: StudyConfig, runs: list[Run]) -> str:
         extra = ""
         if s.startswith("done"):
             extra = f" ({done_summary(read_json(r.dir / 'done.json'))})"
+            if r.headline and not (r.dir / "eval" / "recovered-accuracy.json").exists() and not r.trained():
+                extra += "; no accuracy run: its adapter is on the machine that trained it (--again trains it here)"
         lines.append(f"  {r.name:<{width}}  {s}{extra}")
     return "\n".join(lines)
 
