@@ -31,18 +31,18 @@ def run_study(cfg: StudyConfig, only: list[str] | None = None, dry_run: bool = F
         raise RecoverLoraError(f"--jobs must be at least 1, not {jobs}")
     if seed_from_mirror(cfg):  # a fresh checkout: the committed results first (a dry run too: they are done)
         runs = plan(cfg, only, skip)
-    redo = plan(cfg, again) if again else []
-    if again and not redo:
-        raise RecoverLoraError(f"--again {again} selects no run")
-    # a finished run only: one that is under way (an interrupted --again) resumes instead of starting over
-    redo = [r for r in redo if (r.dir / "done.json").exists()]
-    if dry_run and redo:
-        print(f"would run again from their start: {', '.join(r.name for r in redo)}")
-    elif redo:
-        for r in redo:
-            set_aside(cfg, r)
-    if again:  # a run named again is selected too
-        runs = list({r.name: r for r in runs + plan(cfg, again)}.values())
+    if again:
+        named = plan(cfg, again)
+        if not named:
+            raise RecoverLoraError(f"--again {again} selects no run")
+        # a finished run only: one that is under way (an interrupted --again) resumes instead of starting over
+        redo = [r for r in named if (r.dir / "done.json").exists()]
+        if dry_run and redo:
+            print(f"would run again from their start: {', '.join(r.name for r in redo)}")
+        elif redo:
+            for r in redo:
+                set_aside(cfg, r)
+        runs = list({r.name: r for r in runs + named}.values())  # a run named again is selected too
     print(describe_plan(cfg, runs), flush=True)
     if dry_run:
         return runs

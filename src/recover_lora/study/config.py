@@ -218,10 +218,13 @@ class Run:
         on the machine that trained it, while its report.json is mirrored and travels."""
         return (self.dir / "report.json").exists() and ((self.dir / "adapter").is_dir() or (self.dir / "model").is_dir())
 
+    def accuracy_missing(self) -> bool:
+        """A headline method's run without its accuracy run (it finished before ``accuracy.methods`` grew)."""
+        return self.headline and not (self.dir / "eval" / "recovered-accuracy.json").exists()
+
     def accuracy_pending(self) -> bool:
-        """Finished before its method became a headline one (``accuracy.methods`` grew): its accuracy
-        run is still to make, where its adapter is here to make it with."""
-        return self.headline and not (self.dir / "eval" / "recovered-accuracy.json").exists() and self.trained()
+        """An accuracy run still to make, with the adapter here to make it with."""
+        return self.accuracy_missing() and self.trained()
 
     def status(self) -> str:
         if (self.dir / "done.json").exists():
@@ -275,7 +278,7 @@ def describe_plan(cfg: StudyConfig, runs: list[Run]) -> str:
         extra = ""
         if s.startswith("done"):
             extra = f" ({done_summary(read_json(r.dir / 'done.json'))})"
-            if r.headline and not (r.dir / "eval" / "recovered-accuracy.json").exists() and not r.trained():
+            if r.accuracy_missing() and not r.trained():
                 extra += "; no accuracy run: its adapter is on the machine that trained it (--again trains it here)"
         lines.append(f"  {r.name:<{width}}  {s}{extra}")
     return "\n".join(lines)
