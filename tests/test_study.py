@@ -15,6 +15,7 @@ from recover_lora.errors import RecoverLoraError
 from recover_lora.load import LoadConfig, load_model, load_tokenizer, save_model_dir
 from recover_lora.study import results
 from recover_lora.twin import mha_twin
+from recover_lora.utils import atomic_write_json
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
@@ -997,6 +998,8 @@ def test_a_finished_run_whose_method_becomes_a_headline_one_gets_its_accuracy_ru
     assert not (here / "eval/recovered-accuracy.json").exists()
     d["accuracy"]["methods"] = ["kv", "svd-only"]
     study_yaml.write_text(yaml.safe_dump(d))
+    first = json.loads((here / "done.json").read_text())
+    atomic_write_json(here / "done.json", {**first, "concurrent_runs": 3})  # as if trained beside two others
     capsys.readouterr()
     assert main(["study", "--config", str(study_yaml), "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -1007,7 +1010,8 @@ def test_a_finished_run_whose_method_becomes_a_headline_one_gets_its_accuracy_ru
     assert main(["study", "--config", str(study_yaml)]) == 0
     acc = json.loads((here / "eval/recovered-accuracy.json").read_text())["results"]["arc_easy"]
     assert acc["n"] == 24 and (here / "eval/recovered.json").read_bytes() == meas
-    assert json.loads((here / "done.json").read_text())["accuracy_items"] == "accuracy"
+    again = json.loads((here / "done.json").read_text())
+    assert again["accuracy_items"] == "accuracy" and again["concurrent_runs"] == 3  # how it was trained, kept
     assert json.loads((elsewhere / "done.json").read_text())["accuracy_items"] == "measures"
     assert study.plan(study.StudyConfig.from_yaml(study_yaml), ["tiny/noise-all/svd-only"])[0].status() == "done"
 
