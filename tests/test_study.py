@@ -502,7 +502,11 @@ def test_plan_accuracy_tier_answer_kl_and_mirror(study_yaml, capsys):
 
 def test_a_failing_run_is_recorded_and_the_others_go_on(study_yaml, monkeypatch, capsys):
     """Days of unattended runs: one run that raises is recorded in failed.json, the rest finish,
-    the call ends with an error naming it, and the next call tries it again."""
+    the call ends with an error naming it, and the next call tries it again; once it finishes no
+    failed.json is left in the mirror either, and a stale one beside a done.json fails no call."""
+    d = yaml.safe_load(study_yaml.read_text())
+    d.update(mirror="mirror")
+    study_yaml.write_text(yaml.safe_dump(d))
     real = study.run.run_recover
 
     def flaky(cfg, *a, **k):
@@ -521,6 +525,10 @@ def test_a_failing_run_is_recorded_and_the_others_go_on(study_yaml, monkeypatch,
     monkeypatch.setattr(study.run, "run_recover", real)
     assert main(["study", "--config", str(study_yaml)]) == 0
     assert (base / "kv/done.json").exists() and not (base / "kv/failed.json").exists()
+    mirror = study_yaml.parent / "mirror/tiny/noise-all"
+    assert (mirror / "kv/done.json").exists() and not (mirror / "kv/failed.json").exists()
+    atomic_write_json(base / "kv/failed.json", {"error": "stale"})  # (as older mirrors brought back)
+    assert main(["study", "--config", str(study_yaml)]) == 0
 
 
 def test_measures_from_kept_answers_and_accuracy_items_equal_a_direct_evaluation(study_yaml):
@@ -979,6 +987,34 @@ def test_a_report_without_its_adapter_trains_again(study_yaml, capsys):
     assert main(["study", "--config", str(study_yaml), "--only", "tiny/*/kv"]) == 0
     after = json.loads((run / "done.json").read_text())
     assert (run / "adapter").is_dir() and after["heldout"]["after"]["kl"] == pytest.approx(before["heldout"]["after"]["kl"])
+
+
+def test_a_run_set_aside_on_the_device_is_set_aside_here_on_unpack(study_yaml):
+    """``--again`` on a device machine, cut short after the set-aside: its archive holds earlier/1/ and
+    not the earlier done.json; unpacked here it must not leave that done.json in place (the run would
+    read "done" with the new attempt's files beside it)."""
+    import shutil
+
+    t, name = study_yaml.parent, "tiny/noise-all/kv"
+    d = yaml.safe_load(study_yaml.read_text())
+    d.update(mirror="mirror")
+    study_yaml.write_text(yaml.safe_dump(d))
+    assert main(["study", "--config", str(study_yaml), "--only", name]) == 0
+    first = (t / "mirror" / name / "done.json").read_bytes()
+    dev = t / "dev"  # the device's checkout: the repository's mirror, its own study folder
+    shutil.copytree(t / "mirror", dev / "mirror")
+    (dev / "study.yaml").write_text(yaml.safe_dump({**d, "eval": {**d["eval"], "data_dir": str(t / "eval")}}))
+    assert main(["study", "--config", str(dev / "study.yaml"), "--only", name, "--again", name]) == 0
+    (dev / "study" / name / "done.json").unlink()  # as if stopped before the new attempt finished
+    study.pack_results(dev / "study", t / "p.tar.gz")
+    shutil.rmtree(t / "study")  # a fresh checkout here: the study lives in its mirror
+    assert main(["study", "--config", str(study_yaml), "--unpack", str(t / "p.tar.gz")]) == 0
+    for f in (t / "study" / name, t / "mirror" / name):
+        assert (f / "earlier/1/done.json").read_bytes() == first and not (f / "done.json").exists()
+        assert (f / "report.json").exists() and not (f / "earlier/2").exists()
+    assert study.plan(study.StudyConfig.from_yaml(study_yaml), [name])[0].status() != "done"
+    assert main(["study", "--config", str(study_yaml), "--unpack", str(t / "p.tar.gz")]) == 0  # twice: the same
+    assert not (t / "mirror" / name / "earlier/2").exists()
 
 
 def test_a_finished_run_whose_method_becomes_a_headline_one_gets_its_accuracy_run(study_yaml, capsys, monkeypatch):

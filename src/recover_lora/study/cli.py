@@ -59,7 +59,7 @@ def run_study(cfg: StudyConfig, only: list[str] | None = None, dry_run: bool = F
         execute(cfg, todo, progress, deadline=deadline)
     write_results(cfg.study_dir, cfg.results, cfg)
     mirror_results(cfg)
-    failed = [r.name for r in runs if (r.dir / FAILED).exists()]
+    failed = [r.name for r in runs if r.status().startswith("failed")]  # (a stale failed.json beside a done.json: done)
     if failed:
         raise RecoverLoraError(f"{len(failed)} run(s) failed, the others went on: {', '.join(failed)} "
                                f"(errors in each run's {FAILED}; the next call tries them again)")
@@ -89,7 +89,7 @@ def run_cli(a) -> int:
     if a.results_only or getattr(a, "unpack", None):
         seed_from_mirror(cfg)  # a study made elsewhere (a GPU machine) lives here in its mirror alone
     if getattr(a, "unpack", None):
-        print(f"unpacked {unpack_results(a.unpack, cfg.study_dir)} files into {cfg.study_dir}")
+        print(f"unpacked {unpack_results(a.unpack, cfg.study_dir, cfg.mirror)} files into {cfg.study_dir}")
         mirror_results(cfg)  # and into the repository's copy, to be committed
         a.results_only = True
     try:

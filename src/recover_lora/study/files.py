@@ -7,7 +7,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from ..utils import RecoverLoraError, log
+from ..utils import RecoverLoraError, atomic_path, log
 from .config import Run, StudyConfig
 
 # What RESULTS.md and a later session need from study_dir; models, adapters, data and checkpoints stay.
@@ -47,17 +47,34 @@ def pack_results(study_dir: str | Path, archive: str | Path) -> int:
     return len(files)
 
 
-def unpack_results(archive: str | Path, study_dir: str | Path) -> int:
-    """Merge a :func:`pack_results` archive into ``study_dir`` (newer files win). Returns the count."""
+def unpack_results(archive: str | Path, study_dir: str | Path, mirror: str | Path | None = None) -> int:
+    """Merge a :func:`pack_results` archive into ``study_dir`` (newer files win). Returns the count.
+    A run set aside there (``study --again``: its ``earlier/K/`` is new here) is set aside here first, in
+    ``study_dir`` and ``mirror``: an archive cannot carry the deletions, and a new attempt that was cut
+    short must not come back beside the earlier attempt's done.json."""
     root = Path(study_dir)
     root.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = [m for m in tar.getmembers() if m.isfile()]
+            for run, k in sorted(_set_aside_in(m.name for m in members)):
+                if not (root / run / EARLIER / k).exists():
+                    set_aside_folders([root / run] + ([Path(mirror) / run] if mirror else []), int(k))
             tar.extractall(root, members=members, filter="data")  # refuses absolute paths and '..'
     except (OSError, tarfile.TarError) as e:
         raise RecoverLoraError(f"cannot unpack {archive}: {e}") from None
     return len(members)
+
+
+def _set_aside_in(names) -> set[tuple[Path, str]]:
+    """(run folder, K) for each ``<run>/earlier/K/...`` among archive member ``names``."""
+    out = set()
+    for name in names:
+        parts = Path(name).parts
+        if EARLIER in parts[:-2] and parts[parts.index(EARLIER) + 1].isdigit():
+            i = parts.index(EARLIER)
+            out.add((Path(*parts[:i]), parts[i + 1]))
+    return out
 
 def _copy_small_files(src: Path, dest: Path, replace: bool) -> int:
     """Copy ``src``'s small result files missing in ``dest``; with ``replace`` changed ones too (to a size)."""
@@ -67,8 +84,8 @@ def _copy_small_files(src: Path, dest: Path, replace: bool) -> int:
         if replace and f.stat().st_size > MIRROR_MAX_BYTES or t.exists() and (
                 not replace or t.stat().st_size == f.stat().st_size and t.read_bytes() == f.read_bytes()):
             continue
-        t.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(f, t)
+        with atomic_path(t) as tmp:  # two workers mirror at once, and a worker may be stopped mid-copy
+            shutil.copyfile(f, tmp)
         n += 1
     return n
 
@@ -100,13 +117,21 @@ def set_aside(cfg: StudyConfig, run: Run) -> int | None:
     folders = [run.dir]
     if cfg.mirror:
         folders.append(Path(cfg.mirror) / run.dir.relative_to(cfg.study_dir))
+    k = set_aside_folders(folders)
+    if k is not None:
+        log.info("study: %s set aside in %s/%d; it runs again from its start", run.name, EARLIER, k)
+    return k
+
+
+def set_aside_folders(folders: list[Path], k: int | None = None) -> int | None:
+    """Move all in each of ``folders`` (one run's, in the study folder and the mirror) but
+    :data:`KEPT_ON_AGAIN` to ``earlier/K/``; K the next free number unless given. None: nothing to move."""
     moving = {f: [x for x in f.iterdir() if x.name not in KEPT_ON_AGAIN] if f.is_dir() else [] for f in folders}
     if not any(moving.values()):
         return None
-    k = 1 + max((int(x.name) for f in folders for x in (f / EARLIER).glob("*") if x.name.isdigit()), default=0)
+    k = k or 1 + max((int(x.name) for f in folders for x in (f / EARLIER).glob("*") if x.name.isdigit()), default=0)
     for f, items in moving.items():
         for x in items:
             (f / EARLIER / str(k)).mkdir(parents=True, exist_ok=True)
             shutil.move(x, f / EARLIER / str(k) / x.name)
-    log.info("study: %s set aside in %s/%d; it runs again from its start", run.name, EARLIER, k)
     return k

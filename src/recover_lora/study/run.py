@@ -445,8 +445,8 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
             "eval_minutes": round(secs.get("eval", 0.0) / 60, 3),
             "cpu_minutes": {"recover": round((secs.get("recover_cpu", 0.0) + secs.get("diagnose_cpu", 0.0)) / 60, 3),
                             "eval": round(secs.get("eval_cpu", 0.0) / 60, 3)},
-            "concurrent_runs": earlier.get("concurrent_runs", jobs),
-            "threads": earlier.get("threads", torch.get_num_threads()),  # CPU threads (a heavy run has every core: machine_threads)
+            "concurrent_runs": earlier.get("concurrent_runs", 1) if earlier else jobs,  # (older files: 1 each)
+            "threads": earlier.get("threads", 1) if earlier else torch.get_num_threads(),  # CPU threads (a heavy run has every core: machine_threads)
             "device_name": rep.get("device_name"), "heldout": rep["heldout"],
             # which CPU: its bf16 kernels choose differently from another's on ~1.5% of items (*-recheck.json)
             "cpu": cpu_name() if rep.get("device_name") == "cpu" else None,

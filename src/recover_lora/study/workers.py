@@ -111,6 +111,8 @@ def _run_recorded(cfg: StudyConfig, run: Run, *args) -> None:
     (run.dir / FAILED).unlink(missing_ok=True)
     try:
         run_one(cfg, run, *args)
+        if cfg.mirror:  # the mirror only gains files: its copy of an earlier failure goes by hand
+            (Path(cfg.mirror) / run.dir.relative_to(cfg.study_dir) / FAILED).unlink(missing_ok=True)
     except Interrupted:  # Ctrl-C / SIGTERM inside training or synthesis: stop the study, not just this run
         raise
     except Exception as e:  # noqa: BLE001 - any error of one run (a bug in one method too)
