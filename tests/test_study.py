@@ -1017,6 +1017,42 @@ def test_a_run_set_aside_on_the_device_is_set_aside_here_on_unpack(study_yaml):
     assert not (t / "mirror" / name / "earlier/2").exists()
 
 
+def test_setting_aside_is_all_or_nothing_and_the_kept_diagnosis_keeps_its_time(tmp_path, monkeypatch):
+    """A Ctrl-C while a run is set aside waits until both folders (study, mirror) are moved, then
+    stops the call; the diagnosis the new attempt reuses takes its minutes out of the earlier attempt's."""
+    import os
+    import shutil
+    import signal
+
+    from recover_lora.study import files
+
+    folders = [tmp_path / "study/run", tmp_path / "mirror/run"]
+    for f in folders:
+        (f / "diagnosis").mkdir(parents=True)
+        (f / "done.json").write_text("{}")
+        atomic_write_json(f / "timing.json", {"recover": 10.0, "diagnose": 5.0, "diagnose_cpu": 4.0})
+    real, calls = shutil.move, []
+    monkeypatch.setattr(files.shutil, "move", lambda a, b: calls.append(1) or (
+        len(calls) == 1 and os.kill(os.getpid(), signal.SIGINT)) or real(a, b))
+    with pytest.raises(KeyboardInterrupt):
+        files.set_aside_folders(folders)
+    for f in folders:
+        assert not (f / "done.json").exists() and (f / "earlier/1/done.json").exists() and (f / "diagnosis").is_dir()
+        assert json.loads((f / "earlier/1/timing.json").read_text()) == {"recover": 10.0}
+        assert json.loads((f / "timing.json").read_text()) == {"diagnose": 5.0, "diagnose_cpu": 4.0}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_mirror_inside_the_study_folder_is_refused(study_yaml):
+    d = yaml.safe_load(study_yaml.read_text())
+    for mirror in ("study/mirror", "."):
+        study_yaml.write_text(yaml.safe_dump({**d, "mirror": mirror}))
+        with pytest.raises(RecoverLoraError, match="one is inside the other"):
+            study.StudyConfig.from_yaml(study_yaml)
+    study_yaml.write_text(yaml.safe_dump({**d, "mirror": "study"}))  # the same folder: allowed
+    assert study.StudyConfig.from_yaml(study_yaml).mirror
+
+
 def test_a_finished_run_whose_method_becomes_a_headline_one_gets_its_accuracy_run(study_yaml, capsys, monkeypatch):
     """``accuracy.methods`` grows after runs finished: those whose adapter is here are evaluated on the
     accuracy items (not trained again; their measures kept); one trained elsewhere stays as it is."""

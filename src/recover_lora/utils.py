@@ -75,6 +75,25 @@ def sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if prev is None else prev)  # None: set outside Python
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Inside the block Ctrl-C and SIGTERM wait: a few moves that must happen all or none (files
+    set aside in two folders) finish first, and the first such signal is raised again after. Main
+    thread only (elsewhere this does nothing), as :func:`sigterm_as_interrupt`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    prev = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in prev.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)
+        if got:
+            signal.raise_signal(got[0])
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

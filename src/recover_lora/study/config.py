@@ -97,6 +97,10 @@ class StudyConfig:
             raise RecoverLoraError(f"accuracy.methods {cfg.accuracy.get('methods')}: not all in {list(cfg.all_methods())}")
         if cfg.mirror:
             cfg.mirror = str(base / cfg.mirror)
+            s, m = Path(cfg.study_dir).resolve(), Path(cfg.mirror).resolve()
+            if s != m and (s in m.parents or m in s.parents):  # each mirroring would copy one into itself
+                raise RecoverLoraError(f"study_dir {s} and mirror {m}: one is inside the other; put them side by "
+                                       "side (or make them one folder)")
         if cfg.notes:
             cfg.notes = str(base / cfg.notes)
         if cfg.beside:

@@ -7,7 +7,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from ..utils import RecoverLoraError, atomic_path, log
+from ..utils import RecoverLoraError, atomic_path, atomic_write_json, log, read_json, signals_deferred
 from .config import Run, StudyConfig
 
 # What RESULTS.md and a later session need from study_dir; models, adapters, data and checkpoints stay.
@@ -130,8 +130,20 @@ def set_aside_folders(folders: list[Path], k: int | None = None) -> int | None:
     if not any(moving.values()):
         return None
     k = k or 1 + max((int(x.name) for f in folders for x in (f / EARLIER).glob("*") if x.name.isdigit()), default=0)
-    for f, items in moving.items():
-        for x in items:
-            (f / EARLIER / str(k)).mkdir(parents=True, exist_ok=True)
-            shutil.move(x, f / EARLIER / str(k) / x.name)
+    with signals_deferred():  # half moved (the mirror not), the next call would bring the earlier result back
+        for f, items in moving.items():
+            for x in items:
+                (f / EARLIER / str(k)).mkdir(parents=True, exist_ok=True)
+                shutil.move(x, f / EARLIER / str(k) / x.name)
+            _keep_diagnosis_time(f / EARLIER / str(k) / "timing.json", f / "timing.json")
     return k
+
+
+def _keep_diagnosis_time(earlier: Path, new: Path) -> None:
+    """The diagnosis stays (:data:`KEPT_ON_AGAIN`) and the new attempt uses it: its time goes with it,
+    out of what the earlier attempt lost."""
+    t = read_json(earlier) if earlier.exists() else {}
+    moved = {key: t.pop(key) for key in ("diagnose", "diagnose_cpu") if key in t}
+    if moved:
+        atomic_write_json(earlier, t)
+        atomic_write_json(new, moved)
