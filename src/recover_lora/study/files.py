@@ -71,10 +71,11 @@ def _set_aside_in(names) -> set[tuple[Path, str]]:
     out = set()
     for name in names:
         parts = Path(name).parts
-        if EARLIER in parts[:-2] and parts[parts.index(EARLIER) + 1].isdigit():
-            i = parts.index(EARLIER)
+        i = parts.index(EARLIER) if EARLIER in parts[:-2] else -1
+        if i >= 0 and parts[i + 1].isdigit():
             out.add((Path(*parts[:i]), parts[i + 1]))
     return out
+
 
 def _copy_small_files(src: Path, dest: Path, replace: bool) -> int:
     """Copy ``src``'s small result files missing in ``dest``; with ``replace`` changed ones too (to a size)."""
