@@ -49,7 +49,7 @@ class DegradeCmd:
     model: str  # model spec: HF folder, .gguf, hub id or embedded name (smollm2)
     out_dir: str  # output folder (written atomically)
     damage: list[str]  # damage op specs, applied in order (or joined with ';')
-    seed: int = 0
+    seed: int = 0  # of the random damages (noise, bitflip): the same seed, the same damage
     modules: str = "all-linear"  # default targets: a preset, suffixes joined by '+' or ',', or re:REGEX
     layers: str | None = None  # default layer subset, e.g. 0-5,10 (inclusive)
     include_embeddings: bool = False  # let ops damage the (often tied) embedding / lm_head
@@ -147,8 +147,8 @@ class ReportCmd:
     adapter: str | None = None  # recovery adapter (recovered = degraded + adapter)
     recovered: str | None = None  # recovered model spec (default: --degraded with --adapter)
     reference_results: str | None = None  # earlier results of the reference (ours or lm-eval's)
-    degraded_results: str | None = None
-    recovered_results: str | None = None
+    degraded_results: str | None = None  # the same for the degraded model
+    recovered_results: str | None = None  # the same for the recovered model
     out_dir: str = "report"  # where report.md/json/png go
     report: ReportConfig = field(default_factory=ReportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -163,8 +163,10 @@ class ReportCmd:
 
 @dataclass
 class ExportCmd:
-    """Merge a recovery adapter into the degraded model (a safetensors folder with a model card),
-    or write it as a llama.cpp GGUF LoRA for the degraded GGUF (llama-cli -m D.gguf --lora FILE)."""
+    """Merge a recovery adapter into the degraded model, or write it as a llama.cpp GGUF LoRA.
+
+    Merged: a safetensors folder with a model card. GGUF: a LoRA file for the degraded GGUF
+    (llama-cli -m D.gguf --lora FILE)."""
 
     degraded: str  # degraded model spec (for --gguf-lora: its .gguf file)
     adapter: str  # adapter folder written by `recover`

@@ -71,7 +71,7 @@ class SynthConfig:
     top_k: int = 50
     temperature: float = 1.0  # of the sampled part
     seed: int = 0
-    batch_size: int = 0  # 0 = auto: CPU_BATCH on CPU, 1024 on GPU
+    batch_size: int = 0  # 0 = auto: 256 on CPU (synth.CPU_BATCH), 1024 on GPU
     shard_size: int = 4096  # sequences per shard file
     add_bos: bool | None = None  # None = decide from the model (Gemma: yes)
     cache: str = "auto"  # "dynamic" | "static" | "auto" (static; + CUDA graphs on GPU)
@@ -109,7 +109,7 @@ class AdapterConfig:
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
-    init: str = "default"  # peft init_lora_weights: default | gaussian | pissa | olora
+    init: str = "default"  # the start: peft's default | gaussian | pissa | olora, or from the weight difference: svd | eora | eora-diag
 
     def validate(self) -> None:
 
@@ -196,8 +196,7 @@ class FullKDConfig:
     """What differs from recover-lora's distillation when every weight trains."""
 
     lr: float = 2e-5  # replaces DistillConfig.lr (full fine-tuning needs a far smaller step than LoRA)
-    fp32_master: bool = True  # bf16/fp16 parameters are upcast to fp32 for training (AdamW updates at
-    #                           lr 2e-5 vanish under bf16 rounding); the trained model stays fp32
+    fp32_master: bool = True  # bf16/fp16 weights train in fp32 (AdamW's lr-2e-5 steps vanish in bf16); the result stays fp32
     train_embeddings: bool = True  # False freezes the input embeddings (and a tied lm_head with them)
 
 
@@ -300,15 +299,14 @@ class ReportConfig:
 class RecoverConfig:
     """Everything a repair needs; ``recover-lora recover --config run.yaml`` reads the same fields."""
 
-    reference: str = "smollm2"
-    degraded: str = ""
-    out_dir: str = "runs/recover"
+    reference: str = "smollm2"  # the full-precision model spec: embedded name, folder, .gguf, hub id
+    degraded: str = ""  # the damaged model spec (required): a `degrade` folder, .gguf, ...
+    out_dir: str = "runs/recover"  # output folder (resumes a run found there)
     data: str | None = None  # an existing synthetic data folder; generated into out_dir/synth if None
-    heldout_sequences: int = 64
+    heldout_sequences: int = 64  # synthetic sequences kept apart to measure the held-out KL
     merge: bool = False  # also write a merged model folder
-    # benchmarks of reference, degraded and repaired at the end (none unless --eval.tasks is given)
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(tasks=[]))
-    load: LoadConfig = field(default_factory=lambda: LoadConfig(dtype="auto"))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(tasks=[]))  # benchmarks at the end (none without --eval.tasks)
+    load: LoadConfig = field(default_factory=lambda: LoadConfig(dtype="auto"))  # how the models load (device, dtype)
     synth: SynthConfig = field(default_factory=SynthConfig)  # num_sequences 0: one fresh pass of the steps
     # recover's defaults are the CPU study's winner (RESULTS.md, issue 18): the auto placement, an eora
     # warm start, distilled at lr 5e-4 (a warm start wants a smaller step than a zero start; 1.5e-4 was
@@ -369,12 +367,12 @@ class RecoverConfig:
 
 @dataclass
 class BenchConfig:
-    """0 means: the GPU default (in brackets) on CUDA, a tiny size on CPU."""
+    """A size of 0 means: the GPU default (the [N] in its help) on CUDA, a tiny size on CPU."""
 
     model: str = "smollm2"  # any spec load_model accepts
     tiny: bool = False  # a tiny random Llama instead (CPU smoke runs)
-    device: str = "auto"
-    parts: str = "synth,distill"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    parts: str = "synth,distill"  # comma-separated: synth, distill, cpu-synth, cpu-eval
     synth_batch: int = 0  # [1024]
     synth_len: int = 128
     synth_graphs: str = "cuda_graph,compile"  # optimized decode variants to measure
@@ -392,7 +390,7 @@ class BenchConfig:
     rank: int = 16
     lr: float = 5e-4
     noise: float = 0.1  # damage of the student: Gaussian noise, relative L2 per linear
-    peak_tflops: float = H100_BF16_DENSE_TFLOPS
+    peak_tflops: float = H100_BF16_DENSE_TFLOPS  # the device's bf16 dense peak, for the MFU column (H100 SXM)
     seed: int = 0
     time_budget: float = 540.0  # seconds; later parts are skipped once it is spent
     out_file: str | None = None  # also write the JSON here
