@@ -122,7 +122,7 @@ class EvalCmd:
 
     model: str  # model spec: smollm2, embedded:NAME, folder, .gguf, hub id
     adapter: str | None = None  # PEFT adapter folder applied on top of --model
-    tokenizer: str | None = None  # tokenizer spec (default: --model)
+    tokenizer: str | None = None  # tokenizer spec (None: --model's)
     out_file: str | None = None  # write the results JSON here
     eval: EvalConfig = field(default_factory=EvalConfig)
     load: LoadConfig = field(default_factory=lambda: LoadConfig(dtype="auto"))
@@ -145,7 +145,7 @@ class ReportCmd:
     reference: str | None = None  # reference model spec
     degraded: str | None = None  # degraded model spec
     adapter: str | None = None  # recovery adapter (recovered = degraded + adapter)
-    recovered: str | None = None  # recovered model spec (default: --degraded with --adapter)
+    recovered: str | None = None  # recovered model spec (None: --degraded with --adapter)
     reference_results: str | None = None  # earlier results of the reference (ours or lm-eval's)
     degraded_results: str | None = None  # the same for the degraded model
     recovered_results: str | None = None  # the same for the recovered model
@@ -212,7 +212,7 @@ class StudyCmd:
     jobs: int = 1  # runs side by side in worker processes sharing this machine's device
     stop_after: float | None = None  # seconds: start no run after this (a device lease)
     results_only: bool = False  # only rewrite RESULTS.md from finished runs
-    results: str | None = None  # RESULTS.md path (default: the config's `results`)
+    results: str | None = None  # RESULTS.md path (None: the config's `results`)
     eval: StudyEval = field(default_factory=StudyEval)
     pack: str | None = None  # after the runs, pack the small result files into this .tar.gz
     unpack: str | None = None  # merge a --pack archive into the study folder, rewrite RESULTS.md, exit

@@ -64,7 +64,7 @@ class LoadConfig:
 class SynthConfig:
     """Hybrid sampling settings. ``seq_len`` counts every token, BOS included."""
 
-    num_sequences: int = 0  # 0: as many as recover's training steps consume (one fresh pass); alone, say how many
+    num_sequences: int = 0  # recover: 0 = as many as its steps consume (one fresh pass); `synth` alone needs a number
     seq_len: int = 128  # tokens per sequence, BOS included
     greedy_min: int = 3  # after the random first token, 3-5 greedy tokens, then top-k sampling
     greedy_max: int = 5
@@ -252,16 +252,16 @@ class DiagnoseConfig:
     """What to measure. The functional part costs about ``layers x (1 + groups)`` forward passes
     of ``sequences`` x ``seq_len`` tokens (layers without any weight change are skipped)."""
 
-    sequences: int = 16  # held-out sequences used (the first N of heldout_ids, or generated)
-    seq_len: int = 128  # length of generated sequences (ignored when heldout_ids is given)
+    sequences: int = 16  # held-out sequences used (in recover: the first N of its held-out set; alone: generated)
+    seq_len: int = 128  # length of the generated ones (`diagnose` alone: 0 = 128 on a GPU, 64 on a CPU)
     seed: int = 0
     batch_size: int = 16
     functional: bool = True  # False: weight damage only (no forward passes)
     per_group: bool = True  # also restore attention / MLP separately per layer
     chunk_tokens: int = 0  # tokens per chunk of the full-vocabulary KL; 0 = auto
-    # recommendation (see placement.auto_placement)
-    rank: int = 16
-    alpha: float = 32.0
+    # the recommended plan (placement.auto_placement)
+    rank: int = 16  # the plan's base LoRA rank (the attn-mlp preset's, which sets the default budget)
+    alpha: float = 32.0  # its LoRA alpha
     budget: int | None = None  # trainable parameters; None = attn-mlp preset at `rank` on all layers
     temper: float = 0.5  # ranks ~ score ** temper (0: equal ranks on all damaged modules)
 
