@@ -412,7 +412,7 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
     rcfg = cfg.recover_config(run.model, run.damage, run.method, pool)
     timing = run.dir / "timing.json"
     # a finished run evaluated again (its accuracy run, added later): how it was trained stays as recorded
-    earlier = read_json(run.dir / "done.json") if (run.dir / "done.json").exists() and run.trained() else {}
+    trained_as = read_json(run.dir / "done.json") if (run.dir / "done.json").exists() and run.trained() else {}
     if not run.trained():  # (a report.json that came back without its adapter, from another machine: again)
         log.info("study: %s: recover (%s)", run.name, rcfg.method)
         share_plan(run, rcfg)
@@ -445,8 +445,8 @@ def run_one(cfg: StudyConfig, run: Run, reference, degraded, tokenizer, ecfg, re
             "eval_minutes": round(secs.get("eval", 0.0) / 60, 3),
             "cpu_minutes": {"recover": round((secs.get("recover_cpu", 0.0) + secs.get("diagnose_cpu", 0.0)) / 60, 3),
                             "eval": round(secs.get("eval_cpu", 0.0) / 60, 3)},
-            "concurrent_runs": earlier.get("concurrent_runs", 1) if earlier else jobs,  # (older files: 1 each)
-            "threads": earlier.get("threads", 1) if earlier else torch.get_num_threads(),  # CPU threads (a heavy run has every core: machine_threads)
+            "concurrent_runs": trained_as.get("concurrent_runs", 1) if trained_as else jobs,  # (older files: 1 each)
+            "threads": trained_as.get("threads", 1) if trained_as else torch.get_num_threads(),  # CPU threads (a heavy run has every core: machine_threads)
             "device_name": rep.get("device_name"), "heldout": rep["heldout"],
             # which CPU: its bf16 kernels choose differently from another's on ~1.5% of items (*-recheck.json)
             "cpu": cpu_name() if rep.get("device_name") == "cpu" else None,
